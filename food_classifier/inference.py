@@ -1,0 +1,111 @@
+"""Prediction with ONNX Runtime from a model bundle. No torch on this path.
+
+    clf = Classifier("models/food")          # a bundle dir or a model dir (newest version)
+    clf.predict("pie.jpg").label
+    clf.predict_batch([bytes1, "b.png", pil_image])
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from food_classifier.bundle import Bundle, load_bundle, newest_bundle
+from food_classifier.preprocessing import DEFAULT_MAX_PIXELS, ImageInput, preprocess
+
+UNSURE = "unsure"
+
+
+@dataclass
+class Prediction:
+    label: str
+    label_idx: int
+    confidence: float
+    top_k: list[dict] = field(default_factory=list)
+    abstained: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class Classifier:
+    """A loaded bundle + ONNX Runtime session. Thread-safe: ORT's `run` may be called concurrently."""
+
+    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, variant: str = "fp32",
+                 top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(newest_bundle(bundle))
+        self.variant = variant
+        self.top_k = top_k
+        self.max_pixels = max_pixels
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(self.bundle.model_file(variant)), opts,
+                                            providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.labels = self.bundle.labels
+        self.spec = self.bundle.preprocessing
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    def preprocess(self, image: ImageInput) -> np.ndarray:
+        return preprocess(image, self.spec, max_pixels=self.max_pixels)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities for a preprocessed [N,3,H,W] batch."""
+        return softmax(self.logits(batch), self.bundle.temperature)
+
+    def decide(self, probs: np.ndarray, top_k: int | None = None,
+               threshold: float | None = None) -> list[Prediction]:
+        """Turn probability rows into predictions, abstaining below the threshold."""
+        k = min(top_k or self.top_k, len(self.labels))
+        thr = self.bundle.abstain_threshold if threshold is None else threshold
+        out = []
+        for row in probs:
+            order = np.argsort(-row)[:k]
+            idx = int(order[0])
+            conf = float(row[idx])
+            unsure = thr is not None and conf < thr
+            out.append(Prediction(
+                label=UNSURE if unsure else self.labels[idx], label_idx=idx, confidence=conf,
+                top_k=[{"label": self.labels[i], "probability": float(row[i])} for i in order],
+                abstained=unsure))
+        return out
+
+    def predict(self, image: ImageInput, top_k: int | None = None, threshold: float | None = None) -> Prediction:
+        return self.decide(self.predict_proba(self.preprocess(image)[None]), top_k, threshold)[0]
+
+    def predict_batch(self, images: Sequence[ImageInput], top_k: int | None = None,
+                      threshold: float | None = None, batch_size: int = 32) -> list[Prediction]:
+        """Decode in a thread pool (Pillow releases the GIL), run the model in chunks."""
+        if not images:
+            return []
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            arrays = list(pool.map(self.preprocess, images))
+        preds: list[Prediction] = []
+        for i in range(0, len(arrays), batch_size):
+            preds += self.decide(self.predict_proba(np.stack(arrays[i:i + batch_size])), top_k, threshold)
+        return preds

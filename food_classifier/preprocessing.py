@@ -1,0 +1,135 @@
+"""The one preprocessing definition shared by training and serving.
+
+Decode -> RGB -> resize shorter side -> centre crop -> normalize. The numbers live in a
+`PreprocessSpec` that is stored in every bundle, so serving never guesses them. Only numpy and
+Pillow are imported here: the serving side depends on this module.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageInput = Union[str, Path, bytes, bytearray, memoryview, Image.Image]
+
+DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300x6300: larger is treated as a decompression bomb
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+class ImageError(ValueError):
+    """Input that is not a usable image; `reason` is a short machine-readable tag."""
+
+    reason = "invalid_image"
+
+
+class ImageDecodeError(ImageError):
+    reason = "invalid_image"
+
+
+class ImageTooLarge(ImageError):
+    reason = "too_many_pixels"
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        known = {k: d[k] for k in ("resize", "crop", "interpolation") if k in d}
+        return cls(mean=tuple(d.get("mean", cls.mean)), std=tuple(d.get("std", cls.std)), **known)
+
+    @property
+    def key(self) -> str:
+        """Stable text id, used in feature-cache keys."""
+        m = ",".join(f"{v:g}" for v in self.mean)
+        s = ",".join(f"{v:g}" for v in self.std)
+        return f"r{self.resize}-c{self.crop}-{self.interpolation}-m{m}-s{s}"
+
+
+def open_image(src: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
+    """Open any accepted input as an RGB image, refusing bombs before the pixels are decoded.
+
+    `draft` lets the JPEG decoder downscale by 2/4/8 for free while both sides stay >= draft.
+    """
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        try:
+            if isinstance(src, (bytes, bytearray, memoryview)):
+                if len(src) == 0:
+                    raise ImageDecodeError("empty image data")
+                img = Image.open(io.BytesIO(bytes(src)))
+            else:
+                path = Path(src)
+                if not path.is_file():
+                    raise ImageDecodeError(f"no such image file: {path}")
+                img = Image.open(path)
+        except ImageError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ImageDecodeError(f"not a readable image ({e.__class__.__name__})") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"image has {w}x{h} = {w * h} pixels, limit is {max_pixels}")
+    if w < 1 or h < 1:
+        raise ImageDecodeError("image has no pixels")
+    try:
+        if draft and img.format == "JPEG":
+            img.draft("RGB", (draft, draft))
+        img = ImageOps.exif_transpose(img)
+        if img.mode != "RGB":
+            img = _to_rgb(img)
+        img.load()
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"image data is corrupt or truncated ({e.__class__.__name__})") from None
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Composite transparency on white so PNG cut-outs do not turn black."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return img.convert("RGB")
+
+
+def resize_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    w, h = img.size
+    scale = spec.resize / min(w, h)
+    nw, nh = max(spec.crop, round(w * scale)), max(spec.crop, round(h * scale))
+    img = img.resize((nw, nh), _RESAMPLE[spec.interpolation])
+    left, top = (nw - spec.crop) // 2, (nh - spec.crop) // 2
+    return img.crop((left, top, left + spec.crop, top + spec.crop))
+
+
+def normalize(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """HWC uint8 image -> CHW float32 normalized array."""
+    arr = np.asarray(img, dtype=np.float32)
+    mean = np.asarray(spec.mean, dtype=np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(spec.std, dtype=np.float32) * 255.0)
+    return ((arr - mean) * inv_std).transpose(2, 0, 1).copy()
+
+
+def preprocess(src: ImageInput, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The full eval-time pipeline: any input -> CHW float32 ready for the model."""
+    img = open_image(src, max_pixels=max_pixels, draft=spec.resize)
+    return normalize(resize_crop(img, spec), spec)

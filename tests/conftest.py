@@ -1,0 +1,66 @@
+"""Shared fixtures: generated images and a real (tiny) ONNX bundle that needs no training.
+
+The colour bundle is a genuine ONNX graph (GlobalAveragePool -> Gemm): it labels an image by its
+dominant channel, so tests can assert exact answers without torch or a trained network.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from food_classifier.bundle import write_bundle
+from food_classifier.preprocessing import PreprocessSpec
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "food101_mini3"
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def colour_image(name: str, size: tuple[int, int] = (96, 80), noise: int = 20, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = np.array(COLOURS[name], dtype=np.int16)
+    arr = base + rng.integers(-noise, noise + 1, size=(size[1], size[0], 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def image_bytes(img: Image.Image, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_colour_bundle(target: Path, version: str = "20260101T000000-colour", name: str = "colour",
+                       created_at: str = "2026-01-01T00:00:00+00:00", scale: float = 4.0) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    labels = list(COLOURS)
+    spec = PreprocessSpec(resize=36, crop=32)
+    w = (np.eye(3, dtype=np.float32) * scale)  # [C_out, C_in] for Gemm with transB
+    b = np.zeros(3, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+         helper.make_node("Gemm", ["flat", "W", "B"], ["logits"], transB=1)],
+        "colour",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, spec.crop, spec.crop])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = {"name": name, "version": version, "created_at": created_at, "arch": "colour_gemm",
+            "labels": labels, "preprocessing": spec.to_dict(),
+            "metrics": {"test": {"accuracy": 1.0, "n": 30}}}
+    return write_bundle(target, meta, lambda d: onnx.save(model, str(d / "model.onnx")))
+
+
+@pytest.fixture(scope="session")
+def colour_bundle(tmp_path_factory) -> Path:
+    """A model dir `<tmp>/colour/` holding one version of the colour bundle."""
+    root = tmp_path_factory.mktemp("models")
+    make_colour_bundle(root / "colour" / "20260101T000000-colour")
+    return root / "colour"
