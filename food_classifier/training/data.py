@@ -1,0 +1,369 @@
+"""Dataset side of training: find the image folder, scan it, split it into tiers without leaks.
+
+A dataset is an ImageFolder (one folder per class) or a train/test(/valid) layout of ImageFolders.
+`split` writes a manifest CSV (path,label,tier,sha256) that the trainer reads; duplicate and
+near-duplicate photos are grouped first so that no group straddles train/validation/test.
+Download and archive extraction live in download.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from food_classifier.preprocessing import ImageError, open_image
+
+SOURCES: dict[str, dict] = {
+    "pizza_steak_sushi": {
+        "url": "https://github.com/mrdbourke/pytorch-deep-learning/raw/main/data/pizza_steak_sushi.zip",
+        "sha256": None,
+        "description": "Food-101 subset: pizza, steak, sushi; ~300 photos in train/ and test/ (~16 MB)",
+    },
+    "sushi_or_sandwich": {
+        "url": "http://research.us-east-1.s3.amazonaws.com/public/sushi_or_sandwich_photos.zip",
+        "sha256": None,
+        "description": "Cookpad sushi vs sandwich photos, one folder per class (~100 MB)",
+    },
+}
+DEFAULT_SOURCE = "pizza_steak_sushi"
+TIERS = ("train", "validation", "test")
+TIER_DIRS = {"train": "train", "test": "test", "valid": "validation", "validation": "validation", "val": "validation"}
+
+
+class DataError(Exception):
+    """A problem with the user's data, phrased as one sentence they can act on."""
+
+
+def fetch(source: str, dest: str | Path, sha256: str | None = None, progress: bool = True) -> Path:
+    """Download (resumably) and safely extract a SOURCES name or URL; return its image root."""
+    from food_classifier.training.download import fetch as _fetch  # lazy: download.py imports this module
+
+    return _fetch(source, dest, sha256=sha256, progress=progress)
+
+
+# ----------------------------------------------------------------------------- finding the root
+
+def _ignored(p: Path) -> bool:
+    """Hidden files (.DS_Store, ._foo) and macOS resource-fork folders are archive junk."""
+    return p.name.startswith(".") or p.name == "__MACOSX"
+
+
+def _subdirs(p: Path) -> list[Path]:
+    return sorted(c for c in p.iterdir() if c.is_dir() and not _ignored(c))
+
+
+def _is_class_root(p: Path) -> bool:
+    """Every visible subfolder holds files directly: those subfolders are the classes."""
+    dirs = _subdirs(p)
+    return bool(dirs) and all(any(f.is_file() and not _ignored(f) for f in d.iterdir()) for d in dirs)
+
+
+def _is_split_root(p: Path) -> bool:
+    names = {d.name.lower() for d in _subdirs(p)}
+    tiers = [d for d in _subdirs(p) if d.name.lower() in TIER_DIRS]
+    return {"train", "test"} <= names and names <= set(TIER_DIRS) and all(_is_class_root(d) for d in tiers)
+
+
+def find_image_root(path: str | Path) -> Path:
+    """Shallowest folder (breadth-first) that is an ImageFolder or a train/test layout.
+
+    Archives wrap their data in arbitrary folders (name/, archive/name/, plus __MACOSX/), so we
+    look through them rather than asking the user to point at the right level.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"Dataset folder {path} does not exist.")
+    level = [path]
+    while level:
+        for p in level:
+            if _is_split_root(p) or _is_class_root(p):
+                return p
+        level = [d for p in level for d in _subdirs(p)]
+    raise DataError(f"No folder with one subfolder of images per class was found under {path}.")
+
+
+# ----------------------------------------------------------------------------- scanning
+
+@dataclass
+class Item:
+    path: Path
+    label: str
+    sha256: str
+    tier: str | None = None  # tier given by a train/test layout, else None
+    dhash: int = 0  # 64-bit difference hash, for near-duplicate grouping
+
+
+@dataclass
+class ScanResult:
+    items: list[Item]
+    rejected: list[tuple[Path, str]]  # (file, reason)
+
+
+def dhash(img: Image.Image) -> int:
+    """64-bit difference hash: is each pixel of a 9x8 grey thumbnail brighter than its left neighbour?
+
+    Lanczos (after a cheap integer reduce) keeps the thumbnail stable: on food101_mini3 bilinear or box
+    thumbnails put unrelated dark photos within distance 6 of each other, Lanczos does not.
+    """
+    small = np.asarray(img.convert("L").resize((9, 8), Image.LANCZOS, reducing_gap=2.0), dtype=np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).flatten()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def _check(path: Path) -> tuple[str, int] | str:
+    """(sha256, dhash) for a fully decodable image, else the reason it is rejected."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"unreadable ({e.strerror or e.__class__.__name__})"
+    if not data:
+        return "empty file"
+    try:
+        img = open_image(data)  # decodes every pixel, so truncated files fail here
+    except ImageError as e:
+        return str(e)
+    return hashlib.sha256(data).hexdigest(), dhash(img)
+
+
+def _files(folder: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not _ignored(Path(d))]
+        out += [Path(dirpath) / f for f in filenames if not _ignored(Path(f))]
+    return out
+
+
+def scan(root: str | Path, progress: bool = True) -> ScanResult:
+    """Decode every file under the image root in a thread pool; bad files are listed, not fatal."""
+    root = find_image_root(root)
+    if _is_split_root(root):
+        tier_dirs = [(TIER_DIRS[d.name.lower()], d) for d in _subdirs(root)]
+    else:
+        tier_dirs = [(None, root)]
+    todo = [(f, c.name, tier) for tier, d in tier_dirs for c in _subdirs(d) for f in _files(c)]
+    todo.sort(key=lambda t: str(t[0]))
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
+        results = list(tqdm(pool.map(_check, [f for f, _, _ in todo]), total=len(todo),
+                            desc="scanning images", unit="img", disable=not progress))
+    items, rejected = [], []
+    for (f, label, tier), res in zip(todo, results, strict=True):
+        if isinstance(res, str):
+            rejected.append((f.resolve(), res))
+        else:
+            items.append(Item(f.resolve(), label, res[0], tier, res[1]))
+    return ScanResult(items, rejected)
+
+
+# ----------------------------------------------------------------------------- duplicate groups
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(x)
+    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+    return table[x.view(np.uint8)].reshape(*x.shape, 8).sum(-1)
+
+
+def duplicate_groups(items: list[Item], near_dup_distance: int = 6) -> list[list[int]]:
+    """Indices of items grouped by equal sha256 or dHash Hamming distance <= near_dup_distance.
+
+    Union-find over all pairs; the pairwise distances are computed in row blocks so memory stays at a
+    few tens of MB even for tens of thousands of images. Every item is in exactly one group.
+    A negative near_dup_distance groups exact copies only.
+    """
+    parent = list(range(len(items)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i: int, j: int) -> None:
+        a, b = find(i), find(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+
+    first = {}
+    for i, it in enumerate(items):
+        union(first.setdefault(it.sha256, i), i)
+    if near_dup_distance >= 0 and items:
+        h = np.array([it.dhash for it in items], dtype=np.uint64)
+        block = max(1, 4_000_000 // len(h))
+        for start in range(0, len(h), block):
+            d = _popcount(h[start:start + block, None] ^ h[None, :])
+            for i, j in zip(*np.nonzero(d <= near_dup_distance), strict=True):
+                if start + i < j:
+                    union(int(start + i), int(j))
+    groups = defaultdict(list)
+    for i in range(len(items)):
+        groups[find(i)].append(i)
+    return list(groups.values())
+
+
+# ----------------------------------------------------------------------------- splitting
+
+@dataclass
+class Row:
+    path: Path
+    label: str
+    tier: str  # "train", "validation" or "test"
+    sha256: str
+
+
+def _assign(groups: list[list[int]], tiers: tuple[str, ...], ratios: tuple[float, ...],
+            rng: random.Random) -> dict[str, list[list[int]]]:
+    """Shuffle the groups and fill the smaller tiers up to their target image count; rest goes to tiers[0].
+
+    Groups that do not fit go on, so big groups end in the first tier; an empty tier afterwards
+    borrows the smallest group of the first tier.
+    """
+    groups = sorted(groups)
+    rng.shuffle(groups)
+    n = sum(len(g) for g in groups)
+    total = sum(ratios)
+    target = {t: max(1, round(n * r / total)) for t, r in zip(tiers, ratios, strict=True)}
+    out: dict[str, list[list[int]]] = {t: [] for t in tiers}
+    count = dict.fromkeys(tiers, 0)
+    for g in groups:
+        tier = next((t for t in tiers[1:] if count[t] + len(g) <= target[t]), tiers[0])
+        out[tier].append(g)
+        count[tier] += len(g)
+    first = out[tiers[0]]
+    for t in tiers[1:]:
+        if not out[t] and len(first) > 1:
+            first.sort(key=len)
+            out[t].append(first.pop(0))
+    return out
+
+
+def split(root: str | Path, manifest_path: str | Path, ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
+          seed: int = 42, near_dup_distance: int = 6, progress: bool = True) -> list[Row]:
+    """Scan, group duplicates, split the groups per class (stratified, seeded), write the manifest.
+
+    A given test/ (and valid/) tier is kept; validation is carved out of a given train/. A duplicate
+    group never straddles tiers: a group touching a given tier goes wholly to the strictest one.
+    Also writes `<manifest stem>.report.json` with rejected files and duplicate groups.
+    """
+    if len(ratios) != 3 or any(r <= 0 for r in ratios):
+        raise DataError(f"Split ratios must be three positive numbers (train, validation, test), got {ratios}.")
+    result = scan(root, progress=progress)
+    items = result.items
+    labels = sorted({it.label for it in items})
+    if len(labels) < 2:
+        raise DataError(f"Need at least 2 classes with readable images under {root}, found {len(labels)}: "
+                        f"{', '.join(labels) or 'none'}.")
+    groups = duplicate_groups(items, near_dup_distance)
+    rank = {"test": 0, "validation": 1, "train": 2}
+    by_label: dict[str, list[list[int]]] = defaultdict(list)
+    layout = any(it.tier for it in items)  # train/test layout rather than a plain ImageFolder
+    tier_of: dict[int, str] = {}  # group head -> strictest given tier of its members
+    for g in groups:
+        given = [items[i].tier for i in g if items[i].tier]
+        if given:
+            tier_of[g[0]] = min(given, key=rank.__getitem__)
+        # a group whose members disagree on the label counts for its most common label
+        by_label[Counter(items[i].label for i in g).most_common(1)[0][0]].append(g)
+    rng = random.Random(seed)
+    has_given_val = any(it.tier == "validation" for it in items)
+    tier_groups: dict[str, dict[str, list[list[int]]]] = {}
+    for label in labels:
+        gs = by_label[label]
+        n = sum(len(g) for g in gs)
+        if not layout:  # plain ImageFolder: three-way split
+            if len(gs) < 3:
+                raise DataError(f"Class '{label}' has only {n} usable image(s) ({len(gs)} after merging duplicates);"
+                                " it needs at least 3 to put one in each of train, validation and test.")
+            tier_groups[label] = _assign(gs, ("train", "validation", "test"), ratios, rng)
+        else:  # train/test layout: keep given tiers, carve validation from train if absent
+            fixed = {t: [g for g in gs if tier_of.get(g[0]) == t] for t in TIERS}
+            if not has_given_val:
+                fixed.update(_assign(fixed["train"], ("train", "validation"), ratios[:2], rng))
+            tier_groups[label] = fixed
+        for t in TIERS:
+            if not tier_groups[label][t]:
+                raise DataError(f"Class '{label}' has {n} usable image(s) but none in the {t} tier; "
+                                "every class needs at least one image in train, validation and test.")
+    rows = [Row(items[i].path, items[i].label, tier, items[i].sha256)
+            for label in labels for tier, gs in tier_groups[label].items() for g in gs for i in g]
+    rows.sort(key=lambda r: str(r.path))
+    manifest_path = Path(manifest_path)
+    write_manifest(rows, manifest_path)
+    write_report(result, manifest_path.with_name(manifest_path.stem + ".report.json"), near_dup_distance)
+    return rows
+
+
+# ----------------------------------------------------------------------------- manifest and report
+
+FIELDS = ["path", "label", "tier", "sha256"]
+
+
+def write_manifest(rows: list[Row], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(FIELDS)
+        for r in rows:
+            w.writerow([str(Path(r.path).resolve()), r.label, r.tier, r.sha256])
+
+
+def read_manifest(path: str | Path) -> list[Row]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Manifest {path} does not exist; create it with the split command first.")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != FIELDS:
+            raise DataError(f"Manifest {path} has header {reader.fieldnames}, expected {','.join(FIELDS)}.")
+        rows = [Row(Path(r["path"]), r["label"], r["tier"], r["sha256"]) for r in reader]
+    bad = [r for r in rows if r.tier not in TIERS]
+    if bad:
+        raise DataError(f"Manifest {path} has unknown tier '{bad[0].tier}' for {bad[0].path}.")
+    return rows
+
+
+def manifest_sha256(path: str | Path) -> str:
+    """Fingerprint of the exact split a model was trained on (stored alongside the model)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def count_table(rows: list[Row]) -> str:
+    """Per-class x per-tier image counts with totals, as aligned plain text."""
+    counts = Counter((r.label, r.tier) for r in rows)
+    labels = sorted({r.label for r in rows})
+    width = max([len("class"), len("total")] + [len(x) for x in labels])
+    head = f"{'class':<{width}}" + "".join(f"{t:>12}" for t in (*TIERS, "total"))
+    lines = [head, "-" * len(head)]
+    for name in [*labels, None]:
+        nums = [sum(v for (lab, t), v in counts.items() if t == tier and name in (None, lab)) for tier in TIERS]
+        lines.append(f"{name or 'total':<{width}}" + "".join(f"{v:>12}" for v in (*nums, sum(nums))))
+    lines.insert(-1, "-" * len(head))
+    return "\n".join(lines)
+
+
+def write_report(scan_result: ScanResult, path: str | Path, near_dup_distance: int = 6) -> None:
+    """JSON of rejected files and duplicate groups (size > 1), for the user to inspect or clean up."""
+    items = scan_result.items
+    groups = [g for g in duplicate_groups(items, near_dup_distance) if len(g) > 1]
+    report = {
+        "images": len(items),
+        "rejected": [{"path": str(p), "reason": why} for p, why in scan_result.rejected],
+        "duplicate_groups": [{
+            "exact": len({items[i].sha256 for i in g}) == 1,
+            "labels": sorted({items[i].label for i in g}),
+            "paths": [str(items[i].path) for i in g],
+        } for g in groups],
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
