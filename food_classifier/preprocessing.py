@@ -10,12 +10,11 @@ from __future__ import annotations
 import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageInput = Union[str, Path, bytes, bytearray, memoryview, Image.Image]
+ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image
 
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300x6300: larger is treated as a decompression bomb
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -49,7 +48,7 @@ class PreprocessSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
+    def from_dict(cls, d: dict) -> PreprocessSpec:
         known = {k: d[k] for k in ("resize", "crop", "interpolation") if k in d}
         return cls(mean=tuple(d.get("mean", cls.mean)), std=tuple(d.get("std", cls.std)), **known)
 

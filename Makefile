@@ -1,0 +1,37 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Offline machines: point this at a local ImageFolder, e.g. ../shared/datasets/food101_mini3
+FOOD_CLASSIFIER_DATA ?=
+export FOOD_CLASSIFIER_DATA
+
+.PHONY: demo test install lint bench clean
+
+$(BIN)/food-classifier: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[serve,train,dev]"
+	touch $@
+
+install: $(BIN)/food-classifier
+
+demo: install
+	$(BIN)/food-classifier data prepare --manifest data/manifest.csv
+	$(BIN)/food-classifier train --manifest data/manifest.csv --models-dir models --name food
+	@echo "--- example prediction ---"
+	$(BIN)/food-classifier predict --model models/food $$(grep -m1 ',test,' data/manifest.csv | cut -d, -f1)
+
+test: install
+	$(BIN)/ruff check food_classifier tests bench
+	$(BIN)/python -m pytest -q -ra
+
+lint: install
+	$(BIN)/ruff check food_classifier tests bench
+
+bench: install
+	$(BIN)/python bench/bench_pipeline.py
+	$(BIN)/python bench/bench_serving.py
+
+clean:
+	rm -rf runs models data/manifest.csv data/manifest.report.json

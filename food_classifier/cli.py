@@ -1,0 +1,225 @@
+"""`food-classifier` command line. Thin: every command calls one plain function.
+
+Heavy imports (torch, onnxruntime, fastapi) happen inside commands so `--help` is instant and the
+serving install works without the training extras.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Train food-photo classifiers on a CPU and serve them over HTTP.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Get and split datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'the user gave us something wrong': shown as one line, no traceback."""
+    from food_classifier.bundle import BundleError
+    from food_classifier.preprocessing import ImageError
+
+    errors: list[type[BaseException]] = [BundleError, ImageError, FileNotFoundError]
+    try:
+        from food_classifier.training.data import DataError
+        from food_classifier.training.export import ExportError
+        from food_classifier.training.models import ModelError
+
+        errors += [DataError, ModelError, ExportError]
+    except ImportError:  # serving-only install
+        pass
+    return tuple(errors)
+
+
+def need_training_extras() -> None:
+    try:
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        fail("this command needs the training extras: pip install 'food-classifier[train]'")
+
+
+# --- data -----------------------------------------------------------------------------------
+
+@data_app.command("sources")
+def data_sources() -> None:
+    """List the named remote datasets."""
+    from food_classifier.training.data import DEFAULT_SOURCE, SOURCES
+
+    for name, s in SOURCES.items():
+        typer.echo(f"{name}{' (default)' if name == DEFAULT_SOURCE else ''}: {s['description']}\n  {s['url']}")
+
+
+@data_app.command("fetch")
+def data_fetch(source: str = typer.Argument("pizza_steak_sushi", help="A name from `data sources`, or a URL."),
+               dest: Path = typer.Option(Path("data/raw"), help="Where archives are downloaded and extracted."),
+               sha256: str | None = typer.Option(None, help="Expected sha256 of the archive.")) -> None:
+    """Download (resumable) and safely extract a dataset archive; prints the image folder."""
+    from food_classifier.training.data import fetch
+
+    typer.echo(fetch(source, dest, sha256=sha256))
+
+
+@data_app.command("split")
+def data_split(root: Path = typer.Argument(..., help="ImageFolder (one folder per class) or train/test layout."),
+               manifest: Path = typer.Option(Path("data/manifest.csv"), help="Manifest CSV to write."),
+               ratios: str = typer.Option("0.7,0.15,0.15", help="train,validation,test fractions."),
+               seed: int = typer.Option(42)) -> None:
+    """Validate images, group duplicates, split train/validation/test, write the manifest."""
+    from food_classifier.training.data import DataError, count_table, find_image_root, split
+
+    try:
+        r = tuple(float(x) for x in ratios.split(","))
+    except ValueError:
+        raise DataError(f"--ratios must be three numbers like 0.7,0.15,0.15, got '{ratios}'") from None
+    rows = split(find_image_root(root), manifest, ratios=r, seed=seed)
+    report = json.loads(manifest.with_name(manifest.stem + ".report.json").read_text())
+    typer.echo(count_table(rows))
+    typer.echo(f"manifest: {manifest} ({len(rows)} images; {len(report['rejected'])} rejected, "
+               f"{len(report['duplicate_groups'])} duplicate groups — see {manifest.stem}.report.json)")
+
+
+@data_app.command("prepare")
+def data_prepare(manifest: Path = typer.Option(Path("data/manifest.csv")), seed: int = typer.Option(42),
+                 source: str = typer.Option("pizza_steak_sushi", help="Remote source when no local folder.")) -> None:
+    """Use $FOOD_CLASSIFIER_DATA (a local folder) when set, else download SOURCE; then split."""
+    from food_classifier.training.data import fetch
+
+    local = os.environ.get("FOOD_CLASSIFIER_DATA")
+    root = Path(local) if local else fetch(source, manifest.parent / "raw")
+    typer.echo(f"dataset: {root}")
+    data_split(root, manifest=manifest, ratios="0.7,0.15,0.15", seed=seed)
+
+
+# --- models, training, evaluation -----------------------------------------------------------
+
+@app.command("models")
+def models_cmd() -> None:
+    """List the registered model names (any timm architecture works too)."""
+    need_training_extras()
+    from food_classifier.training.models import list_models
+
+    for name, desc in list_models().items():
+        typer.echo(f"{name:<20} {desc}")
+
+
+@app.command()
+def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `data split`."),
+          arch: str = typer.Option("efficientnet_lite0", help="Registered name or any timm architecture."),
+          weights: Path | None = typer.Option(None, help="Local checkpoint for a timm architecture."),
+          epochs: int = typer.Option(0, help="0 = default for the chosen path."),
+          lr: float = typer.Option(0.0, help="0 = default for the chosen path."),
+          batch_size: int = typer.Option(0, help="0 = default for the chosen path."),
+          fine_tune: bool = typer.Option(False, "--fine-tune", help="Also unfreeze the last blocks."),
+          aug_views: int = typer.Option(4, help="Augmented views per training image (cached features)."),
+          label_smoothing: float = typer.Option(0.1),
+          patience: int = typer.Option(10, help="Early stopping patience (epochs)."),
+          seed: int = typer.Option(42),
+          runs_dir: Path = typer.Option(Path("runs")),
+          models_dir: Path = typer.Option(Path("models"), help="Bundles are published to MODELS_DIR/NAME/VERSION."),
+          name: str = typer.Option("food", help="Model name in the bundle and the server."),
+          resume: Path | None = typer.Option(None, help="Continue an interrupted run dir.")) -> None:
+    """Train, export the ONNX bundle, evaluate it per tier and publish it."""
+    need_training_extras()
+    from food_classifier.training.evaluate import format_table
+    from food_classifier.training.pipeline import train_and_publish
+    from food_classifier.training.train import TrainConfig
+
+    if resume:
+        if not (resume / "config.json").is_file():
+            fail(f"{resume} is not a run dir (no config.json)")
+        saved = json.loads((resume / "config.json").read_text())
+        config, manifest = TrainConfig(**saved["config"]), Path(saved["manifest"])
+    else:
+        config = TrainConfig(arch=arch, weights=str(weights) if weights else None, epochs=epochs, lr=lr,
+                             batch_size=batch_size, fine_tune=fine_tune, aug_views=aug_views,
+                             label_smoothing=label_smoothing, patience=patience, seed=seed)
+    run, bundle, metrics = train_and_publish(manifest, config, runs_dir, models_dir, name, resume=resume)
+    typer.echo(format_table(metrics))
+    typer.echo(f"run: {run}\nbundle: {bundle}")
+
+
+@app.command()
+def evaluate(run: Path = typer.Argument(..., help="A run dir (uses its bundle) or a bundle dir."),
+             manifest: Path | None = typer.Option(None, help="Defaults to the run's manifest.")) -> None:
+    """Per-tier accuracy, macro P/R/F1, per-class table and confusion matrix of the exported bundle."""
+    from food_classifier.training.evaluate import format_table, score
+
+    bundle = run / "bundle" if (run / "bundle").is_dir() else run
+    if manifest is None:
+        cfg = run / "config.json"
+        if not cfg.is_file():
+            fail(f"{run} is not a run dir; pass --manifest")
+        manifest = Path(json.loads(cfg.read_text())["manifest"])
+    metrics = score(bundle, manifest, out_dir=run if (run / "config.json").is_file() else None)
+    typer.echo(format_table(metrics))
+
+
+@app.command()
+def export(run: Path = typer.Argument(..., help="A run dir from `train`."),
+           models_dir: Path = typer.Option(Path("models")), name: str = typer.Option("food")) -> None:
+    """Re-export a run's best checkpoint to a new bundle version, evaluate and publish it."""
+    need_training_extras()
+    from food_classifier.training.pipeline import finalize
+
+    bundle, _ = finalize(run, models_dir=models_dir, name=name)
+    typer.echo(bundle)
+
+
+@app.command()
+def predict(images: list[Path] = typer.Argument(..., help="Image files."),
+            model: Path = typer.Option(Path("models/food"), help="Bundle dir or model dir (newest version)."),
+            top_k: int = typer.Option(3), threads: int = typer.Option(0),
+            as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
+    """Classify images with a bundle (ONNX Runtime; no torch needed)."""
+    from food_classifier.inference import Classifier
+    from food_classifier.preprocessing import ImageError
+
+    clf = Classifier(model, threads=threads or None, top_k=top_k)
+    for path in images:
+        try:
+            p = clf.predict(path)
+        except ImageError as e:
+            typer.secho(f"{path}: error: {e}", fg=typer.colors.RED, err=True)
+            continue
+        if as_json:
+            typer.echo(json.dumps({"image": str(path), **p.to_dict()}))
+        else:
+            alts = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in p.top_k)
+            typer.echo(f"{path}: {p.label} ({p.confidence:.3f})  [{alts}]")
+
+
+def _register_serve() -> None:
+    try:
+        from food_classifier.serving.cli import serve
+    except ImportError:
+        return
+    app.command("serve")(serve)
+
+
+_register_serve()
+
+
+def main() -> None:
+    try:
+        app()
+    except user_errors() as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

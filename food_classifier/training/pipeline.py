@@ -1,0 +1,35 @@
+"""The whole training side in order: fit -> export -> evaluate -> publish.
+
+Each step is also a CLI command of its own; this module only chains them so `train` leaves a
+served-ready bundle whose bundle.json already holds the metrics measured on that very bundle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from food_classifier.bundle import update_meta
+from food_classifier.training.evaluate import score, summary
+from food_classifier.training.export import export, publish
+from food_classifier.training.train import TrainConfig, fit
+
+
+def finalize(run: str | Path, models_dir: str | Path | None = "models", name: str = "food") -> tuple[Path, dict]:
+    """Export the run's best checkpoint, measure the bundle on every tier, publish it."""
+    run = Path(run)
+    meta = json.loads((run / "config.json").read_text())
+    bundle = export(run, name=name)
+    metrics = score(bundle, meta["manifest"], out_dir=run)
+    update_meta(bundle, {"metrics": summary(metrics)})
+    published = publish(bundle, models_dir) if models_dir else bundle
+    (run / "bundle_path.txt").write_text(str(Path(published).resolve()) + "\n")
+    return published, metrics
+
+
+def train_and_publish(manifest: str | Path, config: TrainConfig, runs_dir: str | Path = "runs",
+                      models_dir: str | Path | None = "models", name: str = "food",
+                      resume: str | Path | None = None) -> tuple[Path, Path, dict]:
+    run = fit(manifest, config, runs_dir=runs_dir, resume=resume)
+    published, metrics = finalize(run, models_dir=models_dir, name=name)
+    return run, published, metrics

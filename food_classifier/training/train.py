@@ -1,0 +1,333 @@
+"""Training: `fit(manifest, config) -> run_dir`.
+
+Two paths, picked by the model:
+- pretrained backbone (default): features of the frozen backbone are cached once (ONNX Runtime),
+  then a linear head is trained on several augmented views per image -- seconds, not minutes.
+  `fine_tune=True` then unfreezes the last blocks end to end at a lower learning rate.
+- from scratch (`base_cnn`): end to end with augmentation.
+Both: early stopping on validation loss, best checkpoint kept, cosine LR, seeded, CSV history + plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from food_classifier.preprocessing import PreprocessSpec
+from food_classifier.training import features as F
+from food_classifier.training.data import Row, read_manifest
+from food_classifier.training.models import (
+    create_model,
+    default_preprocessing,
+    file_sha256,
+    is_pretrained,
+    lite0_weights_path,
+)
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "efficientnet_lite0"
+    weights: str | None = None
+    epochs: int = 0                # 0 = the path's default (head 100, end-to-end 30, fine-tune 6)
+    batch_size: int = 0            # 0 = the path's default (head 256, end-to-end 32)
+    lr: float = 0.0                # 0 = the path's default (head 3e-3, end-to-end 2e-3)
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    patience: int = 10
+    aug_views: int = 4             # augmented views per training image for the cached head path
+    aug_strength: float = 1.0
+    fine_tune: bool = False
+    fine_tune_blocks: int = 2
+    seed: int = 42
+    threads: int = 0               # 0 = all cores
+
+
+def new_run_dir(root: str | Path, arch: str) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    run = Path(root) / f"{stamp}-{arch}"
+    n = 1
+    while run.exists():
+        run, n = Path(root) / f"{stamp}-{arch}-{n}", n + 1
+    run.mkdir(parents=True)
+    return run
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fit(manifest: str | Path, config: TrainConfig, runs_dir: str | Path = "runs",
+        resume: str | Path | None = None) -> Path:
+    """Train and return the run dir holding best.pt, history.csv, history.png and config.json."""
+    seed_everything(config.seed)
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    rows = read_manifest(manifest)
+    labels = sorted({r.label for r in rows})
+    run = Path(resume) if resume else new_run_dir(runs_dir, config.arch)
+    spec = default_preprocessing(config.arch)
+    model = create_model(config.arch, num_classes=len(labels), weights=config.weights)
+    meta = {"arch": config.arch, "labels": labels, "preprocessing": spec.to_dict(), "config": asdict(config),
+            "manifest": str(Path(manifest).resolve()), "started_at": datetime.now(UTC).isoformat()}
+    (run / "config.json").write_text(json.dumps(meta, indent=2))
+    by_tier = {t: [r for r in rows if r.tier == t] for t in ("train", "validation", "test")}
+    t0 = time.time()
+    if is_pretrained(config.arch, config.weights):
+        _fit_head(model, by_tier, labels, spec, config, run)
+        if config.fine_tune:
+            _fit_end_to_end(model, by_tier, labels, spec, config, run, fine_tune=True)
+    else:
+        _fit_end_to_end(model, by_tier, labels, spec, config, run, fine_tune=False)
+    meta["train_seconds"] = round(time.time() - t0, 1)
+    (run / "config.json").write_text(json.dumps(meta, indent=2))
+    plot_history(run / "history.csv", run / "history.png")
+    return run
+
+
+def load_checkpoint(run: str | Path) -> tuple[nn.Module, dict]:
+    """The best model of a run, ready for eval, and its config.json."""
+    run = Path(run)
+    meta = json.loads((run / "config.json").read_text())
+    cfg = meta["config"]
+    model = create_model(meta["arch"], num_classes=len(meta["labels"]), weights=cfg.get("weights"))
+    state = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return model.eval(), meta
+
+
+# --- history ---------------------------------------------------------------------------------
+
+class History:
+    """Appends one CSV row per epoch and tracks early stopping on validation loss."""
+
+    FIELDS = ["stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+    def __init__(self, run: Path, stage: str, patience: int):
+        self.path, self.stage, self.patience = run / "history.csv", stage, patience
+        self.best, self.bad_epochs = math.inf, 0
+        if not self.path.exists():
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(self.FIELDS)
+
+    def log(self, epoch: int, train_loss: float, train_acc: float, val_loss: float, val_acc: float,
+            lr: float, seconds: float) -> bool:
+        """Write the row; True when this epoch is the best so far (save a checkpoint)."""
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([self.stage, epoch, f"{train_loss:.5f}", f"{train_acc:.4f}", f"{val_loss:.5f}",
+                                    f"{val_acc:.4f}", f"{lr:.3g}", f"{seconds:.2f}"])
+        improved = val_loss < self.best - 1e-4
+        self.best, self.bad_epochs = (val_loss, 0) if improved else (self.best, self.bad_epochs + 1)
+        return improved
+
+    @property
+    def stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+def plot_history(csv_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    x = np.arange(1, len(rows) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("loss", "acc"), strict=False):
+        ax.plot(x, [float(r[f"train_{key}"]) for r in rows], label="train")
+        ax.plot(x, [float(r[f"val_{key}"]) for r in rows], label="validation")
+        ax.set_xlabel("epoch (all stages)")
+        ax.set_title("loss" if key == "loss" else "accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+# --- path 1: linear head on cached frozen features -------------------------------------------
+
+def backbone_key(config: TrainConfig) -> str:
+    if config.weights:
+        return f"{config.arch}-{file_sha256(config.weights)[:12]}"
+    if config.arch == "efficientnet_lite0":
+        return f"{config.arch}-{lite0_weights_path().name.split('-')[-1].split('.')[0]}"
+    return f"{config.arch}-timm"
+
+
+def _fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], spec: PreprocessSpec,
+              config: TrainConfig, run: Path) -> None:
+    key = backbone_key(config)
+    index = {lab: i for i, lab in enumerate(labels)}
+    xtr = F.extract(tiers["train"], model, key, spec, views=1 + config.aug_views,
+                    aug_strength=config.aug_strength, seed=config.seed)
+    xva = F.extract(tiers["validation"], model, key, spec)[:, 0]
+    ytr = np.repeat([index[r.label] for r in tiers["train"]], xtr.shape[1])
+    yva = np.array([index[r.label] for r in tiers["validation"]])
+    xtr = torch.from_numpy(xtr.reshape(-1, xtr.shape[-1]))
+    ytr, xva, yva = torch.from_numpy(ytr), torch.from_numpy(xva), torch.from_numpy(yva)
+
+    head = model.classifier
+    drop = nn.Dropout(0.2)
+    epochs, bs, lr = config.epochs or 100, config.batch_size or 256, config.lr or 3e-3
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    hist = History(run, "head", config.patience)
+    gen = torch.Generator().manual_seed(config.seed)
+    bar = tqdm(range(epochs), desc="train head", unit="epoch")
+    for epoch in bar:
+        t0 = time.time()
+        head.train()
+        perm = torch.randperm(len(xtr), generator=gen)
+        tot, correct, n = 0.0, 0, 0
+        for s in range(0, len(perm), bs):
+            idx = perm[s:s + bs]
+            logits = head(drop(xtr[idx]))
+            loss = loss_fn(logits, ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tot += loss.item() * len(idx)
+            correct += (logits.argmax(1) == ytr[idx]).sum().item()
+            n += len(idx)
+        sched.step()
+        head.eval()
+        with torch.no_grad():
+            vl = head(xva)
+            val_loss = nn.functional.cross_entropy(vl, yva).item()
+            val_acc = (vl.argmax(1) == yva).float().mean().item()
+        if hist.log(epoch + 1, tot / n, correct / n, val_loss, val_acc, sched.get_last_lr()[0], time.time() - t0):
+            torch.save({"model": model.state_dict(), "epoch": epoch + 1, "stage": "head"}, run / "best.pt")
+        bar.set_postfix(val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
+        if hist.stop:
+            break
+    bar.close()
+    model.load_state_dict(torch.load(run / "best.pt", weights_only=True)["model"])
+
+
+# --- path 2: end to end (base_cnn, or fine-tuning the last blocks) ---------------------------
+
+class ImageDataset(Dataset):
+    def __init__(self, rows: list[Row], labels: list[str], spec: PreprocessSpec, train: bool, strength: float):
+        self.rows, self.spec = rows, spec
+        self.index = {lab: i for i, lab in enumerate(labels)}
+        self.aug = F.augmenter(spec, strength) if train else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        r = self.rows[i]
+        x = F.load_view(r.path, self.spec, 1 if self.aug else 0, self.aug, seed=None)
+        return torch.from_numpy(x), self.index[r.label]
+
+
+def _trainable(model: nn.Module, fine_tune: bool, blocks: int, lr: float) -> list[dict]:
+    """Fine-tuning: only the last `blocks` stages + head learn; the rest (and its BatchNorm) stay frozen."""
+    if not fine_tune:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    inner = model.model
+    for p in model.parameters():
+        p.requires_grad = False
+    tail = list(inner.blocks[-blocks:]) + [m for m in (getattr(inner, "conv_head", None),
+                                                       getattr(inner, "bn2", None)) if m is not None]
+    tail_params = [p for m in tail for p in m.parameters()]
+    head_params = list(model.classifier.parameters())
+    for p in tail_params + head_params:
+        p.requires_grad = True
+    return [{"params": tail_params, "lr": lr * 0.1}, {"params": head_params, "lr": lr}]
+
+
+def _set_train_mode(model: nn.Module, fine_tune: bool) -> None:
+    model.train()
+    if fine_tune:  # frozen BatchNorm statistics: a small dataset would wreck them
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) and not m.weight.requires_grad:
+                m.eval()
+
+
+def _fit_end_to_end(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], spec: PreprocessSpec,
+                    config: TrainConfig, run: Path, fine_tune: bool) -> None:
+    epochs = config.epochs or (6 if fine_tune else 30)
+    bs, lr = config.batch_size or 32, config.lr or (1e-3 if fine_tune else 2e-3)
+    groups = _trainable(model, fine_tune, config.fine_tune_blocks, lr)
+    opt = torch.optim.AdamW(groups, weight_decay=5e-4 if not fine_tune else config.weight_decay)
+    steps = epochs * math.ceil(len(tiers["train"]) / bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps,
+                                                pct_start=0.15)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    workers = min(2, os.cpu_count() or 1)
+    gen = torch.Generator().manual_seed(config.seed)
+    train_dl = DataLoader(ImageDataset(tiers["train"], labels, spec, True, config.aug_strength), batch_size=bs,
+                          shuffle=True, drop_last=len(tiers["train"]) > bs, num_workers=workers, generator=gen,
+                          persistent_workers=True)
+    val_dl = DataLoader(ImageDataset(tiers["validation"], labels, spec, False, 0), batch_size=64,
+                        num_workers=workers)
+    stage = "fine_tune" if fine_tune else "end_to_end"
+    hist = History(run, stage, config.patience)
+    start = 0
+    if (run / "last.pt").is_file():  # --resume
+        state = torch.load(run / "last.pt", weights_only=False)
+        if state.get("stage") == stage:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start, hist.best, hist.bad_epochs = state["epoch"], state["best"], state["bad_epochs"]
+            print(f"resuming {stage} at epoch {start + 1}")
+    model = model.to(memory_format=torch.channels_last)
+    for epoch in range(start, epochs):
+        t0 = time.time()
+        _set_train_mode(model, fine_tune)
+        tot, correct, n = 0.0, 0, 0
+        for x, y in tqdm(train_dl, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="batch", leave=False):
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+            loss = loss_fn(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            n += len(y)
+        val_loss, val_acc = evaluate_loader(model, val_dl)
+        improved = hist.log(epoch + 1, tot / n, correct / n, val_loss, val_acc, sched.get_last_lr()[-1],
+                            time.time() - t0)
+        print(f"{stage} epoch {epoch + 1}/{epochs}: train loss {tot / n:.3f} acc {correct / n:.3f} | "
+              f"val loss {val_loss:.3f} acc {val_acc:.3f}")
+        if improved:
+            torch.save({"model": model.state_dict(), "epoch": epoch + 1, "stage": stage}, run / "best.pt")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "epoch": epoch + 1, "stage": stage, "best": hist.best, "bad_epochs": hist.bad_epochs},
+                   run / "last.pt")
+        if hist.stop:
+            break
+    model.load_state_dict(torch.load(run / "best.pt", weights_only=True)["model"])
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader: DataLoader) -> tuple[float, float]:
+    model.eval()
+    tot, correct, n = 0.0, 0, 0
+    for x, y in loader:
+        logits = model(x)
+        tot += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    return tot / max(n, 1), correct / max(n, 1)
