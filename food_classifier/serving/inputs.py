@@ -1,0 +1,99 @@
+"""Getting image bytes out of a request: multipart upload, raw body, or JSON with base64.
+
+Clients differ: browsers and curl send multipart, embedded devices post the raw JPEG, and some
+gateways can only send JSON. All three end up as `ImageUpload`s; the body-size limit has already
+been enforced by the middleware while the body streamed in.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from food_classifier.serving.errors import InvalidInput, MissingImage, TooManyImages, UnsupportedMediaType
+from food_classifier.serving.service import ImageUpload
+
+RAW_TYPES = ("image/", "application/octet-stream")
+JSON_FIELDS = ("image", "image_base64", "b64")
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _b64(value: object, where: str) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"{where} must be a non-empty base64 string", code="invalid_base64")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]  # data:image/jpeg;base64,....
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"{where} is not valid base64", code="invalid_base64") from None
+
+
+async def _json(request: Request) -> dict:
+    try:
+        payload = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise InvalidInput("JSON body must be an object", code="invalid_json")
+    return payload
+
+
+async def _files(request: Request, max_files: int) -> list[ImageUpload]:
+    try:
+        form = await request.form(max_files=max_files, max_fields=100)
+    except HTTPException as e:
+        if "Too many files" in str(e.detail):
+            raise TooManyImages(f"at most {max_files} images per request") from None
+        raise InvalidInput(f"malformed multipart body: {e.detail}", code="invalid_multipart") from None
+    try:
+        uploads = []
+        for _, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                uploads.append(ImageUpload(await value.read(), value.filename))
+        return uploads
+    finally:
+        await form.close()
+
+
+async def read_images(request: Request, max_images: int) -> list[ImageUpload]:
+    """All images in the request, in order (1 for a raw body)."""
+    media = _media_type(request)
+    if media == "multipart/form-data":
+        images = await _files(request, max_images)
+    elif media == "application/json":
+        payload = await _json(request)
+        if isinstance(payload.get("images"), list):
+            images = [ImageUpload(_b64(v, f"images[{i}]")) for i, v in enumerate(payload["images"])]
+        else:
+            field = next((f for f in JSON_FIELDS if f in payload), None)
+            if field is None:
+                raise MissingImage(f"JSON body needs a base64 field: one of {', '.join(JSON_FIELDS)} or 'images'")
+            images = [ImageUpload(_b64(payload[field], field))]
+    elif media == "application/x-www-form-urlencoded":
+        images = []  # a form that cannot carry a file: "missing file field"
+    elif media.startswith(RAW_TYPES) or media == "":
+        body = await request.body()
+        images = [ImageUpload(body)] if body else []
+    else:
+        raise UnsupportedMediaType(f"unsupported content type {media!r}: send multipart/form-data, an image/* "
+                                   "body, or JSON with a base64 'image' field")
+    if not images:
+        raise MissingImage("no image in the request: send a file field (multipart), a raw image body, "
+                           "or JSON with a base64 'image' field")
+    if len(images) > max_images:
+        raise TooManyImages(f"{len(images)} images, at most {max_images} per request")
+    return images
+
+
+async def read_image(request: Request) -> ImageUpload:
+    """The one image of a single-image request (the first file, if several were sent)."""
+    return (await read_images(request, max_images=16))[0]

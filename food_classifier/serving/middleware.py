@@ -1,0 +1,123 @@
+"""One pure-ASGI layer in front of the app: metrics, API key, body-size limit.
+
+Pure ASGI (not BaseHTTPMiddleware) because it runs on every request and must stay cheap. The body
+limit is enforced twice: a declared Content-Length over the limit is refused before a byte is read,
+and a chunked body is counted as it streams in, so an oversized upload is never held in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from food_classifier.serving.errors import BodyTooLarge, ServiceError, Unauthorized
+from food_classifier.serving.metrics import ServingMetrics
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+AUTH_CHALLENGE = 'Basic realm="food-classifier", charset="UTF-8"'
+
+
+async def send_json(send: Send, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(payload).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def presented_key(headers: dict[bytes, bytes]) -> str | None:
+    """The key from `X-API-Key`, `Authorization: Bearer KEY` or Basic auth (password = key)."""
+    if b"x-api-key" in headers:
+        return headers[b"x-api-key"].decode("latin-1")
+    auth = headers.get(b"authorization", b"").decode("latin-1")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    return None
+
+
+class ServingMiddleware:
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics, api_key: str | None,
+                 max_body: int, max_batch_body: int):
+        self.app = app
+        self.metrics = metrics
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body = max_body
+        self.max_batch_body = max_batch_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self._handle(scope, receive, send_wrapper)
+        except ServiceError as exc:  # raised by the counting receive after routing
+            if started:
+                raise
+            await send_json(send_wrapper, exc.status, exc.to_dict(), exc.headers)
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            model = (scope.get("state") or {}).get("model", "-")
+            self.metrics.observe_request(model, endpoint, status, time.perf_counter() - start)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+            key = presented_key(headers)
+            if key is None or not hmac.compare_digest(key.encode(), self.api_key):
+                exc = Unauthorized("missing or wrong API key (send X-API-Key or Authorization: Bearer)",
+                                   headers={"WWW-Authenticate": AUTH_CHALLENGE})
+                await send_json(send, exc.status, exc.to_dict(), exc.headers)
+                return
+        limit = self.max_batch_body if scope["path"].endswith("/predict-batch") else self.max_body
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > limit
+            except ValueError:
+                too_big = False
+            if too_big:
+                exc = BodyTooLarge(f"request body is {int(declared)} bytes, limit is {limit}")
+                await send_json(send, exc.status, exc.to_dict(), {"Connection": "close"})
+                return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, counting_receive, send)

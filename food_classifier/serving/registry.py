@@ -1,0 +1,200 @@
+"""The model registry: named models, each a `Classifier` plus its micro-batcher, swappable live.
+
+A *source* is what the user passed: a bundle dir, a model dir (`<name>/<version>/`) or a dir of
+model dirs. A model is (re)loaded from `newest_bundle(source)`, warmed up, and only then put in the
+registry with one dict assignment, so requests that already hold the old `LoadedModel` finish on
+it and new requests get the new one: a reload never fails a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from food_classifier.bundle import META_FILE, BundleError, load_bundle, newest_bundle
+from food_classifier.inference import Classifier
+from food_classifier.serving.batching import MicroBatcher
+from food_classifier.serving.errors import NotReady, ReloadFailed, UnknownModel
+from food_classifier.serving.metrics import ServingMetrics
+from food_classifier.serving.settings import VARIANT_AUTO, ServeSettings
+
+log = logging.getLogger("food_classifier.serving")
+
+
+def model_sources(paths: list[Path]) -> list[Path]:
+    """Expand user paths into model sources that `newest_bundle` accepts, refusing paths with none."""
+    sources: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if (path / META_FILE).is_file():
+            sources.append(path)
+            continue
+        if not path.is_dir():
+            raise BundleError(f"{path}: no such bundle or model directory")
+        children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if any((c / META_FILE).is_file() for c in children):
+            sources.append(path)  # a model dir: its children are versions
+            continue
+        found = [c for c in children if any((v / META_FILE).is_file() for v in c.iterdir() if v.is_dir())]
+        if not found:
+            raise BundleError(f"no model bundle found under {path}")
+        sources.extend(found)
+    return sources
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    source: Path
+    classifier: Classifier
+    batcher: MicroBatcher
+    variant: str
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def version(self) -> str:
+        return self.classifier.version
+
+    @property
+    def labels(self) -> list[str]:
+        return self.classifier.labels
+
+    def info(self, default: bool = False) -> dict[str, Any]:
+        b = self.classifier.bundle
+        return {"name": self.name, "version": self.version, "default": default, "variant": self.variant,
+                "variants": sorted(b.variants), "labels": self.labels, "arch": b.meta.get("arch"),
+                "created_at": b.meta.get("created_at"), "metrics": b.meta.get("metrics", {}),
+                "preprocessing": b.preprocessing.to_dict(), "temperature": b.temperature,
+                "abstain_threshold": b.abstain_threshold,
+                "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))}
+
+
+class ModelRegistry:
+    def __init__(self, sources: list[Path], settings: ServeSettings, metrics: ServingMetrics | None = None):
+        self.sources = list(sources)
+        self.settings = settings
+        self.metrics = metrics
+        self.executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="fc-infer")
+        self._models: dict[str, LoadedModel] = {}
+        self.default_name: str | None = settings.default_model
+        self.state = "loading"
+        self.error: str | None = None
+        self._reload_lock: asyncio.Lock | None = None
+
+    # --- loading -------------------------------------------------------------------------------------
+    def _build(self, source: Path) -> tuple[Classifier, str]:
+        """Load and warm one model (blocking: run it in a thread)."""
+        bundle = load_bundle(newest_bundle(source))
+        variant = self.settings.variant_for(bundle.name)
+        if variant == VARIANT_AUTO:
+            variant = "int8" if "int8" in bundle.variants else "fp32"
+        s = self.settings
+        clf = Classifier(bundle, threads=s.ort_threads, variant=variant, top_k=s.top_k, max_pixels=s.max_pixels)
+        if s.warmup:
+            crop = clf.spec.crop
+            for n in sorted({1, s.batch_max_size}):
+                clf.predict_proba(np.zeros((n, 3, crop, crop), dtype=np.float32))
+        return clf, variant
+
+    def _wrap(self, source: Path, clf: Classifier, variant: str) -> LoadedModel:
+        s = self.settings
+        observer = self.metrics.batch_observer(clf.name) if self.metrics else None
+        batcher = MicroBatcher(clf.predict_proba, self.executor, max_size=s.batch_max_size,
+                               max_wait_ms=s.batch_max_wait_ms, max_concurrent=s.inference_workers,
+                               on_batch=observer)
+        return LoadedModel(clf.name, source, clf, batcher, variant)
+
+    async def load_all(self) -> None:
+        """Load every source; /readyz turns green when this returns without error."""
+        try:
+            for source in self.sources:
+                clf, variant = await asyncio.to_thread(self._build, source)
+                if clf.name in self._models:
+                    raise BundleError(f"two sources provide a model named {clf.name!r}: "
+                                      f"{self._models[clf.name].source} and {source}")
+                self._models[clf.name] = self._wrap(source, clf, variant)
+                log.info("loaded model %s version %s (%s) from %s", clf.name, clf.version, variant, source)
+            if not self._models:
+                raise BundleError("no models to serve")
+            if self.default_name is None:
+                self.default_name = next(iter(self._models))
+            elif self.default_name not in self._models:
+                raise BundleError(f"default model {self.default_name!r} is not among the loaded models "
+                                  f"({', '.join(self._models)})")
+            for m in self._models.values():
+                self._publish(m)
+            self.state = "ready"
+        except Exception as exc:
+            self.state, self.error = "failed", f"{exc.__class__.__name__}: {exc}"
+            log.error("model loading failed: %s", self.error)
+            raise
+
+    def _publish(self, model: LoadedModel, previous: LoadedModel | None = None) -> None:
+        if self.metrics:
+            self.metrics.set_model(model.name, model.version, model.variant, model.name == self.default_name,
+                                   previous.version if previous else None, previous.variant if previous else None)
+
+    # --- lookup --------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def get(self, name: str | None = None) -> LoadedModel:
+        if not self.ready:
+            raise NotReady(f"models are {self.state}" + (f": {self.error}" if self.error else ""))
+        key = self.default_name if name is None else name
+        model = self._models.get(key) if key is not None else None
+        if model is None:
+            raise UnknownModel(f"no model named {name!r}; available: {', '.join(self._models) or 'none'}")
+        return model
+
+    def models(self) -> list[LoadedModel]:
+        return list(self._models.values())
+
+    # --- reload --------------------------------------------------------------------------------------
+    async def reload(self, name: str) -> dict[str, Any]:
+        """Load the newest version from the model's source and swap it in atomically."""
+        old = self.get(name)
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            old = self.get(name)
+            try:
+                clf, variant = await asyncio.to_thread(self._build, old.source)
+                if clf.name != name:
+                    raise BundleError(f"newest bundle under {old.source} is named {clf.name!r}, not {name!r}")
+            except Exception as exc:
+                if self.metrics:
+                    self.metrics.reloads.labels(name, "failed").inc()
+                log.error("reload of %s failed, keeping version %s: %s", name, old.version, exc)
+                raise ReloadFailed(f"{exc.__class__.__name__}: {exc}; still serving version {old.version}") from None
+            new = self._wrap(old.source, clf, variant)
+            self._models[name] = new  # the swap: one assignment on the event loop
+            self._publish(new, old)
+            if self.metrics:
+                self.metrics.reloads.labels(name, "ok").inc()
+            log.info("reloaded model %s: %s -> %s", name, old.version, new.version)
+            return {"model": name, "previous_version": old.version, "version": new.version,
+                    "variant": new.variant}
+
+    async def reload_all(self) -> list[dict[str, Any]]:
+        results = []
+        for name in self.names():
+            try:
+                results.append(await self.reload(name))
+            except ReloadFailed as exc:
+                results.append({"model": name, **exc.to_dict()})
+        return results
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

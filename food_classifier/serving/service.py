@@ -1,0 +1,119 @@
+"""What an endpoint does, without HTTP: decode off the event loop, batch, decide, shape the answer.
+
+Decoding and preprocessing run in a thread pool (Pillow and numpy release the GIL), so the event
+loop only parses requests and hands arrays to the model's micro-batcher. Every decode failure
+becomes a `ServiceError` (413/415), never an exception that escapes to the client as a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from food_classifier.serving.errors import ServiceError, image_error
+from food_classifier.serving.metrics import ServingMetrics
+from food_classifier.serving.paths import PathGuard
+from food_classifier.serving.registry import LoadedModel, ModelRegistry
+from food_classifier.serving.settings import ServeSettings
+
+
+@dataclass
+class ImageUpload:
+    data: bytes
+    filename: str | None = None
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+class PredictionService:
+    def __init__(self, registry: ModelRegistry, settings: ServeSettings, metrics: ServingMetrics | None = None):
+        self.registry = registry
+        self.settings = settings
+        self.metrics = metrics
+        self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="fc-decode")
+        self.paths = PathGuard(settings.allow_path_root)
+
+    def close(self) -> None:
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _prepare(self, model: LoadedModel, data: bytes) -> tuple[np.ndarray, float]:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.decode_pool, _timed_preprocess, model, data)
+        except ServiceError:
+            raise
+        except Exception as exc:  # any decoder failure is the input's fault: never a 500
+            raise image_error(exc) from None
+
+    async def _classify(self, model: LoadedModel, data: bytes, top_k: int | None,
+                        threshold: float | None) -> dict[str, Any]:
+        start = time.perf_counter()
+        decode_ms = 0.0
+
+        async def prepare() -> np.ndarray:
+            nonlocal decode_ms
+            array, decode_ms = await self._prepare(model, data)
+            return array
+
+        try:
+            res = await model.batcher.predict(prepare())
+        except ServiceError:
+            self._count(model, "rejected")
+            raise
+        pred = model.classifier.decide(res.output[None], top_k, threshold)[0]
+        self._count(model, "ok")
+        return {**pred.to_dict(), "model": model.name, "model_version": model.version,
+                "timing": {"total_ms": _ms(time.perf_counter() - start), "preprocess_ms": round(decode_ms, 3),
+                           "queue_ms": round(res.queue_ms, 3), "inference_ms": round(res.inference_ms, 3),
+                           "batch_size": res.batch_size}}
+
+    def _count(self, model: LoadedModel, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.images.labels(model.name, outcome).inc()
+
+    async def predict(self, name: str | None, image: ImageUpload, top_k: int | None = None,
+                      threshold: float | None = None) -> dict[str, Any]:
+        """One image through the model's micro-batcher."""
+        return await self._classify(self.registry.get(name), image.data, top_k, threshold)
+
+    async def predict_batch(self, name: str | None, images: list[ImageUpload], top_k: int | None = None,
+                            threshold: float | None = None) -> dict[str, Any]:
+        """Many images, answers in input order; a bad image is an error entry, not a failed batch."""
+        start = time.perf_counter()
+        model = self.registry.get(name)  # one model version for the whole batch, even during a reload
+
+        async def one(i: int, img: ImageUpload) -> dict[str, Any]:
+            head = {"index": i, "filename": img.filename}
+            try:
+                res = await self._classify(model, img.data, top_k, threshold)
+            except ServiceError as exc:
+                return {**head, **exc.to_dict(), "status": exc.status}
+            res.pop("model")
+            res.pop("model_version")
+            return {**head, **res}
+
+        results = await asyncio.gather(*(one(i, img) for i, img in enumerate(images)))
+        failed = sum(1 for r in results if "error" in r)
+        return {"model": model.name, "model_version": model.version, "count": len(results), "failed": failed,
+                "results": results, "timing": {"total_ms": _ms(time.perf_counter() - start)}}
+
+    async def predict_path(self, model_type: str | None, image_path: str) -> dict[str, Any]:
+        """The seed's `GET /predict`: a server-side file, only under the allowed roots."""
+        model = self.registry.get(model_type)
+        path = self.paths.resolve(image_path)
+        data = await asyncio.to_thread(self.paths.read, path, self.settings.max_body_bytes)
+        res = await self._classify(model, data, None, None)
+        return {"label": res["label"], "label_idx": res["label_idx"], "confidence": res["confidence"]}
+
+
+def _timed_preprocess(model: LoadedModel, data: bytes) -> tuple[np.ndarray, float]:
+    t = time.perf_counter()
+    array = model.classifier.preprocess(data)
+    return array, (time.perf_counter() - t) * 1000

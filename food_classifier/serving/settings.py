@@ -1,0 +1,76 @@
+"""Server configuration: CLI flags and `FOOD_CLASSIFIER_*` environment variables, one model.
+
+Every field can be set as `FOOD_CLASSIFIER_<FIELD>` (e.g. `FOOD_CLASSIFIER_API_KEY`); list fields
+take comma-separated values. The CLI passes only the flags that were given, so flags win over the
+environment and the environment wins over the defaults below. The defaults for the thread counts and
+the micro-batcher come from measurements on a 2-core CPU (docs/SERVING.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+VARIANT_AUTO = "auto"  # int8 when the bundle ships it, else fp32
+
+
+def _split(value: object) -> object:
+    """Accept 'a,b' (and os.pathsep) strings from env vars as lists."""
+    if isinstance(value, str):
+        parts = value.replace(os.pathsep, ",").split(",")
+        return [p.strip() for p in parts if p.strip()]
+    return value
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FOOD_CLASSIFIER_", extra="forbid", frozen=True)
+
+    bundles: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Bundle dirs, model dirs (newest version) or dirs of model dirs.")
+    default_model: str | None = Field(None, description="Model served by /predict; default: the first one.")
+    variant: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Model variant: 'int8', 'fp32', 'auto' (int8 when present) for all models, or NAME=VARIANT.")
+    host: str = "0.0.0.0"
+    port: int = Field(8383, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="When set, required on every endpoint but /healthz, /readyz.")
+    allow_path_root: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Roots the seed-compatible GET /predict may read from (off when empty).")
+
+    max_body_bytes: int = Field(10 * MiB, ge=1024, description="Request body limit (413 above it).")
+    max_batch_body_bytes: int = Field(64 * MiB, ge=1024, description="Body limit for predict-batch requests.")
+    max_batch_images: int = Field(64, ge=1, description="Images per predict-batch request.")
+    max_pixels: int = Field(40_000_000, ge=1, description="Decoded pixels per image (decompression bombs: 413).")
+    top_k: int = Field(5, ge=1, description="Default number of top-k entries in responses.")
+
+    ort_threads: int = Field(2, ge=1, description="ONNX Runtime intra-op threads per inference run.")
+    inference_workers: int = Field(1, ge=1, description="Batches that may run at the same time.")
+    decode_threads: int = Field(2, ge=1, description="Threads that decode and preprocess images.")
+    batch_max_size: int = Field(16, ge=1, description="Micro-batch size limit.")
+    batch_max_wait_ms: float = Field(2.0, ge=0, description="Longest wait for more images once a batch has started.")
+    warmup: bool = Field(True, description="Run the model once per batch shape before /readyz turns green.")
+
+    log_level: str = "info"
+    access_log: bool = False
+
+    _split_lists = field_validator("bundles", "variant", "allow_path_root", mode="before")(
+        classmethod(lambda cls, v: _split(v)))
+
+    def variant_for(self, model: str) -> str:
+        """The variant asked for `model`: a NAME=VARIANT entry, else a bare VARIANT entry, else fp32."""
+        default = "fp32"
+        for item in self.variant:
+            name, sep, var = item.partition("=")
+            if sep and name.strip() == model:
+                return var.strip()
+            if not sep:
+                default = item.strip()
+        return default
+
+    def api_key_value(self) -> str | None:
+        return self.api_key.get_secret_value() if self.api_key else None
