@@ -128,9 +128,13 @@ def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `d
           runs_dir: Path = typer.Option(Path("runs")),
           models_dir: Path = typer.Option(Path("models"), help="Bundles are published to MODELS_DIR/NAME/VERSION."),
           name: str = typer.Option("food", help="Model name in the bundle and the server."),
-          resume: Path | None = typer.Option(None, help="Continue an interrupted run dir.")) -> None:
-    """Train, export the ONNX bundle, evaluate it per tier and publish it."""
+          resume: Path | None = typer.Option(None, help="Continue an interrupted run dir."),
+          target_precision: float = typer.Option(
+              0.98, min=0.0, max=1.0,
+              help="Abstention: lowest threshold whose kept validation predictions reach this precision.")) -> None:
+    """Train, export the ONNX bundle, evaluate it per tier, calibrate it and publish it."""
     need_training_extras()
+    from food_classifier.training.calibrate import format_calibration
     from food_classifier.training.evaluate import format_table
     from food_classifier.training.pipeline import train_and_publish
     from food_classifier.training.train import TrainConfig
@@ -144,8 +148,10 @@ def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `d
         config = TrainConfig(arch=arch, weights=str(weights) if weights else None, epochs=epochs, lr=lr,
                              batch_size=batch_size, fine_tune=fine_tune, aug_views=aug_views,
                              label_smoothing=label_smoothing, patience=patience, seed=seed)
-    run, bundle, metrics = train_and_publish(manifest, config, runs_dir, models_dir, name, resume=resume)
+    run, bundle, metrics = train_and_publish(manifest, config, runs_dir, models_dir, name, resume=resume,
+                                             target_precision=target_precision)
     typer.echo(format_table(metrics))
+    typer.echo(format_calibration(run))
     typer.echo(f"run: {run}\nbundle: {bundle}")
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from food_classifier.inference import Classifier, softmax
+from food_classifier.training.calibrate import expected_calibration_error
 from food_classifier.training.data import read_manifest
 
 TIERS = ("train", "validation", "test")
@@ -53,6 +54,7 @@ def tier_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> di
         "accuracy_ci95": list(wilson_interval(correct, len(y_true))),
         "macro_precision": float(p.mean()), "macro_recall": float(r.mean()), "macro_f1": float(f.mean()),
         "nll": float(log_loss(y_true, probs, labels=k)) if len(y_true) else None,
+        "ece": expected_calibration_error(probs, y_true) if len(y_true) else None,
         "per_class": {lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                       for i, lab in enumerate(labels)},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=k).tolist(),
@@ -87,7 +89,7 @@ def score(bundle: str | Path, manifest: str | Path, out_dir: str | Path | None =
 
 def summary(metrics: dict) -> dict:
     """The small per-tier summary stored in bundle.json and shown by /v1/models."""
-    return {t: {k: m[k] for k in ("n", "accuracy", "accuracy_ci95", "macro_f1", "nll")}
+    return {t: {k: m[k] for k in ("n", "accuracy", "accuracy_ci95", "macro_f1", "nll", "ece") if k in m}
             for t, m in metrics["tiers"].items()}
 
 

@@ -10,17 +10,21 @@ import json
 from pathlib import Path
 
 from food_classifier.bundle import update_meta
+from food_classifier.training.calibrate import DEFAULT_TARGET_PRECISION, calibrate_run
 from food_classifier.training.evaluate import score, summary
 from food_classifier.training.export import export, publish
 from food_classifier.training.train import TrainConfig, fit
 
 
-def finalize(run: str | Path, models_dir: str | Path | None = "models", name: str = "food") -> tuple[Path, dict]:
+def finalize(run: str | Path, models_dir: str | Path | None = "models", name: str = "food",
+             target_precision: float = DEFAULT_TARGET_PRECISION) -> tuple[Path, dict]:
     """Export the run's best checkpoint, measure the bundle on every tier, publish it."""
     run = Path(run)
     meta = json.loads((run / "config.json").read_text())
     bundle = export(run, name=name)
     metrics = score(bundle, meta["manifest"], out_dir=run)
+    # temperature + abstention threshold fitted on validation logits; metrics recomputed with T
+    metrics = calibrate_run(run, bundle, target_precision=target_precision)
     update_meta(bundle, {"metrics": summary(metrics)})
     published = publish(bundle, models_dir) if models_dir else bundle
     (run / "bundle_path.txt").write_text(str(Path(published).resolve()) + "\n")
@@ -29,7 +33,8 @@ def finalize(run: str | Path, models_dir: str | Path | None = "models", name: st
 
 def train_and_publish(manifest: str | Path, config: TrainConfig, runs_dir: str | Path = "runs",
                       models_dir: str | Path | None = "models", name: str = "food",
-                      resume: str | Path | None = None) -> tuple[Path, Path, dict]:
+                      resume: str | Path | None = None,
+                      target_precision: float = DEFAULT_TARGET_PRECISION) -> tuple[Path, Path, dict]:
     run = fit(manifest, config, runs_dir=runs_dir, resume=resume)
-    published, metrics = finalize(run, models_dir=models_dir, name=name)
+    published, metrics = finalize(run, models_dir=models_dir, name=name, target_precision=target_precision)
     return run, published, metrics
