@@ -218,6 +218,7 @@ def test_max_pixels_setting(colour_bundle):
 def test_metrics(client):
     client.post("/v1/models/colour/predict", content=jpg("red"), headers={"content-type": JPEG})
     client.post("/v1/models/colour/predict", content=b"junk", headers={"content-type": JPEG})
+    client.post("/predict", content=b"\xff" * 300_000, headers={"content-type": JPEG})  # refused before routing
     text = client.get("/metrics").text
     assert 'food_classifier_requests_total{endpoint="/v1/models/{name}/predict",model="colour",status="200"}' in text
     assert 'food_classifier_requests_total{endpoint="/v1/models/{name}/predict",model="colour",status="415"}' in text
@@ -226,6 +227,7 @@ def test_metrics(client):
     assert 'food_classifier_model_info{default="true",model="colour",variant="fp32",' \
            'version="20260101T000000-colour"} 1.0' in text
     assert 'food_classifier_images_total{model="colour",outcome="rejected"}' in text
+    assert 'food_classifier_requests_total{endpoint="/predict",model="-",status="413"}' in text
 
 
 def test_metrics_labels_stay_bounded(client):

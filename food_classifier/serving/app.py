@@ -217,5 +217,6 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _install_error_handlers(app)
     app.add_middleware(ServingMiddleware, metrics=metrics, api_key=settings.api_key_value(),
-                       max_body=settings.max_body_bytes, max_batch_body=settings.max_batch_body_bytes)
+                       max_body=settings.max_body_bytes, max_batch_body=settings.max_batch_body_bytes,
+                       routes=router.routes)
     return app

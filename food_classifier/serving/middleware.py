@@ -15,6 +15,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from starlette.routing import BaseRoute, Match
+
 from food_classifier.serving.errors import BodyTooLarge, ServiceError, Unauthorized
 from food_classifier.serving.metrics import ServingMetrics
 
@@ -54,8 +56,9 @@ def presented_key(headers: dict[bytes, bytes]) -> str | None:
 
 class ServingMiddleware:
     def __init__(self, app: ASGIApp, metrics: ServingMetrics, api_key: str | None,
-                 max_body: int, max_batch_body: int):
+                 max_body: int, max_batch_body: int, routes: list[BaseRoute] | None = None):
         self.app = app
+        self.routes = routes or []  # to name the endpoint of requests refused before routing (401, 413)
         self.metrics = metrics
         self.api_key = api_key.encode() if api_key else None
         self.max_body = max_body
@@ -84,10 +87,15 @@ class ServingMiddleware:
             await send_json(send_wrapper, exc.status, exc.to_dict(), exc.headers)
         finally:
             self.metrics.in_flight.dec()
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
             model = (scope.get("state") or {}).get("model", "-")
-            self.metrics.observe_request(model, endpoint, status, time.perf_counter() - start)
+            self.metrics.observe_request(model, self._endpoint(scope), status, time.perf_counter() - start)
+
+    def _endpoint(self, scope: Scope) -> str:
+        """The route template (bounded label values), never the raw path."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.routes if r.matches(scope)[0] == Match.FULL), None)
+        return getattr(route, "path", None) or "unmatched"
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
