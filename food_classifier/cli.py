@@ -172,6 +172,19 @@ def evaluate(run: Path = typer.Argument(..., help="A run dir (uses its bundle) o
 
 
 @app.command()
+def report(run: Path = typer.Argument(..., help="A run dir from `train` (uses its logits.npz, bundle, history)."),
+           out: Path | None = typer.Option(None, help="Output folder (default RUN/report).")) -> None:
+    """Write one self-contained HTML evaluation report (images embedded) plus its PNGs."""
+    try:
+        from food_classifier.training.report import build_report
+    except ImportError as e:
+        fail(f"the report needs the training extras (pip install 'food-classifier[train]'): {e}")
+    if not (run / "logits.npz").is_file():
+        fail(f"{run} has no logits.npz; run `food-classifier evaluate {run}` first")
+    typer.echo(build_report(run, out))
+
+
+@app.command()
 def export(run: Path = typer.Argument(..., help="A run dir from `train`."),
            models_dir: Path = typer.Option(Path("models")), name: str = typer.Option("food")) -> None:
     """Re-export a run's best checkpoint to a new bundle version, evaluate and publish it."""

@@ -159,6 +159,8 @@ def calibrate_run(run: str | Path, bundle: str | Path | None = None,
     t_stats = abstention_stats(*on(test, cal), threshold) if test.any() else None
     calibration = {
         "temperature": temperature, "fitted": True, "method": "temperature scaling, validation NLL",
+        # at a search bound: the validation logits carry no usable confidence signal (e.g. all correct)
+        "at_bound": bool(min(abs(temperature - b) / b for b in T_BOUNDS) < 1e-3),
         "n_validation": int(val.sum()), "ece_bins": ECE_BINS,
         "nll_validation_before": nll(logits[val], y[val]),
         "nll_validation_after": nll(logits[val], y[val], temperature),
@@ -197,7 +199,8 @@ def format_calibration(run: str | Path) -> str:
     """Two lines for the CLI: what calibration and abstention did on the test tier."""
     c = json.loads((Path(run) / "calibration.json").read_text())
     cal, ab = c["calibration"], c["abstention"]
-    lines = [f"calibration: T={cal['temperature']:.3f}  validation NLL {cal['nll_validation_before']:.4f} -> "
+    bound = " (at the search bound: validation has no usable confidence signal)" if cal.get("at_bound") else ""
+    lines = [f"calibration: T={cal['temperature']:.3f}{bound}  validation NLL {cal['nll_validation_before']:.4f} -> "
              f"{cal['nll_validation_after']:.4f}"]
     if "ece_test_before" in cal:
         lines.append(f"  test: ECE({cal['ece_bins']} bins) {cal['ece_test_before']:.4f} -> {cal['ece_test_after']:.4f}"

@@ -1,0 +1,193 @@
+"""`food-classifier report RUN`: one self-contained HTML evaluation report plus its PNGs.
+
+Built only from what the run already saved (logits.npz, bundle.json, calibration.json, history.csv,
+cv.json) -- no pass over the model -- so it takes seconds. Everything shown for "the evaluation tier"
+uses the test tier (validation if a manifest has no test rows), with the bundle's temperature applied,
+i.e. exactly the probabilities the server returns.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from food_classifier.inference import softmax
+from food_classifier.training import report_html as H
+from food_classifier.training.calibrate import (
+    abstention_stats,
+    coverage_curve,
+    expected_calibration_error,
+    load_logits,
+    reliability_bins,
+)
+from food_classifier.training.evaluate import TIERS, tier_metrics
+from food_classifier.training.report_plots import (
+    plot_confusion,
+    plot_coverage,
+    plot_history,
+    plot_mistakes,
+    plot_per_class,
+    plot_reliability,
+    plot_roc,
+    plot_tiers,
+    roc_data,
+    thumbnail,
+)
+
+SECTIONS = ("summary", "tiers", "confusion", "per-class", "roc", "calibration", "abstention", "mistakes",
+            "history")
+
+
+def bootstrap_macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int, n_boot: int = 1000,
+                       seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of macro-F1 (no closed form like Wilson's for accuracy)."""
+    if len(y) == 0:
+        return (0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    scores = np.empty(n_boot)
+    for b in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        cm = np.bincount(y[i] * n_classes + pred[i], minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+        tp = np.diag(cm).astype(np.float64)
+        denom = cm.sum(0) + cm.sum(1)
+        scores[b] = np.mean(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0))
+    lo, hi = np.percentile(scores, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _ci(lo_hi) -> str:
+    return f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"
+
+
+def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistakes: int = 16) -> Path:
+    """Write `<run>/report/report.html` (self-contained) and one PNG per figure; returns the HTML path."""
+    run = Path(run)
+    out = Path(out_dir) if out_dir else run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    d = load_logits(run)
+    logits, y, tier, paths = d["logits"], d["y"], d["tier"], d["path"]
+    labels = [str(x) for x in d["labels"]]
+    meta = _json(run / "bundle" / "bundle.json") or {}
+    detail, config, cv = _json(run / "calibration.json"), _json(run / "config.json") or {}, _json(run / "cv.json")
+    temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
+    threshold = meta.get("abstention", {}).get("threshold")
+    raw, cal = softmax(logits, 1.0), softmax(logits, temperature)
+    metrics = {t: tier_metrics(y[tier == t], cal[tier == t], labels) for t in TIERS if (tier == t).any()}
+    ev = "test" if "test" in metrics else "validation"
+    m = tier == ev
+    f1_ci = {t: bootstrap_macro_f1(y[tier == t], cal[tier == t].argmax(1), len(labels)) for t in metrics}
+    sections: list[tuple[str, str, str]] = []
+
+    def add(sid: str, title: str, body: str, note: str = "") -> None:
+        sections.append((sid, title, H.section(sid, title, body, note)))
+
+    name = f"{meta.get('name', '?')}:{meta.get('version', run.name)}"
+    add("summary", "Summary", H.key_values([
+        ("model", name), ("architecture", meta.get("arch", config.get("arch", "?"))), ("run", str(run.resolve())),
+        ("labels", ", ".join(labels)), ("images per tier", ", ".join(f"{t} {v['n']}" for t, v in metrics.items())),
+        ("evaluation tier",
+         f"{ev} (accuracy {metrics[ev]['accuracy']:.4f}, 95% CI {_ci(metrics[ev]['accuracy_ci95'])})"),
+        ("calibration temperature", f"{temperature:.4f}" + ("" if meta.get("calibration", {}).get("fitted")
+                                                          else " (not fitted)")),
+        ("abstention threshold", "none" if threshold is None else f"{threshold:.4f}"),
+        ("training time", f"{config.get('train_seconds', '?')} s")]))
+
+    rows = [(t, v["n"], f"{v['accuracy']:.4f}", _ci(v["accuracy_ci95"]), f"{v['macro_f1']:.4f}", _ci(f1_ci[t]),
+             f"{v['nll']:.4f}", f"{v['ece']:.4f}") for t, v in metrics.items()]
+    add("tiers", "Per-tier metrics",
+        H.table(["tier", "n", "accuracy", "95% CI (Wilson)", "macro-F1", "95% CI (bootstrap)", "NLL", "ECE"], rows)
+        + H.figure(plot_tiers(metrics, f1_ci, out / "tiers.png"), "per-tier metrics"),
+        "Probabilities with the bundle's temperature applied. The train tier is optimistic by construction.")
+
+    cm = np.array(metrics[ev]["confusion_matrix"])
+    add("confusion", "Confusion matrix",
+        H.figure(plot_confusion(cm, labels, ev, out / "confusion.png"), "confusion matrix"),
+        "Rows are the true class; each cell shows the count and the share of its row.")
+
+    pc = metrics[ev]["per_class"]
+    add("per-class", "Per-class precision, recall, F1",
+        H.table(["class", "precision", "recall", "F1", "support"],
+                [(lab, f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", c["support"])
+                 for lab, c in pc.items()]) + H.figure(plot_per_class(pc, ev, out / "per_class.png"), "per-class"))
+
+    roc = roc_data(y[m], cal[m], labels)
+    macro_auc = float(np.mean([r["auc"] for r in roc.values()])) if roc else float("nan")
+    add("roc", "ROC curves (one-vs-rest)",
+        H.table(["class", "AUC"], [(lab, f"{r['auc']:.4f}") for lab, r in roc.items()] +
+                [("macro average", f"{macro_auc:.4f}")]) + H.figure(plot_roc(roc, ev, out / "roc.png"), "ROC"))
+
+    ece = (expected_calibration_error(raw[m], y[m]), expected_calibration_error(cal[m], y[m]))
+    c = (detail or {}).get("calibration", meta.get("calibration", {}))
+    kv = [("temperature", f"{temperature:.4f}"),
+          (f"ECE on {ev} (15 bins), before -> after", f"{ece[0]:.4f} -> {ece[1]:.4f}")]
+    if "ece_test_floor" in c:
+        kv.append(("ECE a perfectly calibrated model would show here", f"~{c['ece_test_floor']:.4f}"))
+    if "nll_validation_before" in c:
+        kv.append(("validation NLL (fitted on), before -> after",
+                   f"{c['nll_validation_before']:.4f} -> {c['nll_validation_after']:.4f}"))
+    if "nll_test_before" in c:
+        kv.append(("test NLL, before -> after", f"{c['nll_test_before']:.4f} -> {c['nll_test_after']:.4f}"))
+    add("calibration", "Calibration (reliability diagram)",
+        H.key_values(kv) + H.figure(plot_reliability(reliability_bins(raw[m], y[m]), reliability_bins(cal[m], y[m]),
+                                                     ece, temperature, ev, out / "reliability.png"), "reliability"),
+        "Temperature scaling fitted on the validation tier: probabilities = softmax(logits / T). Bars below the "
+        "diagonal are over-confident, above it under-confident. ECE is biased upwards on small tiers.")
+
+    ab = meta.get("abstention", {})
+    curves = {t: coverage_curve(cal[tier == t], y[tier == t]) for t in ("validation", "test") if (tier == t).any()}
+    marks = {t: abstention_stats(cal[tier == t], y[tier == t], threshold) for t in curves} if threshold is not None \
+        else {}
+    grid = [g for g in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99) if g > 1 / len(labels)]
+    ev_rows = [(f"{g:.2f}",) + _cov_row(abstention_stats(cal[m], y[m], g)) for g in grid]
+    if threshold is not None:
+        ev_rows.insert(0, (f"{threshold:.4f} (bundle)",) + _cov_row(marks[ev]))
+    add("abstention", "Abstention: coverage vs accuracy",
+        H.key_values([("threshold", "none" if threshold is None else f"{threshold:.4f}"),
+                      ("target precision (validation)", ab.get("target_precision", "-")),
+                      ("target reached on validation", ab.get("target_met", "-"))])
+        + H.table(["threshold", f"{ev} coverage", "accuracy on answered", "answered / n"], ev_rows)
+        + H.figure(plot_coverage(curves, threshold, marks, out / "coverage.png"), "coverage"),
+        'Below the threshold a prediction says label "unsure" (abstained: true) and still returns top-k; '
+        "clients may pass their own `threshold` per request.")
+
+    wrong = np.flatnonzero(m & (cal.argmax(1) != y))
+    wrong = wrong[np.argsort(-cal[wrong].max(1))][:max_mistakes]
+    items = [{"thumb": thumbnail(str(paths[i])), "true": labels[y[i]], "pred": labels[int(cal[i].argmax())],
+              "confidence": float(cal[i].max()), "path": str(paths[i])} for i in wrong]
+    plot_mistakes(items, ev, out / "mistakes.png")
+    add("mistakes", "Most confident mistakes",
+        H.mistake_cards(items) if items else "<p>No mistakes on this tier.</p>",
+        f"The {len(items)} wrong {ev} predictions with the highest calibrated confidence "
+        f"(of {int((m & (cal.argmax(1) != y)).sum())} mistakes). Also saved as mistakes.png.")
+
+    hist = plot_history(run / "history.csv", out / "history.png")
+    add("history", "Training history", H.figure(hist, "history") if hist else "<p>No history.csv in this run.</p>")
+
+    if cv:
+        add("cv", "Cross-validation", H.table(
+            ["metric", "mean ± std", "min", "max"],
+            [(k, f"{cv[k]['mean']:.4f} ± {cv[k]['std']:.4f}", f"{cv[k]['min']:.4f}", f"{cv[k]['max']:.4f}")
+             for k in ("accuracy", "macro_f1")]) + H.table(
+            ["fold", "held out", "accuracy", "macro-F1"],
+            [(f["fold"] + 1, f["n_held_out"], f"{f['accuracy']:.4f}", f"{f['macro_f1']:.4f}") for f in cv["folds"]]),
+            f"{cv['k']}-fold over the {cv['n_rows']} train+validation images (test tier untouched), each fold "
+            f"retrained with the same recipe; std is across folds ({cv['seconds']:.0f} s).")
+
+    html_path = out / "report.html"
+    html_path.write_text(H.page(f"Evaluation report: {name}",
+                                f"generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from {run.name}",
+                                sections), encoding="utf-8")
+    return html_path
+
+
+def _cov_row(s: dict) -> tuple:
+    acc = "-" if s["accuracy_covered"] is None else f"{s['accuracy_covered']:.4f}"
+    return (f"{s['coverage']:.3f}", acc, f"{s['kept']} / {s['n']}")
