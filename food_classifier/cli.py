@@ -131,9 +131,14 @@ def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `d
           resume: Path | None = typer.Option(None, help="Continue an interrupted run dir."),
           target_precision: float = typer.Option(
               0.98, min=0.0, max=1.0,
-              help="Abstention: lowest threshold whose kept validation predictions reach this precision.")) -> None:
+              help="Abstention: lowest threshold whose kept validation predictions reach this precision."),
+          cv: int = typer.Option(0, "--cv", min=0, metavar="K",
+                                 help="Also retrain on K folds of train+validation (test untouched) and report "
+                                      "accuracy / macro-F1 mean ± std; writes RUN/cv.json.")) -> None:
     """Train, export the ONNX bundle, evaluate it per tier, calibrate it and publish it."""
     need_training_extras()
+    if cv == 1:
+        fail("--cv needs K >= 2 folds (0 = off)")
     from food_classifier.training.calibrate import format_calibration
     from food_classifier.training.evaluate import format_table
     from food_classifier.training.pipeline import train_and_publish
@@ -152,6 +157,10 @@ def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `d
                                              target_precision=target_precision)
     typer.echo(format_table(metrics))
     typer.echo(format_calibration(run))
+    if cv:
+        from food_classifier.training.cv import cross_validate, format_cv
+
+        typer.echo(format_cv(cross_validate(manifest, config, k=cv, out_dir=run)))
     typer.echo(f"run: {run}\nbundle: {bundle}")
 
 
