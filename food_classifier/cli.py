@@ -123,7 +123,7 @@ def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `d
           fine_tune: bool = typer.Option(False, "--fine-tune", help="Also unfreeze the last blocks."),
           aug_views: int = typer.Option(4, help="Augmented views per training image (cached features)."),
           label_smoothing: float = typer.Option(0.1),
-          patience: int = typer.Option(10, help="Early stopping patience (epochs)."),
+          patience: int = typer.Option(5, help="Early stopping patience (epochs)."),
           seed: int = typer.Option(42),
           runs_dir: Path = typer.Option(Path("runs")),
           models_dir: Path = typer.Option(Path("models"), help="Bundles are published to MODELS_DIR/NAME/VERSION."),
