@@ -207,7 +207,8 @@ def format_calibration(run: str | Path) -> str:
                      f" (a perfectly calibrated model would show ~{cal.get('ece_test_floor', float('nan')):.3f}"
                      f" on this many images), NLL {cal['nll_test_before']:.4f} -> {cal['nll_test_after']:.4f}")
     line = (f"abstention: threshold {ab['threshold']:.4f} for precision >= {ab['target_precision']:g} on validation"
-            f"{'' if ab['target_met'] else ' (NOT reached; best available)'}; validation coverage "
+            f"{'' if ab['target_met'] else ' (NOT reached; best available)'}"
+            f"{' (met without abstaining: never abstains)' if ab['threshold'] == 0 else ''}; validation coverage "
             f"{ab['validation_coverage']:.3f}")
     if "test_coverage" in ab:
         acc = ab["test_accuracy_covered"]

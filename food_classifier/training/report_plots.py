@@ -165,7 +165,7 @@ def plot_coverage(curves: dict[str, dict], threshold: float | None, marks: dict[
     lo = min([min(c["accuracy"]) for c in curves.values() if c["accuracy"]] + [1.0])
     ax.set_ylim(max(0.0, lo - 0.03), 1.005)
     ax.grid(alpha=0.3)
-    thr = "none" if threshold is None else f"{threshold:.3f}"
+    thr = "none" if threshold is None else "0: never abstains" if threshold == 0 else f"{threshold:.3f}"
     ax.set_title(f"Coverage vs accuracy (abstention threshold {thr})")
     ax.legend(loc="lower left", fontsize=9)
     return _save(fig, path)
