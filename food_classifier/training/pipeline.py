@@ -17,7 +17,7 @@ from food_classifier.training.train import TrainConfig, fit
 
 
 def finalize(run: str | Path, models_dir: str | Path | None = "models", name: str = "food",
-             target_precision: float = DEFAULT_TARGET_PRECISION) -> tuple[Path, dict]:
+             target_precision: float = DEFAULT_TARGET_PRECISION, int8: bool = True) -> tuple[Path, dict]:
     """Export the run's best checkpoint, measure the bundle on every tier, publish it."""
     run = Path(run)
     meta = json.loads((run / "config.json").read_text())
@@ -26,6 +26,10 @@ def finalize(run: str | Path, models_dir: str | Path | None = "models", name: st
     # temperature + abstention threshold fitted on validation logits; metrics recomputed with T
     metrics = calibrate_run(run, bundle, target_precision=target_precision)
     update_meta(bundle, {"metrics": summary(metrics)})
+    if int8:  # quantized variant, measured against fp32 on the test tier, stored in bundle.json
+        from food_classifier.training.quantize import int8_step
+
+        int8_step(bundle, meta["manifest"])
     published = publish(bundle, models_dir) if models_dir else bundle
     (run / "bundle_path.txt").write_text(str(Path(published).resolve()) + "\n")
     return published, metrics
@@ -34,7 +38,9 @@ def finalize(run: str | Path, models_dir: str | Path | None = "models", name: st
 def train_and_publish(manifest: str | Path, config: TrainConfig, runs_dir: str | Path = "runs",
                       models_dir: str | Path | None = "models", name: str = "food",
                       resume: str | Path | None = None,
-                      target_precision: float = DEFAULT_TARGET_PRECISION) -> tuple[Path, Path, dict]:
+                      target_precision: float = DEFAULT_TARGET_PRECISION,
+                      int8: bool = True) -> tuple[Path, Path, dict]:
     run = fit(manifest, config, runs_dir=runs_dir, resume=resume)
-    published, metrics = finalize(run, models_dir=models_dir, name=name, target_precision=target_precision)
+    published, metrics = finalize(run, models_dir=models_dir, name=name, target_precision=target_precision,
+                                  int8=int8)
     return run, published, metrics

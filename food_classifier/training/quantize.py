@@ -1,0 +1,301 @@
+"""int8 variant of a bundle: static quantization with ONNX Runtime, measured before it is published.
+
+    info = add_int8_variant(bundle, manifest)     # writes model.int8.onnx + variants.int8 in bundle.json
+
+Recipe (chosen by measurement on food101_mini3 with the Lite0 linear-head model, 2 AVX2 cores,
+see README / bench/bench_int8.py):
+  * `quant_pre_process` first (symbolic shape inference + graph clean-up), as ORT recommends;
+  * static, QDQ format (ORT fuses it into QLinearConv/QLinearAdd at load; QOperator ran the same),
+    per-channel symmetric int8 weights, uint8 activations, MinMax ranges from a few hundred
+    train-tier images (Percentile/Entropy calibration took 4-8x longer and agreed no better);
+  * the stem and the first block (the first 3 Conv nodes) and the classifier stay fp32: those
+    layers carried most of the error (logit RMSE vs fp32 on validation 0.37 -> 0.15) for ~5% of
+    the compute. Dynamic quantization (ConvInteger) was 3-5x *slower* than fp32 here: not used.
+
+Accuracy is never assumed: the test tier runs through both graphs on the same preprocessed
+arrays, and speed is measured with fp32 and int8 interleaved in the same process, so load from
+other processes hits both alike. A variant that loses more than `MAX_ACCURACY_LOSS_POINTS` or is
+not faster is still kept, marked `recommended: false`; the default variant stays fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from food_classifier.bundle import Bundle, load_bundle, update_meta
+from food_classifier.preprocessing import PreprocessSpec, preprocess
+
+INT8_FILE = "model.int8.onnx"
+MAX_ACCURACY_LOSS_POINTS = 0.5
+METHODS = ("static-qdq", "static-qoperator", "dynamic")
+DEFAULT_METHOD = "static-qdq"
+KEEP_FP32_CONVS = 3  # stem + first depthwise-separable block (EfficientNet-Lite / MobileNet layout)
+
+
+class QuantizeError(RuntimeError):
+    """Quantization could not produce a usable graph."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_arrays(paths: list[Path], spec: PreprocessSpec, threads: int = 2) -> np.ndarray:
+    """Preprocess images exactly as serving does (the shared `preprocess`)."""
+    if not paths:
+        return np.zeros((0, 3, spec.crop, spec.crop), np.float32)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return np.stack(list(pool.map(lambda p: preprocess(p, spec), paths)))
+
+
+def calibration_paths(rows: list, n: int = 192) -> list[Path]:
+    """`n` train-tier images spread evenly over the (label-sorted) manifest, so every class is in."""
+    train = [r.path for r in rows if r.tier == "train"] or [r.path for r in rows]
+    step = max(1, len(train) // n)
+    return train[::step][:n]
+
+
+def _session(path: str | Path, threads: int = 2):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def fp32_nodes(model_path: Path, keep_convs: int = KEEP_FP32_CONVS) -> list[str]:
+    """Names of the nodes left in fp32: the first `keep_convs` Conv nodes (graph order is
+    topological) and the classifier (the last Gemm/MatMul, when it comes after every Conv)."""
+    import onnx
+
+    nodes = list(onnx.load(str(model_path), load_external_data=False).graph.node)
+    conv_at = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    head_at = [i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul")]
+    keep = [nodes[i].name for i in conv_at[:keep_convs]]
+    if head_at and (not conv_at or head_at[-1] > conv_at[-1]):
+        keep.append(nodes[head_at[-1]].name)
+    return keep
+
+
+def _reader(x: np.ndarray, input_name: str, batch_size: int = 8):
+    """A CalibrationDataReader over an in-memory [N,3,H,W] array."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([x[i:i + batch_size] for i in range(0, len(x), batch_size)])
+
+        def get_next(self):
+            b = next(self.batches, None)
+            return None if b is None else {input_name: b}
+
+    return Reader()
+
+
+def quantize_model(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray | None,
+                   method: str = DEFAULT_METHOD, keep_fp32_convs: int = KEEP_FP32_CONVS,
+                   input_name: str = "image") -> dict:
+    """Write an int8 ONNX graph at `out_path`; returns how it was made (for bundle.json)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
+
+    if method not in METHODS:
+        raise QuantizeError(f"unknown quantization method '{method}' (one of: {', '.join(METHODS)})")
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fc-int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre))
+        t_pre = time.perf_counter() - t0
+        info: dict = {"method": method, "pre_process": "onnxruntime.quantization.quant_pre_process"}
+        out_tmp = Path(tmp) / "int8.onnx"
+        if method == "dynamic":
+            quantize_dynamic(str(pre), str(out_tmp), weight_type=QuantType.QInt8, per_channel=True)
+            info |= {"weights": "int8 per-channel", "activations": "uint8, ranges computed at run time"}
+        else:
+            if calibration is None or len(calibration) == 0:
+                raise QuantizeError("static quantization needs calibration images")
+            keep = fp32_nodes(pre, keep_fp32_convs)
+            quantize_static(
+                str(pre), str(out_tmp), _reader(calibration, input_name),
+                quant_format=QuantFormat.QDQ if method == "static-qdq" else QuantFormat.QOperator,
+                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=keep)  # MinMax keeps only per-batch min/max scalars: RAM stays small
+            info |= {"format": "QDQ" if method == "static-qdq" else "QOperator",
+                     "weights": "int8, symmetric, per output channel", "activations": "uint8, asymmetric",
+                     "calibration": {"method": "MinMax", "n_images": int(len(calibration)), "tier": "train"},
+                     "fp32_nodes": keep}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(out_tmp), out_path)
+    info |= {"pre_process_seconds": round(t_pre, 2), "quantize_seconds": round(time.perf_counter() - t0, 2)}
+    return info
+
+
+def measure_speed(models: dict[str, str | Path], batch: np.ndarray, threads: int = 2,
+                  batch_sizes: tuple[int, ...] = (1, 32), seconds: float = 3.0,
+                  min_reps: int = 5) -> dict[str, dict[int, float]]:
+    """Median ms per image for each model and batch size, the models run interleaved (A, B, A, B,
+    ...) in this one process so that load from other processes falls on all of them alike."""
+    sessions = {name: _session(path, threads) for name, path in models.items()}
+    input_names = {name: s.get_inputs()[0].name for name, s in sessions.items()}
+    out: dict[str, dict[int, float]] = {name: {} for name in models}
+    for bs in batch_sizes:
+        x = np.ascontiguousarray(np.resize(batch, (bs, *batch.shape[1:])), dtype=np.float32)
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        for name, s in sessions.items():  # warm-up (first run allocates)
+            s.run(None, {input_names[name]: x})
+        start = time.perf_counter()
+        while True:
+            for name, s in sessions.items():
+                t = time.perf_counter()
+                s.run(None, {input_names[name]: x})
+                times[name].append((time.perf_counter() - t) * 1000 / bs)
+            n = len(times[next(iter(times))])
+            if n >= min_reps and time.perf_counter() - start > seconds / len(batch_sizes):
+                break
+        for name, t in times.items():
+            out[name][bs] = float(np.median(t))
+    return out
+
+
+def _load_avg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def evaluate_int8(bundle: Bundle, int8_file: Path, rows: list, threads: int = 2) -> tuple[dict, np.ndarray]:
+    """fp32 and int8 logits on the same preprocessed test-tier images (validation too, if any).
+    Returns metrics per tier and up to 32 of those arrays (for the speed measurement)."""
+    from food_classifier.inference import Classifier
+
+    with_int8 = dataclasses.replace(bundle, variants={**bundle.variants, "int8": {"file": int8_file.name}})
+    fp32, int8 = Classifier(bundle, threads=threads), Classifier(with_int8, threads=threads, variant="int8")
+    index = {lab: i for i, lab in enumerate(bundle.labels)}
+    result: dict = {}
+    sample = np.zeros((1, 3, bundle.preprocessing.crop, bundle.preprocessing.crop), np.float32)
+    for tier in ("test", "validation"):
+        chosen = [r for r in rows if r.tier == tier and r.label in index]
+        if not chosen:
+            continue
+        x = load_arrays([r.path for r in chosen], bundle.preprocessing, threads)
+        y = np.array([index[r.label] for r in chosen])
+        a = np.concatenate([fp32.logits(x[i:i + 32]) for i in range(0, len(x), 32)]).argmax(1)
+        b = np.concatenate([int8.logits(x[i:i + 32]) for i in range(0, len(x), 32)]).argmax(1)
+        result[tier] = {"n": len(chosen), "fp32_accuracy": float((a == y).mean()),
+                        "int8_accuracy": float((b == y).mean()), "top1_agreement": float((a == b).mean())}
+        if tier == "test" or len(result) == 1:
+            sample = x[:32]
+    return result, sample
+
+
+def add_int8_variant(bundle_dir: str | Path, manifest: str | Path, method: str = DEFAULT_METHOD,
+                     n_calibration: int = 192, threads: int = 2, speed_seconds: float = 4.0,
+                     keep_fp32_convs: int = KEEP_FP32_CONVS) -> dict:
+    """Quantize the bundle's fp32 graph, measure it against fp32, store `variants.int8`.
+
+    Runs on an unpublished bundle (the run's `bundle/`), so the published copy is complete.
+    Returns the `variants.int8` entry.
+    """
+    from food_classifier.training.data import read_manifest
+
+    bundle_dir = Path(bundle_dir)
+    bundle = load_bundle(bundle_dir)
+    rows = read_manifest(manifest)
+    fp32_file = bundle.model_file("fp32")
+    int8_file = bundle_dir / INT8_FILE
+    cal = None
+    t_cal = 0.0
+    if method != "dynamic":
+        t = time.perf_counter()
+        cal = load_arrays(calibration_paths(rows, n_calibration), bundle.preprocessing, threads)
+        t_cal = time.perf_counter() - t
+    tmp = int8_file.with_suffix(f".tmp{os.getpid()}.onnx")
+    try:
+        info = quantize_model(fp32_file, tmp, cal, method=method, keep_fp32_convs=keep_fp32_convs,
+                              input_name=bundle.meta.get("input", {}).get("name", "image"))
+        os.replace(tmp, int8_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info["calibration_preprocess_seconds"] = round(t_cal, 2)
+
+    acc, sample = evaluate_int8(bundle, int8_file, rows, threads)
+    tier = "test" if "test" in acc else next(iter(acc), None)
+    if tier is None:
+        raise QuantizeError("the manifest has no test or validation images with the bundle's labels: "
+                            "cannot measure int8 accuracy")
+    speed = measure_speed({"fp32": fp32_file, "int8": int8_file}, sample, threads=threads, seconds=speed_seconds)
+    fp32_acc, int8_acc = acc[tier]["fp32_accuracy"], acc[tier]["int8_accuracy"]
+    delta = round(100 * (int8_acc - fp32_acc), 3)
+    speedup = {f"batch{bs}": round(speed["fp32"][bs] / speed["int8"][bs], 3) for bs in speed["int8"]}
+    reasons = []
+    if delta < -MAX_ACCURACY_LOSS_POINTS:
+        reasons.append(f"loses {-delta:.2f} accuracy points on the {tier} tier (limit {MAX_ACCURACY_LOSS_POINTS})")
+    slower = [k for k, v in speedup.items() if v < 1.0]
+    if slower:
+        reasons.append(f"slower than fp32 at {', '.join(slower)}")
+    entry = {
+        "file": INT8_FILE,
+        "sha256": _sha256(int8_file),
+        "method": method,
+        "recommended": not reasons,
+        **({"not_recommended_because": reasons} if reasons else {}),
+        "accuracy_tier": tier,
+        "test_accuracy": int8_acc,
+        "fp32_test_accuracy": fp32_acc,
+        "accuracy_delta_points": delta,
+        "n_test": acc[tier]["n"],
+        "top1_agreement": {t: a["top1_agreement"] for t, a in acc.items()},
+        "ms_per_image_batch1": round(speed["int8"][1], 3),
+        "ms_per_image_batch32": round(speed["int8"][32], 3),
+        "fp32_ms_per_image_batch1": round(speed["fp32"][1], 3),
+        "fp32_ms_per_image_batch32": round(speed["fp32"][32], 3),
+        "speedup": speedup,
+        "speed_measured": {"threads": threads, "statistic": "median, fp32/int8 interleaved",
+                           "load_avg_1m": _load_avg(), "cpu_count": os.cpu_count()},
+        "quantization": info,
+        "size_bytes": int8_file.stat().st_size,
+    }
+    update_meta(bundle_dir, {"variants": {**bundle.variants, "int8": entry}})
+    return entry
+
+
+def format_int8(entry: dict) -> str:
+    """One line for the `train` output."""
+    s = entry["speedup"]
+    verdict = ("recommended" if entry["recommended"]
+               else "NOT recommended: " + "; ".join(entry["not_recommended_because"]))
+    return (f"int8 ({entry['method']}): {entry['accuracy_tier']} accuracy {entry['test_accuracy']:.4f} vs fp32 "
+            f"{entry['fp32_test_accuracy']:.4f} ({entry['accuracy_delta_points']:+.2f} points, n={entry['n_test']}); "
+            f"speed-up x{s.get('batch1', 0):.2f} at batch 1, x{s.get('batch32', 0):.2f} at batch 32; "
+            f"quantized in {entry['quantization']['quantize_seconds']:.1f} s; {verdict}")
+
+
+def int8_step(bundle_dir: str | Path, manifest: str | Path, **kwargs) -> dict | None:
+    """The pipeline step: add the int8 variant, or warn and leave the bundle fp32-only if the
+    graph cannot be quantized (an exotic timm architecture); training never fails because of it."""
+    import warnings
+
+    try:
+        entry = add_int8_variant(bundle_dir, manifest, **kwargs)
+    except Exception as e:  # reported; the fp32 bundle is still good
+        (Path(bundle_dir) / INT8_FILE).unlink(missing_ok=True)
+        warnings.warn(f"int8 variant skipped: {e.__class__.__name__}: {e}", stacklevel=2)
+        return None
+    print(format_int8(entry))
+    return entry
