@@ -245,7 +245,9 @@ _register_serve()
 def main() -> None:
     try:
         app()
-    except user_errors() as e:
+    except Exception as e:  # SystemExit (e.g. --help) passes untouched, and never imports torch
+        if not isinstance(e, user_errors()):
+            raise
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(1)
     except KeyboardInterrupt:

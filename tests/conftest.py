@@ -64,3 +64,23 @@ def colour_bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
     make_colour_bundle(root / "colour" / "20260101T000000-colour")
     return root / "colour"
+
+
+def make_imagefolder(root: Path, per_class: int = 12) -> Path:
+    """Noisy colour photos: learnable in one epoch, and every file distinct (no duplicate groups)."""
+    for c, name in enumerate(COLOURS):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = colour_image(name, size=(120 + 4 * i, 100), noise=60, seed=100 * c + i)
+            img.save(root / name / f"{name}_{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory) -> Path:
+    """A split of generated colour photos: 3 classes x 12 images."""
+    from food_classifier.training.data import split
+
+    tmp = tmp_path_factory.mktemp("tiny_data")
+    split(make_imagefolder(tmp / "photos"), tmp / "manifest.csv", progress=False)
+    return tmp / "manifest.csv"

@@ -1,0 +1,62 @@
+"""The whole spine on real photos: split -> train -> evaluate -> export -> predict (about 2 minutes).
+
+Runs on ../shared/datasets/food101_mini3 (1,123 Food-101 photos, 3 classes) when it exists.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} not present")]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    from food_classifier.training.data import split
+    from food_classifier.training.pipeline import train_and_publish
+    from food_classifier.training.train import TrainConfig
+
+    tmp = tmp_path_factory.mktemp("spine")
+    rows = split(SHARED_DATA, tmp / "manifest.csv", progress=False)
+    run, bundle, metrics = train_and_publish(tmp / "manifest.csv", TrainConfig(), runs_dir=tmp / "runs",
+                                             models_dir=tmp / "models", name="food")
+    return rows, run, bundle, metrics
+
+
+def test_split_is_stratified_and_leak_free(default_run):
+    rows, *_ = default_run
+    assert len(rows) == 1123
+    tiers = {t: [r for r in rows if r.tier == t] for t in ("train", "validation", "test")}
+    assert 150 <= len(tiers["test"]) <= 190 and 150 <= len(tiers["validation"]) <= 190
+    shas = {t: {r.sha256 for r in rs} for t, rs in tiers.items()}
+    assert not (shas["train"] & shas["test"]) and not (shas["validation"] & shas["test"])
+
+
+def test_transfer_model_accuracy_and_parity(default_run):
+    _, run, bundle, metrics = default_run
+    test = metrics["tiers"]["test"]
+    assert test["accuracy"] >= 0.93, test
+    assert test["macro_f1"] >= 0.93
+    assert metrics["tiers"]["train"]["accuracy"] >= test["accuracy"] - 0.02
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["parity"]["max_abs_prob_diff"] < 1e-4 and meta["parity"]["top1_agreement"] == 1.0
+    assert meta["metrics"]["test"]["accuracy"] == pytest.approx(test["accuracy"])
+    assert meta["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_served_predictions_match_the_evaluation(default_run):
+    from food_classifier.inference import Classifier
+
+    rows, run, bundle, metrics = default_run
+    clf = Classifier(bundle)
+    test = [r for r in rows if r.tier == "test"][:40]
+    preds = clf.predict_batch([r.path for r in test])
+    acc = np.mean([p.label == r.label for p, r in zip(preds, test, strict=True)])
+    assert acc >= 0.85
+    single = clf.predict(test[0].path)
+    assert single.label == preds[0].label and single.confidence == pytest.approx(preds[0].confidence, abs=1e-5)

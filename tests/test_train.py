@@ -1,0 +1,90 @@
+"""Training side end to end on generated photos (seconds): fit -> export -> evaluate -> publish."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import colour_image
+from PIL import Image
+
+from food_classifier.bundle import load_bundle
+from food_classifier.inference import Classifier
+from food_classifier.training.data import read_manifest
+from food_classifier.training.pipeline import train_and_publish
+from food_classifier.training.train import History, TrainConfig, fit, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tiny_manifest, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cnn")
+    config = TrainConfig(arch="base_cnn", epochs=3, batch_size=8, seed=0, threads=1, patience=10)
+    run, bundle, metrics = train_and_publish(tiny_manifest, config, runs_dir=tmp / "runs",
+                                             models_dir=tmp / "models", name="tiny")
+    return run, bundle, metrics
+
+
+def history(run: Path) -> list[dict]:
+    with open(run / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_dir_has_checkpoint_history_and_plot(cnn_run):
+    run, _, _ = cnn_run
+    rows = history(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(r["stage"] == "end_to_end" for r in rows)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+    with Image.open(run / "history.png") as png:
+        assert png.size[0] >= 800
+    config = json.loads((run / "config.json").read_text())
+    assert config["arch"] == "base_cnn" and config["labels"] == ["blue", "green", "red"]
+    assert config["train_seconds"] > 0
+
+
+def test_published_bundle_is_complete_and_predicts(cnn_run, tiny_manifest):
+    run, bundle_dir, metrics = cnn_run
+    assert bundle_dir.parent.name == "tiny" and bundle_dir.name.endswith(load_bundle(bundle_dir).version[-8:])
+    b = load_bundle(bundle_dir)
+    assert b.meta["parity"]["max_abs_prob_diff"] < 1e-4 and b.meta["parity"]["top1_agreement"] == 1.0
+    assert set(b.meta["metrics"]) == {"train", "validation", "test"}
+    assert b.meta["dataset"]["manifest_sha256"] and b.meta["training"]["arch"] == "base_cnn"
+    assert b.preprocessing.crop == 128
+    n = {t: sum(r.tier == t for r in read_manifest(tiny_manifest)) for t in ("train", "validation", "test")}
+    assert {t: m["n"] for t, m in metrics["tiers"].items()} == n
+    assert json.loads((run / "metrics.json").read_text())["tiers"]["test"]["n"] == n["test"]
+    clf = Classifier(bundle_dir)
+    preds = clf.predict_batch([colour_image(c, seed=7) for c in ("red", "green", "blue")])
+    assert all(0 <= p.label_idx < 3 for p in preds)
+
+
+def test_same_seed_same_model(tiny_manifest, tmp_path):
+    config = TrainConfig(arch="base_cnn", epochs=1, batch_size=8, seed=3, threads=1)
+    a = fit(tiny_manifest, config, runs_dir=tmp_path)
+    b = fit(tiny_manifest, config, runs_dir=tmp_path)
+    assert a != b
+    assert [r["train_loss"] for r in history(a)] == [r["train_loss"] for r in history(b)]
+
+
+def test_resume_continues_where_it_stopped(tiny_manifest, tmp_path, monkeypatch):
+    config = TrainConfig(arch="base_cnn", epochs=4, batch_size=8, seed=0, threads=1, patience=10)
+    original = History.log
+
+    def interrupted(self, epoch, *args):
+        if epoch == 3:  # killed during epoch 3, after epoch 2's last.pt was written
+            raise KeyboardInterrupt
+        return original(self, epoch, *args)
+
+    monkeypatch.setattr(History, "log", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_manifest, config, runs_dir=tmp_path)
+    monkeypatch.setattr(History, "log", original)
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert [int(r["epoch"]) for r in history(run)] == [1, 2]
+    fit(tiny_manifest, config, resume=run)
+    assert [int(r["epoch"]) for r in history(run)] == [1, 2, 3, 4]  # resumed at 3, did not start over
+    model, meta = load_checkpoint(run)
+    assert meta["arch"] == "base_cnn" and not model.training
