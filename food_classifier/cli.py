@@ -231,6 +231,18 @@ def predict(images: list[Path] = typer.Argument(..., help="Image files."),
             typer.echo(f"{path}: {p.label} ({p.confidence:.3f})  [{alts}]")
 
 
+@app.command("builtin")
+def builtin_cmd(labels: bool = typer.Option(False, "--labels", help="Also list its classes.")) -> None:
+    """Print the path of the built-in ImageNet food model (what `serve` uses without a bundle),
+    building it first if it is not cached (~30 s, needs the training extras, downloads nothing)."""
+    from food_classifier.builtin import FOOD_CLASSES, builtin_bundle_path
+
+    typer.echo(builtin_bundle_path())
+    if labels:
+        for index, label in FOOD_CLASSES:
+            typer.echo(f"{index:>4}  {label}")
+
+
 def _register_serve() -> None:
     try:
         from food_classifier.serving.cli import serve

