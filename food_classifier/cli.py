@@ -122,6 +122,7 @@ def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `d
           batch_size: int = typer.Option(0, help="0 = default for the chosen path."),
           fine_tune: bool = typer.Option(False, "--fine-tune", help="Also unfreeze the last blocks."),
           aug_views: int = typer.Option(4, help="Augmented views per training image (cached features)."),
+          image_size: int = typer.Option(0, help="Input crop in px; 0 = the model's default (288 for Lite0)."),
           label_smoothing: float = typer.Option(0.1),
           patience: int = typer.Option(5, help="Early stopping patience (epochs)."),
           seed: int = typer.Option(42),
@@ -155,7 +156,8 @@ def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `d
     else:
         config = TrainConfig(arch=arch, weights=str(weights) if weights else None, epochs=epochs, lr=lr,
                              batch_size=batch_size, fine_tune=fine_tune, aug_views=aug_views,
-                             label_smoothing=label_smoothing, patience=patience, seed=seed)
+                             label_smoothing=label_smoothing, patience=patience, seed=seed,
+                             image_size=image_size)
     run, bundle, metrics = train_and_publish(manifest, config, runs_dir, models_dir, name, resume=resume,
                                              target_precision=target_precision, int8=int8)
     typer.echo(format_table(metrics))

@@ -9,22 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COLOURS, colour_image
+from conftest import COLOURS, colour_image, make_imagefolder
 from PIL import Image
 
 from food_classifier.training.report import SECTIONS, bootstrap_macro_f1, build_report
 
 PNGS = ("tiers", "confusion", "per_class", "roc", "reliability", "coverage", "mistakes", "history")
-
-
-def make_imagefolder(root: Path, per_class: int = 12) -> Path:
-    """Noisy colour photos: learnable in one epoch, and every file distinct (no duplicate groups)."""
-    for c, name in enumerate(COLOURS):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = colour_image(name, size=(120 + 4 * i, 100), noise=60, seed=100 * c + i)
-            img.save(root / name / f"{name}_{i}.jpg", quality=90)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -52,6 +52,7 @@ class TrainConfig:
     aug_strength: float = 1.0
     fine_tune: bool = False
     fine_tune_blocks: int = 2
+    image_size: int = 0            # 0 = the model's default crop (288 for efficientnet_lite0)
     seed: int = 42
     threads: int = 0               # 0 = all cores
 
@@ -81,6 +82,8 @@ def fit(manifest: str | Path, config: TrainConfig, runs_dir: str | Path = "runs"
     labels = sorted({r.label for r in rows})
     run = Path(resume) if resume else new_run_dir(runs_dir, config.arch)
     spec = default_preprocessing(config.arch)
+    if config.image_size:  # keep the model's resize/crop ratio
+        spec = replace(spec, crop=config.image_size, resize=round(config.image_size * spec.resize / spec.crop))
     model = create_model(config.arch, num_classes=len(labels), weights=config.weights)
     meta = {"arch": config.arch, "labels": labels, "preprocessing": spec.to_dict(), "config": asdict(config),
             "manifest": str(Path(manifest).resolve()), "started_at": datetime.now(UTC).isoformat()}
