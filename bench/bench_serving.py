@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -45,7 +46,29 @@ def stats(latencies: list[float], images: int, seconds: float, errors: int) -> d
         return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1000, 2) if lat else float("nan")
 
     return {"img_per_s": round(images / seconds, 1), "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
-            "requests": len(lat), "errors": errors}
+            "requests": len(lat), "errors": errors, "images": images}
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, all threads (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measured(pid: int, run) -> dict:
+    """Run a load coroutine; add peak RSS and CPU per image of the server and of this load generator.
+
+    CPU per image does not depend on what else the machine is doing, unlike img/s and latency.
+    """
+    sampler = RssSampler(pid)
+    sampler.start()
+    server0, client0 = proc_cpu(pid), time.process_time()
+    row = await run
+    images = max(1, row.pop("images"))
+    row["rss_mb"] = sampler.stop()
+    row["server_cpu_ms_img"] = round((proc_cpu(pid) - server0) / images * 1000, 2)
+    row["client_cpu_ms_img"] = round((time.process_time() - client0) / images * 1000, 2)
+    return row
 
 
 class RssSampler(threading.Thread):
@@ -106,11 +129,8 @@ async def bench_service(url: str, pid: int, images, levels, requests, batch_requ
         await load(single, images, 4, 40, 1)  # warm the connections and the decode pool
         for endpoint, send, n, per in (("single", single, requests, 1), ("batch", multi, batch_requests, batch_size)):
             for c in levels:
-                sampler = RssSampler(pid)
-                sampler.start()
-                row = await load(send, images, c, n, per)
-                rows.append({"server": "service", "endpoint": endpoint, "concurrency": c, **row,
-                             "rss_mb": sampler.stop()})
+                row = await measured(pid, load(send, images, c, n, per))
+                rows.append({"server": "service", "endpoint": endpoint, "concurrency": c, **row})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -125,10 +145,8 @@ async def bench_baseline(url: str, pid: int, images, levels, requests) -> list[d
 
         await load(single, images, 2, 10, 1)
         for c in levels:
-            sampler = RssSampler(pid)
-            sampler.start()
-            row = await load(single, images, c, requests, 1)
-            rows.append({"server": "baseline", "endpoint": "single", "concurrency": c, **row, "rss_mb": sampler.stop()})
+            row = await measured(pid, load(single, images, c, requests, 1))
+            rows.append({"server": "baseline", "endpoint": "single", "concurrency": c, **row})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -156,15 +174,20 @@ def start_baseline(run: Path) -> tuple[subprocess.Popen, str]:
     raise TimeoutError("baseline not ready")
 
 
-SWEEP = [  # (label, serve flags): thread layout first, then the micro-batcher
-    ("ort 2 thr, 1 worker, batch<=16 wait 2ms", ["--ort-threads=2", "--inference-workers=1"]),
-    ("ort 1 thr, 2 workers, batch<=16 wait 2ms", ["--ort-threads=1", "--inference-workers=2"]),
-    ("ort 1 thr, 1 worker, batch<=16 wait 2ms", ["--ort-threads=1", "--inference-workers=1"]),
-    ("no batching (max size 1)", ["--batch-max-size=1"]),
-    ("batch<=8, wait 0", ["--batch-max-size=8", "--batch-max-wait-ms=0"]),
-    ("batch<=16, wait 0", ["--batch-max-size=16", "--batch-max-wait-ms=0"]),
-    ("batch<=16, wait 5ms", ["--batch-max-size=16", "--batch-max-wait-ms=5"]),
-    ("batch<=32, wait 2ms", ["--batch-max-size=32"]),
+def _layout(ort: int, workers: int, size: int, wait: float) -> list[str]:
+    return [f"--ort-threads={ort}", f"--inference-workers={workers}", f"--batch-max-size={size}",
+            f"--batch-max-wait-ms={wait}"]
+
+
+SWEEP = [  # (label, serve flags): thread layouts, then micro-batching on and off
+    ("ort 2 threads x 1 worker, batch<=8, wait 2 ms", _layout(2, 1, 8, 2)),
+    ("ort 2 threads x 1 worker, no batching", _layout(2, 1, 1, 0)),
+    ("ort 2 threads x 1 worker, batch<=16, wait 2 ms", _layout(2, 1, 16, 2)),
+    ("ort 1 thread x 2 workers, batch<=4, wait 2 ms", _layout(1, 2, 4, 2)),
+    ("ort 1 thread x 2 workers, batch<=8, wait 2 ms", _layout(1, 2, 8, 2)),
+    ("ort 1 thread x 2 workers, no batching", _layout(1, 2, 1, 0)),
+    ("ort 1 thread x 2 workers, batch<=8, wait 0", _layout(1, 2, 8, 0)),
+    ("ort 1 thread x 2 workers, batch<=8, wait 5 ms", _layout(1, 2, 8, 5)),
 ]
 
 
@@ -176,31 +199,32 @@ async def sweep_one(url: str, pid: int, images, levels, requests) -> list[dict]:
 
         await load(single, images, 4, 40, 1)
         for c in levels:
-            sampler = RssSampler(pid)
-            sampler.start()
-            rows.append({"concurrency": c, **await load(single, images, c, requests, 1), "rss_mb": sampler.stop()})
+            rows.append({"concurrency": c, **await measured(pid, load(single, images, c, requests, 1))})
     return rows
 
 
 def sweep(args: argparse.Namespace, images) -> None:
     """Single-image endpoint under each server layout in SWEEP (picks the defaults)."""
-    lines = ["| server flags | concurrency | img/s | p50 ms | p95 ms | p99 ms | peak RSS MB |", "|" + "---|" * 7]
+    lines = ["| server flags | concurrency | img/s | p50 ms | p95 ms | p99 ms | peak RSS MB | server CPU ms/img |",
+             "|" + "---|" * 8]
     for label, flags in SWEEP:
         with ServerProcess([args.bundle], args=[*args.server_arg, *flags], ready_timeout=120) as srv:
             rows = asyncio.run(sweep_one(srv.url, srv.pid, images, args.levels, args.requests))
         for r in rows:
             lines.append(f"| {label} | {r['concurrency']} | {r['img_per_s']} | {r['p50_ms']} | {r['p95_ms']} | "
-                         f"{r['p99_ms']} | {r['rss_mb']} |")
+                         f"{r['p99_ms']} | {r['rss_mb']} | {r['server_cpu_ms_img']} |")
             print(lines[-1], flush=True)
     print("\n".join(lines))
 
 
 def table(rows: list[dict]) -> str:
-    head = "| server | endpoint | concurrency | img/s | p50 ms | p95 ms | p99 ms | peak RSS MB | errors |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| server | endpoint | concurrency | img/s | p50 ms | p95 ms | p99 ms | peak RSS MB | server CPU ms/img "
+            "| client CPU ms/img | errors |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(f"| {r['server']} | {r['endpoint']} | {r['concurrency']} | {r['img_per_s']} | {r['p50_ms']} | "
-                     f"{r['p95_ms']} | {r['p99_ms']} | {r['rss_mb']} | {r['errors']} |")
+                     f"{r['p95_ms']} | {r['p99_ms']} | {r['rss_mb']} | {r['server_cpu_ms_img']} | "
+                     f"{r['client_cpu_ms_img']} | {r['errors']} |")
     return "\n".join(lines)
 
 
@@ -223,7 +247,7 @@ def main() -> None:
     args = ap.parse_args()
 
     images = load_images(args.images, args.n_images)
-    print(f"{len(images)} JPEGs from {args.images}", flush=True)
+    print(f"{len(images)} JPEGs from {args.images}; load average before: {os.getloadavg()[0]:.2f}", flush=True)
     if args.sweep:
         sweep(args, images)
         return
@@ -245,7 +269,7 @@ def main() -> None:
             proc.wait(10)
     print()
     print(table(rows))
-    print(f"\nservice RSS after the run: {idle_rss} MB")
+    print(f"\nservice RSS after the run: {idle_rss} MB; load average after: {os.getloadavg()[0]:.2f}")
     for c in args.levels:
         svc = next((r for r in rows if r["server"] == "service" and r["endpoint"] == "single"
                     and r["concurrency"] == c), None)

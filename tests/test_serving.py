@@ -448,3 +448,17 @@ def test_path_guard_unit(tmp_path):
     with pytest.raises(Forbidden):
         guard.resolve(str(tmp_path / "r" / ".." / "r2" / "a.jpg"))
     assert not PathGuard([]).enabled
+
+
+def test_micro_batching_through_the_app(colour_bundle):
+    c = ready_client(ServeSettings(bundles=[colour_bundle], batch_max_size=8, batch_max_wait_ms=100,
+                                   inference_workers=1))
+    try:
+        files = [("files", (f"{i}.png", image_bytes(colour_image("red", seed=i), "PNG"), "image/png"))
+                 for i in range(6)]
+        body = c.post("/v1/models/colour/predict-batch", files=files).json()
+        sizes = [r["timing"]["batch_size"] for r in body["results"]]
+        assert max(sizes) > 1 and all(r["label"] == "red" for r in body["results"])
+        assert "food_classifier_batch_size_count" in c.get("/metrics").text
+    finally:
+        c.__exit__(None, None, None)

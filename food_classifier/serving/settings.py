@@ -48,11 +48,16 @@ class ServeSettings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="Decoded pixels per image (decompression bombs: 413).")
     top_k: int = Field(5, ge=1, description="Default number of top-k entries in responses.")
 
-    ort_threads: int = Field(2, ge=1, description="ONNX Runtime intra-op threads per inference run.")
-    inference_workers: int = Field(1, ge=1, description="Batches that may run at the same time.")
+    # Measured on the 2-core machine (docs/SERVING.md): one ORT thread per call and two calls at once cost
+    # 20 ms CPU per 288 px image, two threads per call 30-38 ms (the idle thread spins); with one thread
+    # a batch of 8 costs the same per image as a batch of 1, while ORT's arena grows ~17 MB per batched
+    # image. So: no batching by default on this CPU; raise batch_max_size where a call has overhead
+    # to amortize (small models, --ort-threads 2).
+    ort_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per model call.")
+    inference_workers: int = Field(2, ge=1, description="Model calls that may run at the same time.")
     decode_threads: int = Field(2, ge=1, description="Threads that decode and preprocess images.")
-    batch_max_size: int = Field(16, ge=1, description="Micro-batch size limit.")
-    batch_max_wait_ms: float = Field(2.0, ge=0, description="Longest wait for more images once a batch has started.")
+    batch_max_size: int = Field(1, ge=1, description="Micro-batch size limit (1 = no batching).")
+    batch_max_wait_ms: float = Field(2.0, ge=0, description="Longest wait for images still decoding, when batching.")
     warmup: bool = Field(True, description="Run the model once per batch shape before /readyz turns green.")
 
     log_level: str = "info"
