@@ -238,3 +238,46 @@ def test_cli_bad_arguments_fail_in_one_line(tmp_path):
     assert out.returncode == 2 and "no such bundle or model directory" in out.stderr
     out = run_cli(str(tmp_path), "--port", "70000")
     assert out.returncode == 2 and "invalid setting port" in out.stderr
+
+
+def test_decoded_images_waiting_for_the_model_are_bounded(colour_bundle):
+    """Backpressure: a 40-image batch never has more than `pending_limit` arrays decoded ahead."""
+    from conftest import colour_image, image_bytes
+
+    from food_classifier.serving.registry import ModelRegistry, model_sources
+    from food_classifier.serving.service import ImageUpload, PredictionService
+    from food_classifier.serving.settings import ServeSettings
+
+    settings = ServeSettings(bundles=[colour_bundle], decode_threads=2, inference_workers=1, batch_max_size=2)
+    registry = ModelRegistry(model_sources(settings.bundles), settings)
+    service = PredictionService(registry, settings)
+    live, peak = 0, 0
+    original = service._prepare
+
+    async def counting_prepare(model, data):
+        nonlocal live, peak
+        live += 1
+        peak = max(peak, live)
+        return await original(model, data)
+
+    service._prepare = counting_prepare
+
+    async def main():
+        await registry.load_all()
+
+        async def done_hook(coro):
+            nonlocal live
+            try:
+                return await coro
+            finally:
+                live -= 1
+
+        images = [ImageUpload(image_bytes(colour_image("blue", seed=i))) for i in range(40)]
+        return await asyncio.gather(*(done_hook(service._classify(registry.get(), im.data, None, None))
+                                      for im in images))
+
+    results = asyncio.run(main())
+    service.close()
+    registry.close()
+    assert all(r["label"] == "blue" for r in results)
+    assert service.pending_limit == 2 * (2 + 1 * 2) and peak <= service.pending_limit

@@ -39,6 +39,10 @@ class PredictionService:
         self.metrics = metrics
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="fc-decode")
         self.paths = PathGuard(settings.allow_path_root)
+        # Backpressure: at most this many images decoded or decoding but not yet through the model. Without
+        # it, decoding runs ahead of inference and a few big batch requests queue ~1 MB of floats per image.
+        self.pending_limit = 2 * (settings.decode_threads + settings.inference_workers * settings.batch_max_size)
+        self._pending = asyncio.Semaphore(self.pending_limit)
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -63,7 +67,9 @@ class PredictionService:
             return array
 
         try:
-            res = await model.batcher.predict(prepare())
+            async with self._pending:
+                waited_ms = (time.perf_counter() - start) * 1000
+                res = await model.batcher.predict(prepare())
         except ServiceError:
             self._count(model, "rejected")
             raise
@@ -73,7 +79,7 @@ class PredictionService:
         return {"label": pred.label, "label_idx": pred.label_idx, "confidence": pred.confidence,
                 "top_k": pred.top_k, "abstained": pred.abstained, "model": model.name, "model_version": model.version,
                 "timing": {"total_ms": _ms(time.perf_counter() - start), "preprocess_ms": round(decode_ms, 3),
-                           "queue_ms": round(res.queue_ms, 3), "inference_ms": round(res.inference_ms, 3),
+                           "queue_ms": round(waited_ms + res.queue_ms, 3), "inference_ms": round(res.inference_ms, 3),
                            "batch_size": res.batch_size}}
 
     def _count(self, model: LoadedModel, outcome: str) -> None:
