@@ -88,3 +88,38 @@ def test_resume_continues_where_it_stopped(tiny_manifest, tmp_path, monkeypatch)
     assert [int(r["epoch"]) for r in history(run)] == [1, 2, 3, 4]  # resumed at 3, did not start over
     model, meta = load_checkpoint(run)
     assert meta["arch"] == "base_cnn" and not model.training
+
+
+def test_out_of_fold_logits_never_see_their_own_row():
+    """A row duplicated with a flipped label would be memorised by a head that saw it; out of fold it can't be."""
+    import numpy as np
+    import torch
+
+    from food_classifier.training.train import out_of_fold_logits
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 4
+    y = torch.arange(60) % 3
+    x = centres[y] + torch.randn(60, 16, generator=g)
+    xtr, ytr = torch.stack([x[:45], x[:45] + 0.1], dim=1), y[:45]  # 45 rows x 2 views
+    xva, yva = x[45:], y[45:]
+    logits, labels = out_of_fold_logits(xtr, ytr, xva, yva, TrainConfig(weight_decay=1e-3), epochs=5)
+    assert logits.shape == (60, 3) and np.array_equal(labels, y.numpy())
+    assert (logits.argmax(1) == labels).mean() >= 0.95  # clusters are separable: held-out rows still right
+    # a far outlier row labelled against its cluster stays "wrong" out of fold (nobody memorised it)
+    ytr_bad = ytr.clone()
+    ytr_bad[0] = (ytr[0] + 1) % 3
+    logits_bad, _ = out_of_fold_logits(xtr, ytr_bad, xva, yva, TrainConfig(weight_decay=1e-3), epochs=5)
+    assert logits_bad[0].argmax() == ytr[0]
+
+
+def test_calibration_uses_out_of_fold_logits_on_the_head_path(tiny_manifest, tmp_path):
+    from food_classifier.training.pipeline import finalize
+
+    config = TrainConfig(arch="efficientnet_lite0", image_size=64, aug_views=1, seed=0)
+    run = fit(tiny_manifest, config, runs_dir=tmp_path / "runs")
+    assert (run / "oof_logits.npz").is_file()
+    bundle, _ = finalize(run, models_dir=None, int8=False)
+    cal = load_bundle(bundle).meta["calibration"]
+    n = sum(r.tier in ("train", "validation") for r in read_manifest(tiny_manifest))
+    assert cal["fitted_on"] == "out-of-fold train+validation" and cal["n_fit"] == n

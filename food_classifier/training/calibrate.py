@@ -1,12 +1,13 @@
-"""Calibrated confidence and abstention, fitted on the validation tier's saved logits.
+"""Calibrated confidence and abstention, fitted on held-out logits.
 
 Why: label smoothing makes the raw head under-confident (and a long training run can make a network
 over-confident), so "confidence 0.9" means nothing until one scalar temperature T is fitted:
 probabilities become softmax(logits / T). T only rescales, so the arg-max (accuracy) never changes.
-The abstention threshold is then chosen on calibrated validation probabilities for a target
+The abstention threshold is then chosen on calibrated held-out probabilities for a target
 precision, and both are stored in bundle.json, where `inference.Classifier` applies them.
-
-Everything here works on `<run>/logits.npz` (written by `evaluate.score`): no second pass over images.
+Held-out = `<run>/oof_logits.npz` (out-of-fold train+validation, left by the cached-feature head
+path) when present, else the validation tier of `<run>/logits.npz` (written by `evaluate.score`).
+No second pass over images.
 """
 
 from __future__ import annotations
@@ -148,17 +149,26 @@ def calibrate_run(run: str | Path, bundle: str | Path | None = None,
     val, test = tier == "validation", tier == "test"
     if not val.any():
         raise ValueError(f"{run}/logits.npz has no validation rows to fit the temperature on")
-    temperature = fit_temperature(logits[val], y[val])
+    # Fit on out-of-fold logits of train+validation when training left them (cached-feature head path):
+    # ~6x more images than the validation tier alone, so T and the threshold wobble far less.
+    oof = run / "oof_logits.npz"
+    if oof.is_file():
+        with np.load(oof) as o:
+            fit_logits, fit_y, method = o["logits"], o["y"], "out-of-fold train+validation"
+    else:
+        fit_logits, fit_y, method = logits[val], y[val], "validation"
+    temperature = fit_temperature(fit_logits, fit_y)
     raw, cal = softmax(logits, 1.0), softmax(logits, temperature)
 
     def on(mask: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return probs[mask], y[mask]
 
-    threshold, met = choose_threshold(*on(val, cal), target_precision)
+    threshold, met = choose_threshold(softmax(fit_logits, temperature), fit_y, target_precision)
     v_stats = abstention_stats(*on(val, cal), threshold)
     t_stats = abstention_stats(*on(test, cal), threshold) if test.any() else None
     calibration = {
-        "temperature": temperature, "fitted": True, "method": "temperature scaling, validation NLL",
+        "temperature": temperature, "fitted": True, "method": f"temperature scaling, {method} NLL",
+        "fitted_on": method, "n_fit": int(len(fit_y)),
         # at a search bound: the validation logits carry no usable confidence signal (e.g. all correct)
         "at_bound": bool(min(abs(temperature - b) / b for b in T_BOUNDS) < 1e-3),
         "n_validation": int(val.sum()), "ece_bins": ECE_BINS,
@@ -174,6 +184,7 @@ def calibrate_run(run: str | Path, bundle: str | Path | None = None,
                         "ece_test_after": expected_calibration_error(*on(test, cal)),
                         "ece_test_floor": ece_noise_floor(cal[test])}
     abstention = {"threshold": threshold, "target_precision": target_precision, "target_met": met,
+                  "chosen_on": method,
                   "validation_coverage": v_stats["coverage"], "validation_precision": v_stats["accuracy_covered"]}
     if t_stats:
         abstention |= {"test_coverage": t_stats["coverage"], "test_accuracy_covered": t_stats["accuracy_covered"],
@@ -200,13 +211,15 @@ def format_calibration(run: str | Path) -> str:
     c = json.loads((Path(run) / "calibration.json").read_text())
     cal, ab = c["calibration"], c["abstention"]
     bound = " (at the search bound: validation has no usable confidence signal)" if cal.get("at_bound") else ""
-    lines = [f"calibration: T={cal['temperature']:.3f}{bound}  validation NLL {cal['nll_validation_before']:.4f} -> "
+    lines = [f"calibration: T={cal['temperature']:.3f} (fitted on {cal.get('fitted_on', 'validation')}, "
+             f"n={cal.get('n_fit', cal['n_validation'])}){bound}  validation NLL {cal['nll_validation_before']:.4f} -> "
              f"{cal['nll_validation_after']:.4f}"]
     if "ece_test_before" in cal:
         lines.append(f"  test: ECE({cal['ece_bins']} bins) {cal['ece_test_before']:.4f} -> {cal['ece_test_after']:.4f}"
                      f" (a perfectly calibrated model would show ~{cal.get('ece_test_floor', float('nan')):.3f}"
                      f" on this many images), NLL {cal['nll_test_before']:.4f} -> {cal['nll_test_after']:.4f}")
-    line = (f"abstention: threshold {ab['threshold']:.4f} for precision >= {ab['target_precision']:g} on validation"
+    line = (f"abstention: threshold {ab['threshold']:.4f} for precision >= {ab['target_precision']:g} on "
+            f"{ab.get('chosen_on', 'validation')}"
             f"{'' if ab['target_met'] else ' (NOT reached; best available)'}"
             f"{' (met without abstaining: never abstains)' if ab['threshold'] == 0 else ''}; validation coverage "
             f"{ab['validation_coverage']:.3f}")

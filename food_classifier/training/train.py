@@ -94,6 +94,7 @@ def fit(manifest: str | Path, config: TrainConfig, runs_dir: str | Path = "runs"
         _fit_head(model, by_tier, labels, spec, config, run)
         if config.fine_tune:
             _fit_end_to_end(model, by_tier, labels, spec, config, run, fine_tune=True)
+            (run / "oof_logits.npz").unlink(missing_ok=True)  # they describe the head, not the tuned model
     else:
         _fit_end_to_end(model, by_tier, labels, spec, config, run, fine_tune=False)
     meta["train_seconds"] = round(time.time() - t0, 1)
@@ -188,25 +189,13 @@ def _fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], 
 
     head = model.classifier
     epochs = config.epochs or 40
-    # Full-batch L-BFGS on cross-entropy + L2: a convex problem of ~4k rows, solved in seconds and
-    # deterministic; one "epoch" = 5 L-BFGS iterations, so early stopping still has a say.
-    opt = torch.optim.LBFGS(head.parameters(), lr=config.lr or 1.0, max_iter=5, history_size=20,
-                            line_search_fn="strong_wolfe")
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    l2 = config.weight_decay
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = loss_fn(head(xtr), ytr) + 0.5 * l2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
+    step, loss_fn = lbfgs_head_step(head, xtr, ytr, config), nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     hist = History(run, "head", config.patience)
     bar = tqdm(range(epochs), desc="train head", unit="epoch")
     for epoch in bar:
         t0 = time.time()
         head.train()
-        opt.step(closure)
+        step()
         head.eval()
         with torch.no_grad():
             tl = head(xtr)
@@ -221,7 +210,62 @@ def _fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], 
         if hist.stop:
             break
     bar.close()
-    model.load_state_dict(torch.load(run / "best.pt", weights_only=True)["model"])
+    best = torch.load(run / "best.pt", weights_only=True)
+    model.load_state_dict(best["model"])
+    n_views = 1 + config.aug_views
+    logits, y = out_of_fold_logits(xtr.reshape(-1, n_views, xtr.shape[-1]), ytr[::n_views], xva, yva, config,
+                                   epochs=best["epoch"])
+    np.savez_compressed(run / "oof_logits.npz", logits=logits, y=y)
+
+
+def lbfgs_head_step(head: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
+    """One "epoch" of the head fit: 5 iterations of full-batch L-BFGS on cross-entropy + L2.
+
+    A convex problem of a few thousand rows: solved in seconds, deterministic, and early stopping
+    between epochs still has a say.
+    """
+    opt = torch.optim.LBFGS(head.parameters(), lr=config.lr or 1.0, max_iter=5, history_size=20,
+                            line_search_fn="strong_wolfe")
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(head(x), y) + 0.5 * config.weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    return lambda: opt.step(closure)
+
+
+def out_of_fold_logits(xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, yva: torch.Tensor,
+                       config: TrainConfig, epochs: int, folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Logits for every train+validation image from a head that never saw it (stratified K folds).
+
+    Why: calibration and the abstention threshold fitted on ~950 out-of-fold predictions are far
+    steadier than on a 150-image validation tier. xtr is [N, views, D] (view 0 = eval view).
+    """
+    x_eval = torch.cat([xtr[:, 0], xva])
+    y = torch.cat([ytr, yva])
+    n_tr = len(ytr)
+    rng = np.random.default_rng(config.seed)
+    fold = np.empty(len(y), dtype=int)
+    for c in np.unique(y.numpy()):
+        idx = rng.permutation(np.flatnonzero(y.numpy() == c))
+        fold[idx] = np.arange(len(idx)) % folds
+    out = torch.zeros(len(y), int(y.max()) + 1)
+    for k in range(folds):
+        tr = np.flatnonzero(fold[:n_tr] != k)
+        va = np.flatnonzero(fold[n_tr:] != k)
+        x = torch.cat([xtr[tr].reshape(-1, xtr.shape[-1]), xva[va]])
+        yy = torch.cat([ytr[tr].repeat_interleave(xtr.shape[1]), yva[va]])
+        torch.manual_seed(config.seed + k)
+        head = nn.Linear(xtr.shape[-1], out.shape[1])
+        step = lbfgs_head_step(head, x, yy, config)
+        for _ in range(epochs):
+            step()
+        with torch.no_grad():
+            out[fold == k] = head(x_eval[fold == k])
+    return out.numpy(), y.numpy()
 
 
 # --- path 2: end to end (base_cnn, or fine-tuning the last blocks) ---------------------------
