@@ -92,7 +92,7 @@ def builtin_bundle_path(build: bool = True, quiet: bool = False, timeout: float 
             f"the built-in food model is not cached at {target} and building it needs the training extras "
             f"(missing: {', '.join(missing)}): pip install 'food-classifier[train]', or pass a model bundle")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target.parent / f".{VERSION}.lock"):
+    with _FileLock(target.parent / f".{VERSION}.lock"):
         if (target / META_FILE).is_file():  # another process built it while we waited
             return target
         if not quiet:
@@ -109,7 +109,7 @@ def builtin_bundle_path(build: bool = True, quiet: bool = False, timeout: float 
     return target
 
 
-class _lock:
+class _FileLock:
     """An exclusive advisory file lock (no-op where fcntl is missing)."""
 
     def __init__(self, path: Path):
