@@ -72,7 +72,8 @@ def main() -> None:
             bundle = load_bundle(copy)
         int8_file = bundle.model_file("int8")
         method = bundle.variants["int8"].get("method", "?")
-        acc, sample = evaluate_int8(bundle, int8_file, read_manifest(manifest), threads=args.threads)
+        acc, sample = evaluate_int8(bundle, int8_file, read_manifest(manifest), threads=args.threads,
+                                    tiers=("test", "validation"))
         load_before = os.getloadavg()[0]
         speed = measure_speed({"fp32": bundle.model_file("fp32"), "int8": int8_file}, sample,
                               threads=args.threads, seconds=args.seconds)
@@ -92,6 +93,10 @@ def main() -> None:
     print(f"| int8 / fp32 | x{speed['fp32'][1] / speed['int8'][1]:.2f} | x{speed['fp32'][32] / speed['int8'][32]:.2f}"
           f" | {100 * (a['int8_accuracy'] - a['fp32_accuracy']):+.2f} points, top-1 agreement "
           f"{100 * a['top1_agreement']:.1f}% |")
+    for t, m in acc.items():
+        if t != tier:
+            print(f"\n{t} tier (n={m['n']}): fp32 {m['fp32_accuracy']:.4f}, int8 {m['int8_accuracy']:.4f}, "
+                  f"top-1 agreement {100 * m['top1_agreement']:.1f}%")
 
 
 if __name__ == "__main__":

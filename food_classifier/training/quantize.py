@@ -153,7 +153,7 @@ def quantize_model(fp32_path: str | Path, out_path: str | Path, calibration: np.
 
 def measure_speed(models: dict[str, str | Path], batch: np.ndarray, threads: int = 2,
                   batch_sizes: tuple[int, ...] = (1, 32), seconds: float = 3.0,
-                  min_reps: int = 5) -> dict[str, dict[int, float]]:
+                  min_reps: int = 3) -> dict[str, dict[int, float]]:
     """Median ms per image for each model and batch size, the models run interleaved (A, B, A, B,
     ...) in this one process so that load from other processes falls on all of them alike."""
     sessions = {name: _session(path, threads) for name, path in models.items()}
@@ -185,8 +185,9 @@ def _load_avg() -> float | None:
         return None
 
 
-def evaluate_int8(bundle: Bundle, int8_file: Path, rows: list, threads: int = 2) -> tuple[dict, np.ndarray]:
-    """fp32 and int8 logits on the same preprocessed test-tier images (validation too, if any).
+def evaluate_int8(bundle: Bundle, int8_file: Path, rows: list, threads: int = 2,
+                  tiers: tuple[str, ...] = ("test",)) -> tuple[dict, np.ndarray]:
+    """fp32 and int8 logits on the same preprocessed images of each tier (that has any).
     Returns metrics per tier and up to 32 of those arrays (for the speed measurement)."""
     from food_classifier.inference import Classifier
 
@@ -195,7 +196,7 @@ def evaluate_int8(bundle: Bundle, int8_file: Path, rows: list, threads: int = 2)
     index = {lab: i for i, lab in enumerate(bundle.labels)}
     result: dict = {}
     sample = np.zeros((1, 3, bundle.preprocessing.crop, bundle.preprocessing.crop), np.float32)
-    for tier in ("test", "validation"):
+    for tier in tiers:
         chosen = [r for r in rows if r.tier == tier and r.label in index]
         if not chosen:
             continue
@@ -205,7 +206,7 @@ def evaluate_int8(bundle: Bundle, int8_file: Path, rows: list, threads: int = 2)
         b = np.concatenate([int8.logits(x[i:i + 32]) for i in range(0, len(x), 32)]).argmax(1)
         result[tier] = {"n": len(chosen), "fp32_accuracy": float((a == y).mean()),
                         "int8_accuracy": float((b == y).mean()), "top1_agreement": float((a == b).mean())}
-        if tier == "test" or len(result) == 1:
+        if len(result) == 1:
             sample = x[:32]
     return result, sample
 
@@ -238,14 +239,19 @@ def add_int8_variant(bundle_dir: str | Path, manifest: str | Path, method: str =
         os.replace(tmp, int8_file)
     finally:
         tmp.unlink(missing_ok=True)
-    info["calibration_preprocess_seconds"] = round(t_cal, 2)
 
-    acc, sample = evaluate_int8(bundle, int8_file, rows, threads)
+    t = time.perf_counter()
+    # the test tier (the validation tier only for a manifest without one)
+    tiers = ("test",) if any(r.tier == "test" for r in rows) else ("validation",)
+    acc, sample = evaluate_int8(bundle, int8_file, rows, threads, tiers)
+    t_eval = time.perf_counter() - t
     tier = "test" if "test" in acc else next(iter(acc), None)
     if tier is None:
         raise QuantizeError("the manifest has no test or validation images with the bundle's labels: "
                             "cannot measure int8 accuracy")
+    t = time.perf_counter()
     speed = measure_speed({"fp32": fp32_file, "int8": int8_file}, sample, threads=threads, seconds=speed_seconds)
+    t_speed = time.perf_counter() - t
     fp32_acc, int8_acc = acc[tier]["fp32_accuracy"], acc[tier]["int8_accuracy"]
     delta = round(100 * (int8_acc - fp32_acc), 3)
     speedup = {f"batch{bs}": round(speed["fp32"][bs] / speed["int8"][bs], 3) for bs in speed["int8"]}
@@ -275,6 +281,8 @@ def add_int8_variant(bundle_dir: str | Path, manifest: str | Path, method: str =
         "speed_measured": {"threads": threads, "statistic": "median, fp32/int8 interleaved",
                            "load_avg_1m": _load_avg(), "cpu_count": os.cpu_count()},
         "quantization": info,
+        "step_seconds": {"calibration_images": round(t_cal, 1), "quantize": info["quantize_seconds"],
+                         "evaluate": round(t_eval, 1), "speed": round(t_speed, 1)},
         "size_bytes": int8_file.stat().st_size,
     }
     update_meta(bundle_dir, {"variants": {**bundle.variants, "int8": entry}})
