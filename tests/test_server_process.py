@@ -124,3 +124,16 @@ def test_memory_stays_bounded_under_bad_requests(server):
         r = http.post("/predict", content=image_bytes(colour_image("green")), headers={"content-type": "image/jpeg"})
         assert r.json()["label"] == "green"
     assert after - before < 30, f"RSS grew {after - before:.1f} MB ({before:.0f} -> {after:.0f})"
+
+
+def test_reloads_do_not_grow_memory(server, client):
+    """Each reload builds a new session; freed native memory must go back (serving/memory.py)."""
+    for _ in range(3):
+        client.reload("colour")
+    time.sleep(1.2)  # the delayed malloc_trim after a swap
+    before = rss_mb(server.pid)
+    for _ in range(15):
+        client.reload("colour")
+        client.predict(image_bytes(colour_image("red")))
+    time.sleep(1.2)
+    assert rss_mb(server.pid) - before < 15

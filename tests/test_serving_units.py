@@ -281,3 +281,11 @@ def test_decoded_images_waiting_for_the_model_are_bounded(colour_bundle):
     registry.close()
     assert all(r["label"] == "blue" for r in results)
     assert service.pending_limit == 2 * (2 + 1 * 2) and peak <= service.pending_limit
+
+
+def test_memory_release_on_glibc():
+    from food_classifier.serving import memory
+
+    if memory._LIBC is None:
+        pytest.skip("not glibc")
+    assert memory.release() in (True, False) and memory.limit_arenas(2)

@@ -80,7 +80,10 @@ def serve(
     import uvicorn
 
     from food_classifier.bundle import BundleError
+    from food_classifier.serving import memory
     from food_classifier.serving.app import create_app
+
+    memory.limit_arenas(2)  # before any worker thread allocates: keeps RSS from creeping (memory.py)
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

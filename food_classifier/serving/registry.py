@@ -20,6 +20,7 @@ import numpy as np
 
 from food_classifier.bundle import META_FILE, BundleError, load_bundle, newest_bundle
 from food_classifier.inference import Classifier
+from food_classifier.serving import memory
 from food_classifier.serving.batching import MicroBatcher
 from food_classifier.serving.errors import NotReady, ReloadFailed, UnknownModel
 from food_classifier.serving.metrics import ServingMetrics
@@ -130,6 +131,7 @@ class ModelRegistry:
                                   f"({', '.join(self._models)})")
             for m in self._models.values():
                 self._publish(m)
+            memory.release()  # what loading and warm-up freed
             self.state = "ready"
         except Exception as exc:
             self.state, self.error = "failed", f"{exc.__class__.__name__}: {exc}"
@@ -184,6 +186,9 @@ class ModelRegistry:
             if self.metrics:
                 self.metrics.reloads.labels(name, "ok").inc()
             log.info("reloaded model %s: %s -> %s", name, old.version, new.version)
+            loop = asyncio.get_running_loop()
+            for delay in (1.0, 10.0):  # once the requests still holding the old model are done
+                loop.call_later(delay, memory.release)
             return {"model": name, "previous_version": old.version, "version": new.version,
                     "variant": new.variant}
 
