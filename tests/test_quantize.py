@@ -206,8 +206,13 @@ def test_int8_step_never_fails_training(bundle, data, monkeypatch):
         Path(out_path).write_bytes(b"half a graph")
         raise RuntimeError("unsupported op")
 
+    from food_classifier.bundle import update_meta
+
+    # an earlier int8 entry must not survive pointing at a file that is gone
+    (bundle / quantize.INT8_FILE).write_bytes(b"old")
+    update_meta(bundle, {"variants": {**load_bundle(bundle).variants, "int8": {"file": quantize.INT8_FILE}}})
     monkeypatch.setattr(quantize, "quantize_model", broken)
     with pytest.warns(UserWarning, match="int8 variant skipped: RuntimeError: unsupported op"):
         assert quantize.int8_step(bundle, data, n_calibration=6) is None
-    assert "int8" not in load_bundle(bundle).variants
+    assert list(load_bundle(bundle).variants) == ["fp32"]
     assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "labels.txt", "model.onnx"]

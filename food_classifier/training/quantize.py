@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from food_classifier.bundle import Bundle, load_bundle, update_meta
+from food_classifier.bundle import META_FILE, Bundle, load_bundle, update_meta
 from food_classifier.preprocessing import PreprocessSpec, preprocess
 
 INT8_FILE = "model.int8.onnx"
@@ -309,6 +310,9 @@ def int8_step(bundle_dir: str | Path, manifest: str | Path, **kwargs) -> dict | 
         entry = add_int8_variant(bundle_dir, manifest, **kwargs)
     except Exception as e:  # reported; the fp32 bundle is still good
         (Path(bundle_dir) / INT8_FILE).unlink(missing_ok=True)
+        variants = json.loads((Path(bundle_dir) / META_FILE).read_text()).get("variants") or {}
+        if "int8" in variants:  # an older entry would now point at a deleted file
+            update_meta(bundle_dir, {"variants": {k: v for k, v in variants.items() if k != "int8"}})
         warnings.warn(f"int8 variant skipped: {e.__class__.__name__}: {e}", stacklevel=2)
         return None
     print(format_int8(entry))
