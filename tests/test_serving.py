@@ -339,22 +339,40 @@ def test_seed_get_predict_odd_paths(path_setup, raw_query, status):
 # --- several models, variants, reload ------------------------------------------------------------
 
 def test_models_dir_with_several_models_and_variants(tmp_path):
-    make_colour_bundle(tmp_path / "colour" / "v1")
-    other = make_colour_bundle(tmp_path / "tint" / "v1", name="tint", version="t1")
-    (other / "model.int8.onnx").write_bytes((other / "model.onnx").read_bytes())  # stands in for a real int8 file
     from food_classifier.bundle import update_meta
 
-    update_meta(other, {"variants": {"fp32": {"file": "model.onnx"}, "int8": {"file": "model.int8.onnx"}}})
+    make_colour_bundle(tmp_path / "colour" / "v1")
+    for name, recommended in (("tint", True), ("shade", False)):
+        b = make_colour_bundle(tmp_path / name / "v1", name=name, version="t1")
+        (b / "model.int8.onnx").write_bytes((b / "model.onnx").read_bytes())  # stands in for a real int8 file
+        update_meta(b, {"variants": {"fp32": {"file": "model.onnx"},
+                                     "int8": {"file": "model.int8.onnx", "recommended": recommended}}})
     c = ready_client(ServeSettings(bundles=[tmp_path], default_model="tint", variant=["auto"]))
     try:
         listing = c.get("/v1/models").json()
         assert listing["default"] == "tint"
-        assert {m["name"]: m["variant"] for m in listing["models"]} == {"colour": "fp32", "tint": "int8"}
+        assert {m["name"]: m["variant"] for m in listing["models"]} == {"colour": "fp32", "tint": "int8",
+                                                                         "shade": "fp32"}
         assert c.post("/predict", content=jpg("red"), headers={"content-type": JPEG}).json()["model"] == "tint"
         r = c.post("/v1/models/colour/predict", content=jpg("red"), headers={"content-type": JPEG})
         assert r.json()["model"] == "colour"
     finally:
         c.__exit__(None, None, None)
+    c = ready_client(ServeSettings(bundles=[tmp_path], variant=["int8", "colour=fp32"]))  # explicit, per model
+    try:
+        variants = {m["name"]: m["variant"] for m in c.get("/v1/models").json()["models"]}
+        assert variants == {"colour": "fp32", "tint": "int8", "shade": "int8"}
+    finally:
+        c.__exit__(None, None, None)
+
+
+def test_missing_variant_fails_loading_with_a_clear_reason(colour_bundle):
+    with TestClient(create_app(ServeSettings(bundles=[colour_bundle], variant=["int8"]))) as client:
+        deadline = time.monotonic() + 10
+        while client.get("/readyz").json().get("detail", "loading").startswith("models are loading"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert "no 'int8' variant" in client.get("/readyz").json()["detail"]
 
 
 def test_reload_swaps_to_newest_version_and_survives_a_broken_one(tmp_path):

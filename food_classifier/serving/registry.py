@@ -94,8 +94,9 @@ class ModelRegistry:
         """Load and warm one model (blocking: run it in a thread)."""
         bundle = load_bundle(newest_bundle(source))
         variant = self.settings.variant_for(bundle.name)
-        if variant == VARIANT_AUTO:
-            variant = "int8" if "int8" in bundle.variants else "fp32"
+        if variant == VARIANT_AUTO:  # int8 when shipped, unless its own measurement advised against it
+            int8 = bundle.variants.get("int8")
+            variant = "int8" if int8 is not None and int8.get("recommended", True) is not False else "fp32"
         s = self.settings
         clf = Classifier(bundle, threads=s.ort_threads, variant=variant, top_k=s.top_k, max_pixels=s.max_pixels)
         if s.warmup:

@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
-VARIANT_AUTO = "auto"  # int8 when the bundle ships it, else fp32
+VARIANT_AUTO = "auto"  # int8 when the bundle ships it (and did not mark it recommended: false), else fp32
 
 
 def _split(value: object) -> object:
