@@ -19,6 +19,14 @@ MiB = 1024 * 1024
 VARIANT_AUTO = "auto"  # int8 when the bundle ships it (and did not mark it recommended: false), else fp32
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (respects taskset/cpusets, unlike os.cpu_count), at most 16."""
+    try:
+        return max(1, min(16, len(os.sched_getaffinity(0))))
+    except AttributeError:  # not Linux
+        return max(1, min(16, os.cpu_count() or 1))
+
+
 def _split(value: object) -> object:
     """Accept 'a,b' (and os.pathsep) strings from env vars as lists."""
     if isinstance(value, str):
@@ -48,14 +56,16 @@ class ServeSettings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="Decoded pixels per image (decompression bombs: 413).")
     top_k: int = Field(5, ge=1, description="Default number of top-k entries in responses.")
 
-    # Measured on the 2-core machine (docs/SERVING.md): one ORT thread per call and two calls at once cost
+    # Measured on the 2-core machine (docs/SERVING.md): one ORT thread per call, one call per CPU, cost
     # 20 ms CPU per 288 px image, two threads per call 30-38 ms (the idle thread spins); with one thread
     # a batch of 8 costs the same per image as a batch of 1, while ORT's arena grows ~17 MB per batched
     # image. So: no batching by default on this CPU; raise batch_max_size where a call has overhead
     # to amortize (small models, --ort-threads 2).
     ort_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per model call.")
-    inference_workers: int = Field(2, ge=1, description="Model calls that may run at the same time.")
-    decode_threads: int = Field(2, ge=1, description="Threads that decode and preprocess images.")
+    inference_workers: int = Field(default_factory=usable_cpus, ge=1,
+                                   description="Model calls that may run at the same time (default: one per CPU).")
+    decode_threads: int = Field(default_factory=usable_cpus, ge=1,
+                                description="Threads that decode and preprocess images (default: one per CPU).")
     batch_max_size: int = Field(1, ge=1, description="Micro-batch size limit (1 = no batching).")
     batch_max_wait_ms: float = Field(2.0, ge=0, description="Longest wait for images still decoding, when batching.")
     warmup: bool = Field(True, description="Run the model once per batch shape before /readyz turns green.")
