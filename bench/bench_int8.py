@@ -82,20 +82,24 @@ def main() -> None:
     tier = "test" if "test" in acc else next(iter(acc))
     a = acc[tier]
     crop = bundle.preprocessing.crop
+    f, q = speed["fp32"], speed["int8"]
     print(f"int8 vs fp32: {bundle.name}:{bundle.version} ({bundle.meta.get('arch')}, {crop} px), "
           f"{args.threads} threads, {cpu_name()}, load avg {load_before:.1f}->{load_after:.1f}; {quant_note}")
     print()
     print(f"| variant | batch 1 img/s | batch 32 img/s | {tier} accuracy (n={a['n']}) |")
     print("|---|---:|---:|---:|")
-    print(f"| fp32 | {1000 / speed['fp32'][1]:.0f} | {1000 / speed['fp32'][32]:.0f} | {a['fp32_accuracy']:.4f} |")
-    print(f"| int8 ({method}) | {1000 / speed['int8'][1]:.0f} | {1000 / speed['int8'][32]:.0f} | "
-          f"{a['int8_accuracy']:.4f} |")
-    print(f"| int8 / fp32 | x{speed['fp32'][1] / speed['int8'][1]:.2f} | x{speed['fp32'][32] / speed['int8'][32]:.2f}"
-          f" | {100 * (a['int8_accuracy'] - a['fp32_accuracy']):+.2f} points, top-1 agreement "
+    for name, m, acc_v in (("fp32", f, a["fp32_accuracy"]), (f"int8 ({method})", q, a["int8_accuracy"])):
+        print(f"| {name} | {1000 / m[1]['median']:.0f} | {1000 / m[32]['median']:.0f} | {acc_v:.4f} |")
+    print(f"| int8 / fp32 | x{f[1]['median'] / q[1]['median']:.2f} | x{f[32]['median'] / q[32]['median']:.2f} | "
+          f"{100 * (a['int8_accuracy'] - a['fp32_accuracy']):+.2f} points, top-1 agreement "
           f"{100 * a['top1_agreement']:.1f}% |")
+    print(f"\nimg/s from the median of {q[1]['runs']} / {q[32]['runs']} interleaved runs; best runs: "
+          f"fp32 {1000 / f[1]['best']:.0f} / {1000 / f[32]['best']:.0f}, int8 {1000 / q[1]['best']:.0f} / "
+          f"{1000 / q[32]['best']:.0f} img/s "
+          f"(x{f[1]['best'] / q[1]['best']:.2f} / x{f[32]['best'] / q[32]['best']:.2f})")
     for t, m in acc.items():
         if t != tier:
-            print(f"\n{t} tier (n={m['n']}): fp32 {m['fp32_accuracy']:.4f}, int8 {m['int8_accuracy']:.4f}, "
+            print(f"{t} tier (n={m['n']}): fp32 {m['fp32_accuracy']:.4f}, int8 {m['int8_accuracy']:.4f}, "
                   f"top-1 agreement {100 * m['top1_agreement']:.1f}%")
 
 
