@@ -192,7 +192,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
-        loading = asyncio.create_task(registry.load_all())
+        loading = asyncio.create_task(registry.load_all(warm=service.warm_up))
         loading.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged by load_all
         hup = False
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,8 +114,8 @@ class ModelRegistry:
                                on_batch=observer)
         return LoadedModel(clf.name, source, clf, batcher, variant)
 
-    async def load_all(self) -> None:
-        """Load every source; /readyz turns green when this returns without error."""
+    async def load_all(self, warm: Callable[[list[LoadedModel]], Awaitable[None]] | None = None) -> None:
+        """Load every source, then `warm` the loaded models (e.g. the decode path); then /readyz is green."""
         try:
             for source in self.sources:
                 clf, variant = await asyncio.to_thread(self._build, source)
@@ -132,6 +133,8 @@ class ModelRegistry:
                                   f"({', '.join(self._models)})")
             for m in self._models.values():
                 self._publish(m)
+            if warm is not None:
+                await warm(self.models())
             memory.release()  # what loading and warm-up freed
             self.state = "ready"
         except Exception as exc:

@@ -8,6 +8,7 @@ becomes a `ServiceError` (413/415), never an exception that escapes to the clien
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.paths import PathGuard
 from food_classifier.serving.registry import LoadedModel, ModelRegistry
 from food_classifier.serving.settings import ServeSettings
+
+log = logging.getLogger("food_classifier.serving")
 
 
 @dataclass
@@ -46,6 +49,24 @@ class PredictionService:
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def warm_up(self, models: list[LoadedModel]) -> None:
+        """Start every decode thread and run a JPEG through each model's decode + batcher path once, so
+        the first request after /readyz does not pay for thread start-up (~20 ms measured). Best effort."""
+        if not self.settings.warmup:
+            return
+        side = max(1, min(512, int(self.settings.max_pixels ** 0.5)))
+        photo = _warmup_jpeg(side)
+
+        async def once(model: LoadedModel) -> None:
+            array, _ = await self._prepare(model, photo)
+            await model.batcher.predict_array(array)
+
+        for model in models:
+            try:
+                await asyncio.gather(*(once(model) for _ in range(self.settings.decode_threads)))
+            except Exception as exc:  # a warm-up problem must not keep a loadable model from serving
+                log.warning("warm-up of %s failed: %s", model.name, exc)
 
     async def _prepare(self, model: LoadedModel, data: bytes) -> tuple[np.ndarray, float]:
         loop = asyncio.get_running_loop()
@@ -119,6 +140,16 @@ class PredictionService:
         data = await asyncio.to_thread(self.paths.read, path, self.settings.max_body_bytes)
         res = await self._classify(model, data, None, None)
         return {"label": res["label"], "label_idx": res["label_idx"], "confidence": res["confidence"]}
+
+
+def _warmup_jpeg(side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (180, 120, 60)).save(buf, "JPEG")
+    return buf.getvalue()
 
 
 def _timed_preprocess(model: LoadedModel, data: bytes) -> tuple[np.ndarray, float]:
