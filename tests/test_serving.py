@@ -6,14 +6,12 @@ Every endpoint, every bad-input case, the API key and path traversal on the seed
 from __future__ import annotations
 
 import base64
-import os
 import struct
 import time
 import zlib
-from pathlib import Path
 
 import pytest
-from conftest import colour_image, image_bytes, make_colour_bundle
+from conftest import colour_image, image_bytes
 from fastapi.testclient import TestClient
 
 from food_classifier.serving.app import create_app
@@ -272,175 +270,6 @@ def test_api_key(colour_bundle):
         c.__exit__(None, None, None)
 
 
-# --- seed-compatible GET /predict ----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def path_setup(colour_bundle, tmp_path_factory):
-    base = tmp_path_factory.mktemp("paths")
-    root, outside = base / "root", base / "outside"
-    (root / "sub").mkdir(parents=True)
-    outside.mkdir()
-    (root / "sub" / "green.jpg").write_bytes(jpg("green"))
-    (root / "weird%2e%2e").mkdir()
-    (outside / "secret.jpg").write_bytes(jpg("red"))
-    os.symlink(outside / "secret.jpg", root / "link.jpg")
-    os.symlink(outside, root / "linkdir")
-    c = ready_client(ServeSettings(bundles=[colour_bundle], allow_path_root=[root]))
-    yield c, root, outside
-    c.__exit__(None, None, None)
-
-
-def test_seed_get_predict_disabled_by_default(client):
-    assert_error(client.get("/predict", params={"image_path": "x.jpg"}), 403, "path_access_disabled")
-
-
-def test_seed_get_predict_reads_under_root(path_setup):
-    c, root, _ = path_setup
-    for p in ("sub/green.jpg", str(root / "sub" / "green.jpg"), "sub/../sub/green.jpg"):
-        r = c.get("/predict", params={"model_type": "colour", "image_path": p})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert set(body) == {"label", "label_idx", "confidence"} and body["label"] == "green"
-    assert c.get("/predict", params={"image_path": "sub/green.jpg"}).json()["label"] == "green"  # default model
-    assert_error(c.get("/predict", params={"model_type": "nope", "image_path": "sub/green.jpg"}), 404)
-
-
-@pytest.mark.parametrize("raw_query", [
-    "image_path=../outside/secret.jpg",
-    "image_path=sub/../../outside/secret.jpg",
-    "image_path=%2e%2e%2foutside%2fsecret.jpg",
-    "image_path=%2E%2E/%2E%2E/%2E%2E/%2E%2E/etc/passwd",
-    "image_path=/etc/passwd",
-    "image_path=%2Fetc%2Fpasswd",
-    "image_path=//etc/passwd",
-    "image_path=link.jpg",
-    "image_path=linkdir/secret.jpg",
-    "image_path=../outside/no-such-file.jpg",
-])
-def test_seed_get_predict_refuses_escapes(path_setup, raw_query):
-    c, _, outside = path_setup
-    assert_error(c.get(f"/predict?{raw_query}"), 403, "path_forbidden")
-    r = c.get("/predict", params={"image_path": str(outside / "secret.jpg")})
-    assert_error(r, 403, "path_forbidden")
-
-
-@pytest.mark.parametrize("raw_query,status", [
-    ("image_path=%252e%252e%252foutside%252fsecret.jpg", 404),  # decoded once: a literal '%2e%2e' name
-    ("image_path=weird%252e%252e", 404),  # a directory, not a file
-    ("image_path=sub/missing.jpg", 404),
-    ("image_path=sub%00/green.jpg", 422),
-    ("image_path=", 422),
-])
-def test_seed_get_predict_odd_paths(path_setup, raw_query, status):
-    c, _, _ = path_setup
-    assert_error(c.get(f"/predict?{raw_query}"), status)
-
-
-# --- several models, variants, reload ------------------------------------------------------------
-
-def test_models_dir_with_several_models_and_variants(tmp_path):
-    from food_classifier.bundle import update_meta
-
-    make_colour_bundle(tmp_path / "colour" / "v1")
-    for name, recommended in (("tint", True), ("shade", False)):
-        b = make_colour_bundle(tmp_path / name / "v1", name=name, version="t1")
-        (b / "model.int8.onnx").write_bytes((b / "model.onnx").read_bytes())  # stands in for a real int8 file
-        update_meta(b, {"variants": {"fp32": {"file": "model.onnx"},
-                                     "int8": {"file": "model.int8.onnx", "recommended": recommended}}})
-    c = ready_client(ServeSettings(bundles=[tmp_path], default_model="tint", variant=["auto"]))
-    try:
-        listing = c.get("/v1/models").json()
-        assert listing["default"] == "tint"
-        assert {m["name"]: m["variant"] for m in listing["models"]} == {"colour": "fp32", "tint": "int8",
-                                                                         "shade": "fp32"}
-        assert c.post("/predict", content=jpg("red"), headers={"content-type": JPEG}).json()["model"] == "tint"
-        r = c.post("/v1/models/colour/predict", content=jpg("red"), headers={"content-type": JPEG})
-        assert r.json()["model"] == "colour"
-    finally:
-        c.__exit__(None, None, None)
-    c = ready_client(ServeSettings(bundles=[tmp_path], variant=["int8", "colour=fp32"]))  # explicit, per model
-    try:
-        variants = {m["name"]: m["variant"] for m in c.get("/v1/models").json()["models"]}
-        assert variants == {"colour": "fp32", "tint": "int8", "shade": "int8"}
-    finally:
-        c.__exit__(None, None, None)
-
-
-def test_missing_variant_fails_loading_with_a_clear_reason(colour_bundle):
-    with TestClient(create_app(ServeSettings(bundles=[colour_bundle], variant=["int8"]))) as client:
-        deadline = time.monotonic() + 10
-        while client.get("/readyz").json().get("detail", "loading").startswith("models are loading"):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        assert "no 'int8' variant" in client.get("/readyz").json()["detail"]
-
-
-def test_reload_swaps_to_newest_version_and_survives_a_broken_one(tmp_path):
-    model_dir = tmp_path / "colour"
-    make_colour_bundle(model_dir / "v1", version="v1", created_at="2026-01-01T00:00:00")
-    c = ready_client(ServeSettings(bundles=[model_dir]))
-    try:
-        predict = lambda: c.post("/predict", content=jpg("red"), headers={"content-type": JPEG}).json()  # noqa: E731
-        assert predict()["model_version"] == "v1"
-        make_colour_bundle(model_dir / "v2", version="v2", created_at="2026-02-01T00:00:00", scale=8.0)
-        r = c.post("/v1/models/colour/reload")
-        assert r.status_code == 200 and r.json() == {"model": "colour", "previous_version": "v1", "version": "v2",
-                                                     "variant": "fp32"}
-        assert predict()["model_version"] == "v2" and c.get("/readyz").json()["models"] == {"colour": "v2"}
-        broken = make_colour_bundle(model_dir / "v3", version="v3", created_at="2026-03-01T00:00:00")
-        (broken / "model.onnx").write_bytes(b"not onnx")
-        assert_error(c.post("/v1/models/colour/reload"), 409, "reload_failed")
-        assert predict()["model_version"] == "v2"
-        assert_error(c.post("/v1/models/nope/reload"), 404, "unknown_model")
-        assert 'food_classifier_model_reloads_total{model="colour",outcome="failed"} 1.0' in c.get("/metrics").text
-    finally:
-        c.__exit__(None, None, None)
-
-
-def test_create_app_refuses_missing_bundle(tmp_path):
-    from food_classifier.bundle import BundleError
-
-    with pytest.raises(BundleError):
-        create_app(ServeSettings(bundles=[tmp_path / "nothing"]))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(BundleError):
-        create_app(ServeSettings(bundles=[tmp_path / "empty"]))
-
-
-def test_duplicate_model_names_fail_loading(tmp_path):
-    make_colour_bundle(tmp_path / "a" / "v1")
-    make_colour_bundle(tmp_path / "b" / "v1")  # also named "colour"
-    client = TestClient(create_app(ServeSettings(bundles=[tmp_path / "a", tmp_path / "b"])))
-    with client:
-        deadline = time.monotonic() + 10
-        while "failed" not in client.get("/readyz").json()["detail"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        assert "two sources" in client.get("/readyz").json()["detail"]
-
-
-def test_settings_from_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("FOOD_CLASSIFIER_BUNDLES", f"{tmp_path}/a,{tmp_path}/b")
-    monkeypatch.setenv("FOOD_CLASSIFIER_API_KEY", "k")
-    monkeypatch.setenv("FOOD_CLASSIFIER_PORT", "9000")
-    monkeypatch.setenv("FOOD_CLASSIFIER_VARIANT", "auto,food=int8")
-    s = ServeSettings()
-    assert s.bundles == [tmp_path / "a", tmp_path / "b"] and s.port == 9000 and s.api_key_value() == "k"
-    assert s.variant_for("food") == "int8" and s.variant_for("other") == "auto"
-    assert ServeSettings(port=1234).port == 1234  # explicit (CLI) values win over the environment
-    assert ServeSettings(variant=[]).variant_for("x") == "fp32"
-
-
-def test_model_sources(tmp_path):
-    from food_classifier.serving.registry import model_sources
-
-    b1 = make_colour_bundle(tmp_path / "models" / "colour" / "v1", version="v1")
-    make_colour_bundle(tmp_path / "models" / "tint" / "v1", name="tint")
-    assert model_sources([b1]) == [b1]
-    assert model_sources([tmp_path / "models" / "colour"]) == [tmp_path / "models" / "colour"]
-    assert model_sources([tmp_path / "models"]) == [tmp_path / "models" / "colour", tmp_path / "models" / "tint"]
-
-
 def test_bad_model_path_does_not_escape_as_500(client):
     r = client.post("/v1/models/..%2F..%2Fetc/predict", content=jpg("red"), headers={"content-type": JPEG})
     assert r.status_code in (404, 422) and set(r.json()) == {"error", "detail"}
@@ -453,19 +282,6 @@ def test_png_with_alpha_and_grey_images(client):
     grey = Image.new("L", (50, 50), 128)
     for data, ctype in ((image_bytes(rgba, "PNG"), "image/png"), (image_bytes(grey, "PNG"), "image/png")):
         assert client.post("/predict", content=data, headers={"content-type": ctype}).status_code == 200
-
-
-def test_path_guard_unit(tmp_path):
-    from food_classifier.serving.errors import Forbidden
-    from food_classifier.serving.paths import PathGuard
-
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "a.jpg").write_bytes(b"x")
-    guard = PathGuard([tmp_path / "r"])
-    assert guard.resolve("a.jpg") == Path(os.path.realpath(tmp_path / "r" / "a.jpg"))
-    with pytest.raises(Forbidden):
-        guard.resolve(str(tmp_path / "r" / ".." / "r2" / "a.jpg"))
-    assert not PathGuard([]).enabled
 
 
 def test_micro_batching_through_the_app(colour_bundle):
