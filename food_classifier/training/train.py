@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import multiprocessing
 import os
 import random
 import time
@@ -319,13 +320,15 @@ def _fit_end_to_end(model: nn.Module, tiers: dict[str, list[Row]], labels: list[
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps,
                                                 pct_start=0.15)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    workers = min(2, os.cpu_count() or 1)
+    # Decode workers come from a clean forkserver: forking this (multi-threaded: ONNX Runtime, thread
+    # pools, servers in the same process) can deadlock a child on a lock held by another thread.
+    multiprocessing.set_forkserver_preload(["food_classifier.training.train"])  # import torch once, not per worker
+    loader = {"num_workers": min(2, os.cpu_count() or 1), "multiprocessing_context": "forkserver",
+              "persistent_workers": True}
     gen = torch.Generator().manual_seed(config.seed)
     train_dl = DataLoader(ImageDataset(tiers["train"], labels, spec, True, config.aug_strength), batch_size=bs,
-                          shuffle=True, drop_last=len(tiers["train"]) > bs, num_workers=workers, generator=gen,
-                          persistent_workers=True)
-    val_dl = DataLoader(ImageDataset(tiers["validation"], labels, spec, False, 0), batch_size=64,
-                        num_workers=workers)
+                          shuffle=True, drop_last=len(tiers["train"]) > bs, generator=gen, **loader)
+    val_dl = DataLoader(ImageDataset(tiers["validation"], labels, spec, False, 0), batch_size=64, **loader)
     stage = "fine_tune" if fine_tune else "end_to_end"
     hist = History(run, stage, config.patience)
     start = 0
