@@ -13,6 +13,7 @@ directory beside the target and renamed into place, so a reader never sees half 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -56,6 +57,15 @@ class Bundle:
             raise BundleError(f"bundle {self.name}:{self.version} has no '{variant}' variant "
                               f"(has: {', '.join(sorted(self.variants))})")
         return self.path / self.variants[variant]["file"]
+
+
+def file_sha256(path: str | Path) -> str:
+    """Streamed sha256 of a file: model files and weights are recorded and checked by it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_bundle(path: str | Path) -> Bundle:

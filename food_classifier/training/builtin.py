@@ -11,7 +11,6 @@ like every bundle, then written atomically.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from food_classifier.builtin import (
     RECIPE,
     VERSION,
 )
-from food_classifier.bundle import write_bundle
+from food_classifier.bundle import file_sha256, write_bundle
 from food_classifier.inference import softmax
 from food_classifier.preprocessing import PreprocessSpec, preprocess
 from food_classifier.training.export import PARITY_TOLERANCE, ExportError
@@ -119,7 +118,7 @@ def build(target: str | Path) -> Path:
         parity = check_subset_parity(full, onnx_path, indices, spec)
         if parity["max_abs_prob_diff"] >= PARITY_TOLERANCE or parity["top1_agreement"] < 1.0:
             raise ExportError(f"ONNX Runtime disagrees with PyTorch: {parity}")
-        digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+        digest = file_sha256(onnx_path)
         names = imagenet_names(indices)
         now = datetime.now(UTC)
         meta = {

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from datetime import UTC, datetime
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from food_classifier.bundle import META_FILE, load_bundle, write_bundle
+from food_classifier.bundle import META_FILE, file_sha256, load_bundle, write_bundle
 from food_classifier.inference import softmax
 from food_classifier.preprocessing import PreprocessSpec, preprocess
 from food_classifier.training.data import manifest_sha256, read_manifest
@@ -61,7 +60,7 @@ def export(run: str | Path, name: str = "food") -> Path:
     (run / "parity.json").write_text(json.dumps(parity, indent=2))
     if parity["max_abs_prob_diff"] >= PARITY_TOLERANCE or parity["top1_agreement"] < 1.0:
         raise ExportError(f"ONNX Runtime disagrees with PyTorch: {parity}")
-    digest = hashlib.sha256(onnx_tmp.read_bytes()).hexdigest()
+    digest = file_sha256(onnx_tmp)
     now = datetime.now(UTC)
     bundle_meta = {
         "name": name,

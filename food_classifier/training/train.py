@@ -27,13 +27,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from food_classifier.bundle import file_sha256
 from food_classifier.preprocessing import PreprocessSpec
 from food_classifier.training import features as F
 from food_classifier.training.data import Row, read_manifest
 from food_classifier.training.models import (
     create_model,
     default_preprocessing,
-    file_sha256,
     is_pretrained,
     lite0_weights_path,
 )
