@@ -122,6 +122,7 @@ def write_bundle(target: str | Path, meta: dict[str, Any], write_files: Callable
     if target.exists():
         raise BundleError(f"{target} already exists; bundles are immutable, pick a new version")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; a server running as another user must read it
     try:
         write_files(tmp)
         meta = {"format": FORMAT, **meta}

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,19 @@ def test_int8_recipe_on_the_real_lite0_graph(food_bundle, food_clf, tmp_path):
     bundle = dataclasses.replace(food_clf.bundle, path=tmp_path, variants={"int8": {"file": "model.int8.onnx"}})
     int8 = Classifier(bundle, variant="int8", threads=2)
     assert int8.predict(coffee()).label == "espresso"
+
+
+def test_served_listing_says_builtin(food_bundle):
+    from fastapi.testclient import TestClient
+
+    from food_classifier.serving.app import create_app
+    from food_classifier.serving.settings import ServeSettings
+
+    with TestClient(create_app(ServeSettings(bundles=[food_bundle]))) as client:
+        for _ in range(100):
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.1)
+        (m,) = client.get("/v1/models").json()["models"]
+        assert m["builtin"] is True and "ImageNet" in m["description"]
+        assert "espresso" in m["labels"]

@@ -74,7 +74,8 @@ class LoadedModel:
                 "variants": sorted(b.variants), "labels": self.labels, "arch": b.meta.get("arch"),
                 "created_at": b.meta.get("created_at"), "metrics": b.meta.get("metrics", {}),
                 "preprocessing": b.preprocessing.to_dict(), "temperature": b.temperature,
-                "abstain_threshold": b.abstain_threshold,
+                "abstain_threshold": b.abstain_threshold, "builtin": bool(b.meta.get("builtin", False)),
+                "description": b.meta.get("description"),
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))}
 
 
