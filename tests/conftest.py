@@ -84,3 +84,12 @@ def tiny_manifest(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("tiny_data")
     split(make_imagefolder(tmp / "photos"), tmp / "manifest.csv", progress=False)
     return tmp / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def server(colour_bundle):
+    """The real server process (uvicorn) serving the colour bundle on a free port."""
+    from food_classifier.serving.process import ServerProcess
+
+    with ServerProcess([colour_bundle], args=["--ort-threads", "1"]) as srv:
+        yield srv

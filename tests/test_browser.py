@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA, colour_image, image_bytes
 
-from food_classifier.serving.process import ServerProcess
-
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--no-first-run"]
@@ -18,12 +16,6 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium"),
 ]
-
-
-@pytest.fixture(scope="module")
-def server(colour_bundle):
-    with ServerProcess([colour_bundle], args=["--ort-threads", "1"]) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

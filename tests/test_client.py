@@ -9,13 +9,6 @@ from conftest import colour_image, image_bytes
 
 from food_classifier import client as fc_client
 from food_classifier.client import AsyncClient, Client, PredictionError
-from food_classifier.serving.process import ServerProcess
-
-
-@pytest.fixture(scope="module")
-def server(colour_bundle):
-    with ServerProcess([colour_bundle], args=["--ort-threads", "1"]) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -117,11 +117,7 @@ async def predict_batch(request: Request, name: str, top_k: TopK = None,
 @router.post("/predict-batch", tags=["predict"], response_model=schemas.BatchPrediction,
              responses=schemas.ERRORS, openapi_extra=schemas.BATCH_BODY)
 async def predict_batch_default(request: Request, top_k: TopK = None, threshold: Threshold = None) -> JSONResponse:
-    _tag(request, None)
-    svc = _svc(request)
-    svc.registry.get(None)
-    images = await read_images(request, svc.settings.max_batch_images)
-    return JSONResponse(await svc.predict_batch(None, images, top_k, threshold))
+    return await predict_batch(request, None, top_k, threshold)
 
 
 @router.get("/predict", tags=["predict"], response_model=schemas.SeedPrediction,
