@@ -29,9 +29,12 @@ test: install
 lint: install
 	$(BIN)/ruff check food_classifier tests bench
 
+# After `make demo` (needs models/food and its run): pipeline time, recipes, int8, the service vs the seed.
 bench: install
 	$(BIN)/python bench/bench_pipeline.py
-	$(BIN)/python bench/bench_serving.py
+	$(BIN)/python bench/bench_recipes.py
+	$(BIN)/python bench/bench_int8.py --bundle models/food
+	$(BIN)/python bench/bench_serving.py --bundle models/food --run $$(ls -d runs/*-efficientnet_lite0 | tail -n 1)
 
 clean:
 	rm -rf runs models data/manifest.csv data/manifest.report.json
