@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -257,10 +256,7 @@ def test_count_table():
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared dataset food101_mini3 not present")
 def test_split_food101_mini3(tmp_path):
-    start = time.perf_counter()
-    rows = split(SHARED_DATA, tmp_path / "m.csv", progress=False)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 15, f"scan + split took {elapsed:.1f} s"
+    rows = split(SHARED_DATA, tmp_path / "m.csv", progress=False)  # speed: bench/bench_pipeline.py, not here
     assert len(rows) == 1123
     assert sorted({r.label for r in rows}) == ["apple_pie", "bibimbap", "breakfast_burrito"]
     report = json.loads((tmp_path / "m.report.json").read_text())
