@@ -21,31 +21,24 @@ from pathlib import Path
 
 import numpy as np
 
-from food_classifier.training.data import Row, read_manifest, write_manifest
+from food_classifier.training.data import Row, UnionFind, read_manifest, write_manifest
 
 
 def row_groups(rows: list[Row], manifest: str | Path | None = None) -> np.ndarray:
     """A group id per row: identical files share one, and so do the near-duplicate groups that
     `data split` recorded in `<manifest stem>.report.json` (if present)."""
-    parent = list(range(len(rows)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    uf = UnionFind(len(rows))
     first: dict[str, int] = {}
     for i, r in enumerate(rows):
-        parent[find(i)] = find(first.setdefault(r.sha256, i))
+        uf.union(first.setdefault(r.sha256, i), i)
     report = Path(manifest).with_name(Path(manifest).stem + ".report.json") if manifest else None
     if report and report.is_file():
         index = {str(Path(r.path).resolve()): i for i, r in enumerate(rows)}
         for g in json.loads(report.read_text()).get("duplicate_groups", []):
             members = [index[p] for p in (str(Path(p).resolve()) for p in g["paths"]) if p in index]
             for m in members[1:]:
-                parent[find(m)] = find(members[0])
-    return np.array([find(i) for i in range(len(rows))])
+                uf.union(members[0], m)
+    return np.array([uf.find(i) for i in range(len(rows))])
 
 
 def make_folds(labels: np.ndarray, groups: np.ndarray, k: int, val_fraction: float, seed: int = 42,

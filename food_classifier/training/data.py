@@ -174,6 +174,25 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     return table[x.view(np.uint8)].reshape(*x.shape, 8).sum(-1)
 
 
+class UnionFind:
+    """Disjoint sets over 0..n-1; a group's root is its smallest member (stable ids)."""
+
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        a, b = self.find(i), self.find(j)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+
+
 def duplicate_groups(items: list[Item], near_dup_distance: int = 6) -> list[list[int]]:
     """Indices of items grouped by equal sha256 or dHash Hamming distance <= near_dup_distance.
 
@@ -181,22 +200,10 @@ def duplicate_groups(items: list[Item], near_dup_distance: int = 6) -> list[list
     few tens of MB even for tens of thousands of images. Every item is in exactly one group.
     A negative near_dup_distance groups exact copies only.
     """
-    parent = list(range(len(items)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(i: int, j: int) -> None:
-        a, b = find(i), find(j)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-
+    uf = UnionFind(len(items))
     first = {}
     for i, it in enumerate(items):
-        union(first.setdefault(it.sha256, i), i)
+        uf.union(first.setdefault(it.sha256, i), i)
     if near_dup_distance >= 0 and items:
         h = np.array([it.dhash for it in items], dtype=np.uint64)
         block = max(1, 4_000_000 // len(h))
@@ -204,10 +211,10 @@ def duplicate_groups(items: list[Item], near_dup_distance: int = 6) -> list[list
             d = _popcount(h[start:start + block, None] ^ h[None, :])
             for i, j in zip(*np.nonzero(d <= near_dup_distance), strict=True):
                 if start + i < j:
-                    union(int(start + i), int(j))
+                    uf.union(int(start + i), int(j))
     groups = defaultdict(list)
     for i in range(len(items)):
-        groups[find(i)].append(i)
+        groups[uf.find(i)].append(i)
     return list(groups.values())
 
 
