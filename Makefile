@@ -34,7 +34,7 @@ bench: install
 	$(BIN)/python bench/bench_pipeline.py
 	$(BIN)/python bench/bench_recipes.py
 	$(BIN)/python bench/bench_int8.py --bundle models/food
-	$(BIN)/python bench/bench_serving.py --bundle models/food --run $$(ls -d runs/*-efficientnet_lite0 | tail -n 1)
+	$(BIN)/python bench/bench_serving.py --bundle models/food --run $$(ls -d runs/*-efficientnet_lite* | tail -n 1)
 
 clean:
 	rm -rf runs models data/manifest.csv data/manifest.report.json

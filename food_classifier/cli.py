@@ -115,13 +115,15 @@ def models_cmd() -> None:
 
 @app.command()
 def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `data split`."),
-          arch: str = typer.Option("efficientnet_lite0", help="Registered name or any timm architecture."),
+          arch: str = typer.Option("efficientnet_lite0+efficientnet_lite1",
+                                    help="Registered name, any timm architecture, or an ensemble a+b."),
           weights: Path | None = typer.Option(None, help="Local checkpoint for a timm architecture."),
           epochs: int = typer.Option(0, help="0 = default for the chosen path."),
           lr: float = typer.Option(0.0, help="0 = default for the chosen path."),
           batch_size: int = typer.Option(0, help="0 = default for the chosen path."),
           fine_tune: bool = typer.Option(False, "--fine-tune", help="Also unfreeze the last blocks."),
-          aug_views: int = typer.Option(4, help="Augmented views per training image (cached features)."),
+          aug_views: int = typer.Option(2, help="Extra views per training image beyond the plain one: "
+                                                       "its mirror image, then random augmentations."),
           image_size: int = typer.Option(0, help="Input crop in px; 0 = the model's default (288 for Lite0)."),
           label_smoothing: float = typer.Option(0.1),
           patience: int = typer.Option(5, help="Early stopping patience (epochs)."),

@@ -16,8 +16,43 @@ from food_classifier.training.models import (
 )
 
 
-def test_registry_lists_the_two_built_in_models():
-    assert {"base_cnn", "efficientnet_lite0"} <= set(list_models())
+def test_registry_lists_the_built_in_models():
+    assert {"base_cnn", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(list_models())
+
+
+@pytest.mark.parametrize("variant,stages", [(1, [1, 3, 3, 4, 4, 5, 1]), (2, [1, 3, 3, 4, 4, 5, 1])])
+def test_lite1_lite2_load_their_shipped_weights_strictly(variant, stages):
+    from food_classifier.training.models import lite_weights_path
+
+    state = torch.load(lite_weights_path(variant), map_location="cpu", weights_only=True)
+    model = create_model(f"efficientnet_lite{variant}", num_classes=1000)  # strict load inside
+    assert [len(s) for s in model.model.blocks] == stages
+    torch.testing.assert_close(model.model.conv_stem.weight, state["_conv_stem.weight"])
+    assert model.model.classifier.in_features == 1280
+
+
+def test_ensemble_concatenates_member_features_and_averages_member_heads():
+    from food_classifier.training.models import Ensemble, EnsembleHead, is_pretrained
+
+    name = "efficientnet_lite0+efficientnet_lite1"
+    assert is_pretrained(name) and default_preprocessing(name) == default_preprocessing("efficientnet_lite0")
+    model = create_model(name, num_classes=3).eval()
+    assert isinstance(model, Ensemble) and isinstance(model.classifier, EnsembleHead)
+    assert model.num_features == 2560 and not any(p.requires_grad for p in model.members.parameters())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        torch.testing.assert_close(feats[:, :1280], model.members[0].forward_features(x))
+        torch.testing.assert_close(feats[:, 1280:], model.members[1].forward_features(x))
+        heads = model.classifier.heads
+        torch.testing.assert_close(model(x), (heads[0](feats[:, :1280]) + heads[1](feats[:, 1280:])) / 2)
+
+
+@pytest.mark.parametrize("name,words", [("efficientnet_lite0+base_cnn", "pretrained"),
+                                        ("efficientnet_lite0+nosuchnet", "unknown model")])
+def test_ensemble_errors_are_one_sentence(name, words):
+    with pytest.raises(ModelError, match=words):
+        create_model(name, num_classes=3)
 
 
 @pytest.mark.parametrize("classes", [2, 5])

@@ -115,6 +115,34 @@ def test_fp32_nodes_are_the_stem_first_block_and_classifier(bundle):
     assert fp32_nodes(bundle / "model.onnx", keep_convs=1) == ["stem", "classifier"]
 
 
+def test_fp32_nodes_of_an_ensemble_are_every_members_stem_and_head(tmp_path):
+    """Two backbones side by side (nodes interleaved, as an exporter may emit them): each keeps its
+    own first convs and its own Gemm in fp32, and nothing deeper."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from food_classifier.training.quantize import fp32_nodes
+
+    w = numpy_helper.from_array(np.ones((3, 3, 1, 1), np.float32), "w")
+    g = numpy_helper.from_array(np.ones((3, 3), np.float32), "g")
+    nodes = []
+    for depth in range(4):  # a0 b0 a1 b1 ...: graph order is topological, not per member
+        for m in "ab":
+            src = "image" if depth == 0 else f"{m}{depth - 1}"
+            nodes.append(helper.make_node("Conv", [src, "w"], [f"{m}{depth}"], name=f"{m}_conv{depth}"))
+    for m in "ab":
+        nodes += [helper.make_node("GlobalAveragePool", [f"{m}3"], [f"{m}_p"], name=f"{m}_gap"),
+                  helper.make_node("Flatten", [f"{m}_p"], [f"{m}_f"], name=f"{m}_flat"),
+                  helper.make_node("Gemm", [f"{m}_f", "g"], [f"{m}_logits"], name=f"{m}_head")]
+    nodes.append(helper.make_node("Add", ["a_logits", "b_logits"], ["logits"], name="mean"))
+    graph = helper.make_graph(nodes, "ensemble", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                                ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], [w, g])
+    path = tmp_path / "ensemble.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert sorted(fp32_nodes(path, keep_convs=2)) == ["a_conv0", "a_conv1", "a_head", "b_conv0", "b_conv1", "b_head"]
+
+
 def test_add_int8_variant_measures_and_records_everything(bundle, data):
     import onnx
 

@@ -103,13 +103,15 @@ def test_out_of_fold_logits_never_see_their_own_row():
     x = centres[y] + torch.randn(60, 16, generator=g)
     xtr, ytr = torch.stack([x[:45], x[:45] + 0.1], dim=1), y[:45]  # 45 rows x 2 views
     xva, yva = x[45:], y[45:]
-    logits, labels = out_of_fold_logits(xtr, ytr, xva, yva, TrainConfig(weight_decay=1e-3), epochs=5)
+    logits, labels = out_of_fold_logits(torch.nn.Linear(16, 3), xtr, ytr, xva, yva, TrainConfig(weight_decay=1e-3),
+                                         epochs=5)
     assert logits.shape == (60, 3) and np.array_equal(labels, y.numpy())
     assert (logits.argmax(1) == labels).mean() >= 0.95  # clusters are separable: held-out rows still right
     # a far outlier row labelled against its cluster stays "wrong" out of fold (nobody memorised it)
     ytr_bad = ytr.clone()
     ytr_bad[0] = (ytr[0] + 1) % 3
-    logits_bad, _ = out_of_fold_logits(xtr, ytr_bad, xva, yva, TrainConfig(weight_decay=1e-3), epochs=5)
+    logits_bad, _ = out_of_fold_logits(torch.nn.Linear(16, 3), xtr, ytr_bad, xva, yva,
+                                       TrainConfig(weight_decay=1e-3), epochs=5)
     assert logits_bad[0].argmax() == ytr[0]
 
 
@@ -123,3 +125,32 @@ def test_calibration_uses_out_of_fold_logits_on_the_head_path(tiny_manifest, tmp
     cal = load_bundle(bundle).meta["calibration"]
     n = sum(r.tier in ("train", "validation") for r in read_manifest(tiny_manifest))
     assert cal["fitted_on"] == "out-of-fold train+validation" and cal["n_fit"] == n
+
+
+def test_ensemble_head_fit_equals_each_member_fitted_alone():
+    """The joint L-BFGS fit of an EnsembleHead is the sum of independent problems: at convergence
+    each member head is the one a plain Linear reaches on that member's features alone."""
+    import torch
+
+    from food_classifier.training.models import EnsembleHead
+    from food_classifier.training.train import lbfgs_head_step
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(90) % 3
+    a = torch.randn(3, 8, generator=g)[y] + torch.randn(90, 8, generator=g)
+    b = torch.randn(3, 5, generator=g)[y] + 2 * torch.randn(90, 5, generator=g)
+    config = TrainConfig(weight_decay=1e-2, label_smoothing=0.1)
+    joint = EnsembleHead([8, 5], 3)
+    step = lbfgs_head_step(joint, torch.cat([a, b], 1), y, config)
+    for _ in range(60):
+        step()
+    for head, x in zip(joint.heads, (a, b), strict=True):
+        alone = torch.nn.Linear(x.shape[1], 3)
+        step = lbfgs_head_step(alone, x, y, config)
+        for _ in range(60):
+            step()
+        with torch.no_grad():  # probabilities: logits may differ by a constant (biases are not penalised)
+            torch.testing.assert_close(head(x).softmax(1), alone(x).softmax(1), atol=2e-3, rtol=0)
+    with torch.no_grad():  # and the ensemble's logits are the members' mean
+        x = torch.cat([a, b], 1)
+        torch.testing.assert_close(joint(x), (joint.heads[0](a) + joint.heads[1](b)) / 2)

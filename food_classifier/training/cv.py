@@ -72,16 +72,15 @@ def fold_logits(run: Path, rows: list[Row]) -> np.ndarray:
     import torch
 
     from food_classifier.preprocessing import PreprocessSpec, preprocess
-    from food_classifier.training import features as F
     from food_classifier.training.models import is_pretrained
-    from food_classifier.training.train import TrainConfig, backbone_key, load_checkpoint
+    from food_classifier.training.train import TrainConfig, extract_features, load_checkpoint
 
     model, meta = load_checkpoint(run)
     config = TrainConfig(**meta["config"])
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
     with torch.inference_mode():
         if is_pretrained(config.arch, config.weights) and not config.fine_tune:
-            feats = F.extract(rows, model, backbone_key(config), spec)[:, 0]
+            feats = extract_features(rows, model, config, spec)[:, 0]
             return model.classifier(torch.from_numpy(feats)).numpy()
         out = [model(torch.from_numpy(np.stack([preprocess(r.path, spec) for r in rows[s:s + 32]]))).numpy()
                for s in range(0, len(rows), 32)]

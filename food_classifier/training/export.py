@@ -64,7 +64,7 @@ def export(run: str | Path, name: str = "food") -> Path:
     now = datetime.now(UTC)
     bundle_meta = {
         "name": name,
-        "version": f"{now.strftime('%Y%m%dT%H%M%S')}-{meta['arch']}-{digest[:8]}",
+        "version": f"{now.strftime('%Y%m%dT%H%M%S')}-{meta['arch'].replace('+', '_')}-{digest[:8]}",
         "created_at": now.isoformat(),
         "arch": meta["arch"],
         "labels": meta["labels"],

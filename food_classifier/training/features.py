@@ -3,7 +3,7 @@
 Why ONNX Runtime here: on this 2-core CPU it runs the backbone ~4x faster than PyTorch eager,
 and the backbone graph is exported once per (architecture, weights) and reused by every run.
 Cache layout: <cache>/features/<backbone>/<preprocessing>/<views>/<sha256>.npy, one [V, D] array
-per image (view 0 = the eval view, views 1.. = seeded augmentations).
+per image (view 0 = the eval view, 1 = its mirror image, 2.. = seeded augmentations).
 """
 
 from __future__ import annotations
@@ -44,11 +44,14 @@ def augmenter(spec: PreprocessSpec, strength: float = 1.0) -> v2.Compose:
 
 def load_view(path: str | Path, spec: PreprocessSpec, view: int, aug: v2.Compose | None,
               seed: int | None) -> np.ndarray:
-    """View 0 is the eval pipeline; view k > 0 is an augmentation, reproducible from (seed, file, k)
-    when `seed` is given (cached views), else drawn from torch's RNG (DataLoader workers)."""
+    """View 0 is the eval pipeline and view 1 its mirror image (a free, label-safe second look);
+    view k > 1 is an augmentation, reproducible from (seed, file, k) when `seed` is given (cached
+    views), else drawn from torch's RNG (DataLoader workers)."""
     img = open_image(path, draft=spec.resize)
     if view == 0 or aug is None:
         return normalize(resize_crop(img, spec), spec)
+    if view == 1:
+        return normalize(resize_crop(img, spec).transpose(Image.Transpose.FLIP_LEFT_RIGHT), spec)
     # pre-shrink so the random crop works on the same scale as the eval resize
     img = img.resize(_shorter_side(img.size, spec.resize), Image.BICUBIC)
     if seed is None:
@@ -104,7 +107,7 @@ def backbone_session(model: nn.Module, backbone_key: str, spec: PreprocessSpec, 
 def extract(rows: list, model: nn.Module, backbone_key: str, spec: PreprocessSpec, views: int = 1,
             aug_strength: float = 1.0, seed: int = 0, batch_size: int = 32) -> np.ndarray:
     """[len(rows), views, D] float32 features, from the cache where present."""
-    aug_key = "eval" if views == 1 else f"v{views}-s{aug_strength:g}-seed{seed}"
+    aug_key = "eval" if views == 1 else f"v{views}-mirror-s{aug_strength:g}-seed{seed}"
     root = cache_dir() / "features" / backbone_key / spec.key / aug_key
     root.mkdir(parents=True, exist_ok=True)
     out: list[np.ndarray | None] = [None] * len(rows)

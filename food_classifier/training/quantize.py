@@ -77,16 +77,36 @@ def _session(path: str | Path, threads: int = 2):
 
 
 def fp32_nodes(model_path: Path, keep_convs: int = KEEP_FP32_CONVS) -> list[str]:
-    """Names of the nodes left in fp32: the first `keep_convs` Conv nodes (graph order is
-    topological) and the classifier (the last Gemm/MatMul, when it comes after every Conv)."""
+    """Names of the nodes left in fp32: every Conv among the first `keep_convs` on its path from
+    the input (each member's stem in an ensemble), and the classifier: the Gemm/MatMul nodes
+    from which no Conv, Gemm or MatMul follows."""
     import onnx
 
     nodes = list(onnx.load(str(model_path), load_external_data=False).graph.node)
-    conv_at = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
-    head_at = [i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul")]
-    keep = [nodes[i].name for i in conv_at[:keep_convs]]
-    if head_at and (not conv_at or head_at[-1] > conv_at[-1]):
-        keep.append(nodes[head_at[-1]].name)
+    heavy = ("Conv", "Gemm", "MatMul")
+    depth: dict[str, int] = {}  # tensor -> most Convs on a path from the input to it
+    for n in nodes:  # graph order is topological
+        d = max((depth.get(t, 0) for t in n.input), default=0) + (n.op_type == "Conv")
+        depth.update((t, d) for t in n.output)
+    keep = [n.name for n in nodes if n.op_type == "Conv" and depth[n.output[0]] <= keep_convs]
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+
+    def feeds_heavy(node) -> bool:
+        stack, seen = [node], {node.name}
+        while stack:
+            for t in stack.pop().output:
+                for c in consumers.get(t, []):
+                    if c.op_type in heavy:
+                        return True
+                    if c.name not in seen:
+                        seen.add(c.name)
+                        stack.append(c)
+        return False
+
+    keep += [n.name for n in nodes if n.op_type in ("Gemm", "MatMul") and not feeds_heavy(n)]
     return keep
 
 

@@ -10,12 +10,14 @@ Both: early stopping on validation loss, best checkpoint kept, cosine LR, seeded
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
 import multiprocessing
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -32,28 +34,30 @@ from food_classifier.preprocessing import PreprocessSpec
 from food_classifier.training import features as F
 from food_classifier.training.data import Row, read_manifest
 from food_classifier.training.models import (
+    ModelError,
     create_model,
     default_preprocessing,
     is_pretrained,
-    lite0_weights_path,
+    lite_weights_path,
+    members,
 )
 
 
 @dataclass
 class TrainConfig:
-    arch: str = "efficientnet_lite0"
+    arch: str = "efficientnet_lite0+efficientnet_lite1"
     weights: str | None = None
     epochs: int = 0                # 0 = the path's default (head 40, end-to-end 30, fine-tune 6)
     batch_size: int = 0            # 0 = 32 (end to end; the head path is full-batch)
     lr: float = 0.0                # 0 = the path's default (head L-BFGS 1.0, end-to-end 2e-3, fine-tune 1e-3)
-    weight_decay: float = 1e-3    # L2 on the head (cached path); AdamW decay end to end
+    weight_decay: float = 3e-3    # L2 on the head (cached path); AdamW decay end to end
     label_smoothing: float = 0.1
     patience: int = 5
-    aug_views: int = 4             # augmented views per training image for the cached head path
+    aug_views: int = 2             # extra views per training image (cached head path): mirror, then random
     aug_strength: float = 1.0
     fine_tune: bool = False
     fine_tune_blocks: int = 2
-    image_size: int = 0            # 0 = the model's default crop (288 for efficientnet_lite0)
+    image_size: int = 0            # 0 = the model's default crop (288 for the Lite models)
     seed: int = 42
     threads: int = 0               # 0 = all cores
 
@@ -77,6 +81,9 @@ def seed_everything(seed: int) -> None:
 def fit(manifest: str | Path, config: TrainConfig, runs_dir: str | Path = "runs",
         resume: str | Path | None = None) -> Path:
     """Train and return the run dir holding best.pt, history.csv, history.png and config.json."""
+    if config.fine_tune and "+" in config.arch:
+        raise ModelError("--fine-tune trains one backbone end to end; pick one member of "
+                         f"'{config.arch}' (e.g. --arch {members(config.arch)[0]})")
     seed_everything(config.seed)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     rows = read_manifest(manifest)
@@ -169,20 +176,31 @@ def plot_history(csv_path: Path, png_path: Path) -> None:
 # --- path 1: linear head on cached frozen features -------------------------------------------
 
 def backbone_key(config: TrainConfig) -> str:
+    if "+" in config.arch:
+        return "+".join(backbone_key(replace(config, arch=m)) for m in members(config.arch))
     if config.weights:
         return f"{config.arch}-{file_sha256(config.weights)[:12]}"
-    if config.arch == "efficientnet_lite0":
-        return f"{config.arch}-{lite0_weights_path().name.split('-')[-1].split('.')[0]}"
+    lite = re.fullmatch(r"efficientnet_lite(\d)", config.arch)
+    if lite:
+        return f"{config.arch}-{lite_weights_path(int(lite.group(1))).name.split('-')[-1].split('.')[0]}"
     return f"{config.arch}-timm"
+
+
+def extract_features(rows: list[Row], model: nn.Module, config: TrainConfig, spec: PreprocessSpec,
+                     **kw) -> np.ndarray:
+    """Cached backbone features [N, views, D]; an ensemble concatenates its members' caches, so a
+    member's features are shared with runs of that backbone alone."""
+    parts = list(getattr(model, "members", [model]))
+    keys = backbone_key(config).split("+")
+    return np.concatenate([F.extract(rows, m, k, spec, **kw) for m, k in zip(parts, keys, strict=True)], -1)
 
 
 def _fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], spec: PreprocessSpec,
               config: TrainConfig, run: Path) -> None:
-    key = backbone_key(config)
     index = {lab: i for i, lab in enumerate(labels)}
-    xtr = F.extract(tiers["train"], model, key, spec, views=1 + config.aug_views,
-                    aug_strength=config.aug_strength, seed=config.seed)
-    xva = F.extract(tiers["validation"], model, key, spec)[:, 0]
+    xtr = extract_features(tiers["train"], model, config, spec, views=1 + config.aug_views,
+                           aug_strength=config.aug_strength, seed=config.seed)
+    xva = extract_features(tiers["validation"], model, config, spec)[:, 0]
     ytr = np.repeat([index[r.label] for r in tiers["train"]], xtr.shape[1])
     yva = np.array([index[r.label] for r in tiers["validation"]])
     xtr = torch.from_numpy(xtr.reshape(-1, xtr.shape[-1]))
@@ -214,8 +232,8 @@ def _fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], 
     best = torch.load(run / "best.pt", weights_only=True)
     model.load_state_dict(best["model"])
     n_views = 1 + config.aug_views
-    logits, y = out_of_fold_logits(xtr.reshape(-1, n_views, xtr.shape[-1]), ytr[::n_views], xva, yva, config,
-                                   epochs=best["epoch"])
+    logits, y = out_of_fold_logits(head, xtr.reshape(-1, n_views, xtr.shape[-1]), ytr[::n_views], xva, yva,
+                                   config, epochs=best["epoch"])
     np.savez_compressed(run / "oof_logits.npz", logits=logits, y=y)
 
 
@@ -228,18 +246,22 @@ def lbfgs_head_step(head: nn.Module, x: torch.Tensor, y: torch.Tensor, config: T
     opt = torch.optim.LBFGS(head.parameters(), lr=config.lr or 1.0, max_iter=5, history_size=20,
                             line_search_fn="strong_wolfe")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    weights = [p for name, p in head.named_parameters() if name.endswith("weight")]
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = loss_fn(head(x), y) + 0.5 * config.weight_decay * head.weight.pow(2).sum()
+        # an EnsembleHead's members are independent problems: the sum of their losses fits each one
+        outs = head.member_logits(x) if hasattr(head, "member_logits") else [head(x)]
+        loss = sum(loss_fn(o, y) for o in outs) + 0.5 * config.weight_decay * sum(w.pow(2).sum() for w in weights)
         loss.backward()
         return loss
 
     return lambda: opt.step(closure)
 
 
-def out_of_fold_logits(xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, yva: torch.Tensor,
-                       config: TrainConfig, epochs: int, folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def out_of_fold_logits(template: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor,
+                       yva: torch.Tensor, config: TrainConfig, epochs: int,
+                       folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Logits for every train+validation image from a head that never saw it (stratified K folds).
 
     Why: calibration and the abstention threshold fitted on ~950 out-of-fold predictions are far
@@ -260,7 +282,10 @@ def out_of_fold_logits(xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, 
         x = torch.cat([xtr[tr].reshape(-1, xtr.shape[-1]), xva[va]])
         yy = torch.cat([ytr[tr].repeat_interleave(xtr.shape[1]), yva[va]])
         torch.manual_seed(config.seed + k)
-        head = nn.Linear(xtr.shape[-1], out.shape[1])
+        head = copy.deepcopy(template)
+        for layer in head.modules():
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
         step = lbfgs_head_step(head, x, yy, config)
         for _ in range(epochs):
             step()
@@ -282,7 +307,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         r = self.rows[i]
-        x = F.load_view(r.path, self.spec, 1 if self.aug else 0, self.aug, seed=None)
+        x = F.load_view(r.path, self.spec, 2 if self.aug else 0, self.aug, seed=None)
         return torch.from_numpy(x), self.index[r.label]
 
 
