@@ -111,6 +111,8 @@ def models_cmd() -> None:
 
     for name, desc in list_models().items():
         typer.echo(f"{name:<20} {desc}")
+    typer.echo(f"{'a+b':<20} ensemble of pretrained backbones: one input, one linear head per member, "
+               "logits averaged (default: efficientnet_lite0+efficientnet_lite1)")
 
 
 @app.command()

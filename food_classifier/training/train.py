@@ -2,10 +2,11 @@
 
 Two paths, picked by the model:
 - pretrained backbone (default): features of the frozen backbone are cached once (ONNX Runtime),
-  then a linear head is trained on several augmented views per image -- seconds, not minutes.
+  then a linear head is fitted to convergence on several views per image -- seconds, not minutes.
   `fine_tune=True` then unfreezes the last blocks end to end at a lower learning rate.
 - from scratch (`base_cnn`): end to end with augmentation.
-Both: early stopping on validation loss, best checkpoint kept, cosine LR, seeded, CSV history + plot.
+End to end: early stopping on validation loss, best checkpoint kept, one-cycle LR. Both: seeded,
+CSV history + plot.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class TrainConfig:
     lr: float = 0.0                # 0 = the path's default (head L-BFGS 1.0, end-to-end 2e-3, fine-tune 1e-3)
     weight_decay: float = 3e-3    # L2 on the head (cached path); AdamW decay end to end
     label_smoothing: float = 0.1
-    patience: int = 5
+    patience: int = 5              # early stopping of the end-to-end paths (the head is solved to convergence)
     aug_views: int = 2             # extra views per training image (cached head path): mirror, then random
     aug_strength: float = 1.0
     fine_tune: bool = False
@@ -209,12 +210,16 @@ def _fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], 
     head = model.classifier
     epochs = config.epochs or 40
     step, loss_fn = lbfgs_head_step(head, xtr, ytr, config), nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    hist = History(run, "head", config.patience)
+    # Solved to convergence, not early-stopped: the head is a convex problem whose regulariser is the
+    # L2 term. Early stopping on validation loss stopped after 2-3 epochs and cost the ensemble
+    # 0.7 points in 3x5-fold CV (0.9585 vs 0.9654 converged); single backbones did not care.
+    hist = History(run, "head", patience=epochs)
     bar = tqdm(range(epochs), desc="train head", unit="epoch")
+    previous = math.inf
     for epoch in bar:
         t0 = time.time()
         head.train()
-        step()
+        objective = step().item()
         head.eval()
         with torch.no_grad():
             tl = head(xtr)
@@ -223,18 +228,20 @@ def _fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], 
             vl = head(xva)
             val_loss = nn.functional.cross_entropy(vl, yva).item()
             val_acc = (vl.argmax(1) == yva).float().mean().item()
-        if hist.log(epoch + 1, train_loss, train_acc, val_loss, val_acc, config.lr or 1.0, time.time() - t0):
-            torch.save({"model": model.state_dict(), "epoch": epoch + 1, "stage": "head"}, run / "best.pt")
+        hist.log(epoch + 1, train_loss, train_acc, val_loss, val_acc, config.lr or 1.0, time.time() - t0)
         bar.set_postfix(val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
-        if hist.stop:
+        if previous - objective < HEAD_TOLERANCE * abs(objective):
             break
+        previous = objective
     bar.close()
-    best = torch.load(run / "best.pt", weights_only=True)
-    model.load_state_dict(best["model"])
+    torch.save({"model": model.state_dict(), "epoch": epoch + 1, "stage": "head"}, run / "best.pt")
     n_views = 1 + config.aug_views
     logits, y = out_of_fold_logits(head, xtr.reshape(-1, n_views, xtr.shape[-1]), ytr[::n_views], xva, yva,
-                                   config, epochs=best["epoch"])
+                                   config, epochs=epoch + 1)
     np.savez_compressed(run / "oof_logits.npz", logits=logits, y=y)
+
+
+HEAD_TOLERANCE = 1e-5  # relative change of the L-BFGS objective between epochs that counts as converged
 
 
 def lbfgs_head_step(head: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
@@ -256,7 +263,7 @@ def lbfgs_head_step(head: nn.Module, x: torch.Tensor, y: torch.Tensor, config: T
         loss.backward()
         return loss
 
-    return lambda: opt.step(closure)
+    return lambda: opt.step(closure).detach()
 
 
 def out_of_fold_logits(template: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor,
