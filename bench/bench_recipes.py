@@ -23,11 +23,9 @@ DATA = ROOT.parent / "shared" / "datasets" / "food101_mini3"
 L0, L1, L2 = "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"
 
 RECIPES: dict[str, dict] = {
-    "Lite0 224 px (FACTS' ImageNet size)": {"arch": L0, "image_size": 224},
     "Lite0 288 px": {"arch": L0},
     "Lite1 288 px": {"arch": L1},
     "Lite2 288 px": {"arch": L2},
-    "Lite0+Lite1 288 px, plain views only": {"aug_views": 0},
     "Lite0+Lite1 288 px, without label smoothing": {"label_smoothing": 0.0},
     "Lite0+Lite1 288 px (default)": {},
     "Lite0+Lite2 288 px": {"arch": f"{L0}+{L2}"},
