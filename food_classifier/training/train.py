@@ -35,11 +35,11 @@ from food_classifier.preprocessing import PreprocessSpec
 from food_classifier.training import features as F
 from food_classifier.training.data import Row, read_manifest
 from food_classifier.training.models import (
+    LITE_SHA256,
     ModelError,
     create_model,
     default_preprocessing,
     is_pretrained,
-    lite_weights_path,
     members,
 )
 
@@ -176,15 +176,18 @@ def plot_history(csv_path: Path, png_path: Path) -> None:
 
 # --- path 1: linear head on cached frozen features -------------------------------------------
 
-def backbone_key(config: TrainConfig) -> str:
-    if "+" in config.arch:
-        return "+".join(backbone_key(replace(config, arch=m)) for m in members(config.arch))
-    if config.weights:
-        return f"{config.arch}-{file_sha256(config.weights)[:12]}"
-    lite = re.fullmatch(r"efficientnet_lite(\d)", config.arch)
-    if lite:
-        return f"{config.arch}-{lite_weights_path(int(lite.group(1))).name.split('-')[-1].split('.')[0]}"
-    return f"{config.arch}-timm"
+def backbone_keys(config: TrainConfig) -> list[str]:
+    """Feature-cache key of each backbone (one per ensemble member): architecture + weights."""
+    keys = []
+    for arch in members(config.arch):
+        lite = re.fullmatch(r"efficientnet_lite(\d)", arch)
+        if config.weights:
+            keys.append(f"{arch}-{file_sha256(config.weights)[:12]}")
+        elif lite:  # the pinned hash that create_model checks the shipped file against
+            keys.append(f"{arch}-{LITE_SHA256[int(lite.group(1))][:8]}")
+        else:
+            keys.append(f"{arch}-timm")
+    return keys
 
 
 def extract_features(rows: list[Row], model: nn.Module, config: TrainConfig, spec: PreprocessSpec,
@@ -192,8 +195,8 @@ def extract_features(rows: list[Row], model: nn.Module, config: TrainConfig, spe
     """Cached backbone features [N, views, D]; an ensemble concatenates its members' caches, so a
     member's features are shared with runs of that backbone alone."""
     parts = list(getattr(model, "members", [model]))
-    keys = backbone_key(config).split("+")
-    return np.concatenate([F.extract(rows, m, k, spec, **kw) for m, k in zip(parts, keys, strict=True)], -1)
+    return np.concatenate([F.extract(rows, m, k, spec, **kw)
+                           for m, k in zip(parts, backbone_keys(config), strict=True)], -1)
 
 
 def _fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], spec: PreprocessSpec,
@@ -245,10 +248,8 @@ HEAD_TOLERANCE = 1e-5  # relative change of the L-BFGS objective between epochs 
 
 
 def lbfgs_head_step(head: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
-    """One "epoch" of the head fit: 5 iterations of full-batch L-BFGS on cross-entropy + L2.
-
-    A convex problem of a few thousand rows: solved in seconds, deterministic, and early stopping
-    between epochs still has a say.
+    """One "epoch" of the head fit: 5 iterations of full-batch L-BFGS on cross-entropy + L2;
+    returns the objective. A convex problem of a few thousand rows: solved in seconds, deterministic.
     """
     opt = torch.optim.LBFGS(head.parameters(), lr=config.lr or 1.0, max_iter=5, history_size=20,
                             line_search_fn="strong_wolfe")
