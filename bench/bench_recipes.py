@@ -27,8 +27,10 @@ RECIPES: dict[str, dict] = {
     "Lite1 288 px": {"arch": L1},
     "Lite2 288 px": {"arch": L2},
     "Lite0+Lite1 288 px, without label smoothing": {"label_smoothing": 0.0},
+    "Lite0+Lite1 288 px, head fitted on train only (--no-refit)": {"refit": False},
     "Lite0+Lite1 288 px (default)": {},
     "Lite0+Lite2 288 px": {"arch": f"{L0}+{L2}"},
+    "Lite0+Lite1+Lite2 288 px": {"arch": f"{L0}+{L1}+{L2}"},
 }
 SLOW = {
     "base_cnn 128 px from scratch (30 epochs max)": {"arch": "base_cnn"},

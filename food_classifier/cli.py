@@ -127,6 +127,9 @@ def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `d
           aug_views: int = typer.Option(2, help="Extra views per training image beyond the plain one: "
                                                        "its mirror image, then random augmentations."),
           image_size: int = typer.Option(0, help="Input crop in px; 0 = the model's default (288 for Lite0)."),
+          refit: bool = typer.Option(True, "--refit/--no-refit",
+                                     help="Head path: fit the final head on train+validation (held-out numbers "
+                                          "then come from out-of-fold logits and the test tier)."),
           label_smoothing: float = typer.Option(0.1),
           patience: int = typer.Option(5, help="Early stopping patience (epochs)."),
           seed: int = typer.Option(42),
@@ -159,7 +162,7 @@ def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `d
         config, manifest = TrainConfig(**saved["config"]), Path(saved["manifest"])
     else:
         config = TrainConfig(arch=arch, weights=str(weights) if weights else None, epochs=epochs, lr=lr,
-                             batch_size=batch_size, fine_tune=fine_tune, aug_views=aug_views,
+                             batch_size=batch_size, fine_tune=fine_tune, aug_views=aug_views, refit=refit,
                              label_smoothing=label_smoothing, patience=patience, seed=seed,
                              image_size=image_size)
     run, bundle, metrics = train_and_publish(manifest, config, runs_dir, models_dir, name, resume=resume,

@@ -92,7 +92,6 @@ def test_resume_continues_where_it_stopped(tiny_manifest, tmp_path, monkeypatch)
 
 def test_out_of_fold_logits_never_see_their_own_row():
     """A row duplicated with a flipped label would be memorised by a head that saw it; out of fold it can't be."""
-    import numpy as np
     import torch
 
     from food_classifier.training.train import out_of_fold_logits
@@ -101,18 +100,15 @@ def test_out_of_fold_logits_never_see_their_own_row():
     centres = torch.randn(3, 16, generator=g) * 4
     y = torch.arange(60) % 3
     x = centres[y] + torch.randn(60, 16, generator=g)
-    xtr, ytr = torch.stack([x[:45], x[:45] + 0.1], dim=1), y[:45]  # 45 rows x 2 views
-    xva, yva = x[45:], y[45:]
-    logits, labels = out_of_fold_logits(torch.nn.Linear(16, 3), xtr, ytr, xva, yva, TrainConfig(weight_decay=1e-3),
-                                         epochs=5)
-    assert logits.shape == (60, 3) and np.array_equal(labels, y.numpy())
-    assert (logits.argmax(1) == labels).mean() >= 0.95  # clusters are separable: held-out rows still right
+    xv = torch.stack([x, x + 0.1], dim=1)  # 60 rows x 2 views
+    logits = out_of_fold_logits(torch.nn.Linear(16, 3), xv, y, TrainConfig(weight_decay=1e-3), epochs=5)
+    assert logits.shape == (60, 3)
+    assert (logits.argmax(1) == y.numpy()).mean() >= 0.95  # clusters are separable: held-out rows still right
     # a far outlier row labelled against its cluster stays "wrong" out of fold (nobody memorised it)
-    ytr_bad = ytr.clone()
-    ytr_bad[0] = (ytr[0] + 1) % 3
-    logits_bad, _ = out_of_fold_logits(torch.nn.Linear(16, 3), xtr, ytr_bad, xva, yva,
-                                       TrainConfig(weight_decay=1e-3), epochs=5)
-    assert logits_bad[0].argmax() == ytr[0]
+    y_bad = y.clone()
+    y_bad[0] = (y[0] + 1) % 3
+    logits_bad = out_of_fold_logits(torch.nn.Linear(16, 3), xv, y_bad, TrainConfig(weight_decay=1e-3), epochs=5)
+    assert logits_bad[0].argmax() == y[0]
 
 
 def test_calibration_uses_out_of_fold_logits_on_the_head_path(tiny_manifest, tmp_path):
@@ -125,6 +121,36 @@ def test_calibration_uses_out_of_fold_logits_on_the_head_path(tiny_manifest, tmp
     cal = load_bundle(bundle).meta["calibration"]
     n = sum(r.tier in ("train", "validation") for r in read_manifest(tiny_manifest))
     assert cal["fitted_on"] == "out-of-fold train+validation" and cal["n_fit"] == n
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_refit_head_sees_validation_and_says_so(tiny_manifest, tmp_path, refit):
+    """With refit the head is fitted on train+validation: validation is then flagged as not held out
+    in the bundle, the metrics and the printed table, and no validation curve is logged for it."""
+    from food_classifier.training.evaluate import format_table
+    from food_classifier.training.pipeline import finalize
+
+    config = TrainConfig(arch="efficientnet_lite0", image_size=64, aug_views=1, seed=0, refit=refit)
+    run = fit(tiny_manifest, config, runs_dir=tmp_path / "runs")
+    bundle, metrics = finalize(run, models_dir=None, int8=False)
+    fitted = ["train", "validation"] if refit else ["train"]
+    assert load_bundle(bundle).meta["training"]["fit_tiers"] == fitted
+    assert {t: m["held_out"] for t, m in metrics["tiers"].items()} == \
+        {t: t not in fitted for t in ("train", "validation", "test")}
+    assert load_bundle(bundle).meta["metrics"]["validation"]["held_out"] is (not refit)
+    table = format_table(metrics)
+    assert ("validation* " in table) is refit and "train* " in table and "test* " not in table
+    val_logged = [r["val_loss"] for r in history(run)]
+    assert all(v == "nan" for v in val_logged) if refit else all(v != "nan" for v in val_logged)
+    # the fitted tiers were scored from the head's cached-feature logits, not the bundle: same numbers
+    import numpy as np
+
+    with np.load(run / "head_logits.npz") as h:
+        assert len(h["path"]) == sum(r.tier in fitted for r in read_manifest(tiny_manifest))
+    saved, clf = np.load(run / "logits.npz"), Classifier(bundle)
+    idx = np.flatnonzero(np.isin(saved["tier"], fitted))[::5]
+    ref = clf.logits(np.stack([clf.preprocess(p) for p in saved["path"][idx]]))
+    np.testing.assert_allclose(saved["logits"][idx], ref, atol=1e-4)
 
 
 def test_ensemble_head_fit_equals_each_member_fitted_alone():

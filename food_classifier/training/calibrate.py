@@ -132,14 +132,15 @@ def load_logits(run: str | Path) -> dict[str, np.ndarray]:
 
 def calibrate_run(run: str | Path, bundle: str | Path | None = None,
                   target_precision: float = DEFAULT_TARGET_PRECISION) -> dict:
-    """Fit T and the abstention threshold on the validation tier of `<run>/logits.npz`, measure them on
-    test, store them in the bundle (default `<run>/bundle`) and rewrite metrics.json with T applied.
+    """Fit T and the abstention threshold on held-out logits (out-of-fold, else the validation tier of
+    `<run>/logits.npz`), measure them on test, store them in the bundle (default `<run>/bundle`) and
+    rewrite metrics.json with T applied.
 
     Writes `<run>/calibration.json` (everything, incl. reliability bins and coverage curves for the
     report) and returns the recomputed metrics (same shape as `evaluate.score`).
     """
     from food_classifier.bundle import load_bundle, update_meta
-    from food_classifier.training.evaluate import summary, tier_metrics
+    from food_classifier.training.evaluate import fitted_tiers, per_tier, summary
 
     run = Path(run)
     bundle = Path(bundle) if bundle else run / "bundle"
@@ -164,12 +165,16 @@ def calibrate_run(run: str | Path, bundle: str | Path | None = None,
         return probs[mask], y[mask]
 
     threshold, met = choose_threshold(softmax(fit_logits, temperature), fit_y, target_precision)
+    f_stats = abstention_stats(softmax(fit_logits, temperature), fit_y, threshold)
     v_stats = abstention_stats(*on(val, cal), threshold)
     t_stats = abstention_stats(*on(test, cal), threshold) if test.any() else None
     calibration = {
         "temperature": temperature, "fitted": True, "method": f"temperature scaling, {method} NLL",
         "fitted_on": method, "n_fit": int(len(fit_y)),
-        # at a search bound: the validation logits carry no usable confidence signal (e.g. all correct)
+        # the held-out set T was fitted on: its accuracy is the recipe's out-of-fold accuracy
+        "accuracy_fit": float((fit_logits.argmax(1) == fit_y).mean()),
+        "nll_fit_before": nll(fit_logits, fit_y), "nll_fit_after": nll(fit_logits, fit_y, temperature),
+        # at a search bound: the held-out logits carry no usable confidence signal (e.g. all correct)
         "at_bound": bool(min(abs(temperature - b) / b for b in T_BOUNDS) < 1e-3),
         "n_validation": int(val.sum()), "ece_bins": ECE_BINS,
         "nll_validation_before": nll(logits[val], y[val]),
@@ -184,7 +189,8 @@ def calibrate_run(run: str | Path, bundle: str | Path | None = None,
                         "ece_test_after": expected_calibration_error(*on(test, cal)),
                         "ece_test_floor": ece_noise_floor(cal[test])}
     abstention = {"threshold": threshold, "target_precision": target_precision, "target_met": met,
-                  "chosen_on": method,
+                  "chosen_on": method, "fit_coverage": f_stats["coverage"],
+                  "fit_precision": f_stats["accuracy_covered"],
                   "validation_coverage": v_stats["coverage"], "validation_precision": v_stats["accuracy_covered"]}
     if t_stats:
         abstention |= {"test_coverage": t_stats["coverage"], "test_accuracy_covered": t_stats["accuracy_covered"],
@@ -192,8 +198,7 @@ def calibrate_run(run: str | Path, bundle: str | Path | None = None,
 
     b = load_bundle(bundle)
     metrics = {"model": b.name, "version": b.version, "temperature": temperature,
-               "tiers": {t: tier_metrics(y[tier == t], cal[tier == t], labels)
-                         for t in ("train", "validation", "test") if (tier == t).any()}}
+               "tiers": per_tier(y, cal, tier, labels, fitted_tiers(b.meta))}
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     update_meta(bundle, {"calibration": calibration, "abstention": abstention, "metrics": summary(metrics)})
 
@@ -210,10 +215,10 @@ def format_calibration(run: str | Path) -> str:
     """Two lines for the CLI: what calibration and abstention did on the test tier."""
     c = json.loads((Path(run) / "calibration.json").read_text())
     cal, ab = c["calibration"], c["abstention"]
-    bound = " (at the search bound: validation has no usable confidence signal)" if cal.get("at_bound") else ""
-    lines = [f"calibration: T={cal['temperature']:.3f} (fitted on {cal.get('fitted_on', 'validation')}, "
-             f"n={cal.get('n_fit', cal['n_validation'])}){bound}  validation NLL {cal['nll_validation_before']:.4f} -> "
-             f"{cal['nll_validation_after']:.4f}"]
+    bound = " (at the search bound: no usable confidence signal)" if cal.get("at_bound") else ""
+    lines = [f"calibration: T={cal['temperature']:.3f} fitted on {cal['fitted_on']} (n={cal['n_fit']}, "
+             f"accuracy {cal['accuracy_fit']:.4f}){bound}: NLL {cal['nll_fit_before']:.4f} -> "
+             f"{cal['nll_fit_after']:.4f}"]
     if "ece_test_before" in cal:
         lines.append(f"  test: ECE({cal['ece_bins']} bins) {cal['ece_test_before']:.4f} -> {cal['ece_test_after']:.4f}"
                      f" (a perfectly calibrated model would show ~{cal.get('ece_test_floor', float('nan')):.3f}"
@@ -221,8 +226,8 @@ def format_calibration(run: str | Path) -> str:
     line = (f"abstention: threshold {ab['threshold']:.4f} for precision >= {ab['target_precision']:g} on "
             f"{ab.get('chosen_on', 'validation')}"
             f"{'' if ab['target_met'] else ' (NOT reached; best available)'}"
-            f"{' (met without abstaining: never abstains)' if ab['threshold'] == 0 else ''}; validation coverage "
-            f"{ab['validation_coverage']:.3f}")
+            f"{' (met without abstaining: never abstains)' if ab['threshold'] == 0 else ''}; coverage there "
+            f"{ab['fit_coverage']:.3f}")
     if "test_coverage" in ab:
         acc = ab["test_accuracy_covered"]
         line += (f"; test coverage {ab['test_coverage']:.3f}, accuracy on kept "

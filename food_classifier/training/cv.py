@@ -6,9 +6,10 @@ points; re-splitting and retraining K times shows the spread directly.
 What is folded: only the manifest's train + validation rows. The test tier is never touched, so it
 stays a one-shot held-out estimate. Each fold holds out 1/K of those rows (stratified by class,
 duplicate groups kept together) and re-splits the rest into train/validation with the manifest's
-own validation share, so every fold runs the real recipe (`train.fit`, early stopping on its own
-validation rows) and is scored on rows it never saw. Fine-tuning is switched off: with cached
-backbone features a fold takes seconds; end-to-end models (base_cnn) work too, just slower.
+own validation share, so every fold runs the real recipe (`train.fit`: the head path refits on the
+fold's train+validation, end-to-end paths early-stop on its validation rows) and is scored on rows
+it never saw. Fine-tuning is switched off: with cached backbone features a fold takes seconds;
+end-to-end models (base_cnn) work too, just slower.
 """
 
 from __future__ import annotations

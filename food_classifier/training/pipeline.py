@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from food_classifier.bundle import update_meta
 from food_classifier.training.calibrate import DEFAULT_TARGET_PRECISION, calibrate_run
 from food_classifier.training.evaluate import score, summary
@@ -22,7 +24,12 @@ def finalize(run: str | Path, models_dir: str | Path | None = "models", name: st
     run = Path(run)
     meta = json.loads((run / "config.json").read_text())
     bundle = export(run, name=name)
-    metrics = score(bundle, meta["manifest"], out_dir=run)
+    head = run / "head_logits.npz"  # the fitted tiers' logits, left by the head path
+    known = None
+    if head.is_file():
+        with np.load(head) as h:
+            known = dict(zip(h["path"].tolist(), h["logits"], strict=True))
+    metrics = score(bundle, meta["manifest"], out_dir=run, known=known)
     # temperature + abstention threshold fitted on validation logits; metrics recomputed with T
     metrics = calibrate_run(run, bundle, target_precision=target_precision)
     update_meta(bundle, {"metrics": summary(metrics)})

@@ -23,7 +23,7 @@ from food_classifier.training.calibrate import (
     load_logits,
     reliability_bins,
 )
-from food_classifier.training.evaluate import TIERS, tier_metrics
+from food_classifier.training.evaluate import fitted_tiers, per_tier
 from food_classifier.training.report_plots import (
     plot_confusion,
     plot_coverage,
@@ -80,7 +80,7 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
     temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
     threshold = meta.get("abstention", {}).get("threshold")
     raw, cal = softmax(logits, 1.0), softmax(logits, temperature)
-    metrics = {t: tier_metrics(y[tier == t], cal[tier == t], labels) for t in TIERS if (tier == t).any()}
+    metrics = per_tier(y, cal, tier, labels, fitted_tiers(meta))
     ev = "test" if "test" in metrics else "validation"
     m = tier == ev
     f1_ci = {t: bootstrap_macro_f1(y[tier == t], cal[tier == t].argmax(1), len(labels)) for t in metrics}
@@ -100,12 +100,13 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
         ("abstention threshold", "none" if threshold is None else f"{threshold:.4f}"),
         ("training time", f"{config.get('train_seconds', '?')} s")]))
 
-    rows = [(t, v["n"], f"{v['accuracy']:.4f}", _ci(v["accuracy_ci95"]), f"{v['macro_f1']:.4f}", _ci(f1_ci[t]),
-             f"{v['nll']:.4f}", f"{v['ece']:.4f}") for t, v in metrics.items()]
+    rows = [(t if v["held_out"] else f"{t}*", v["n"], f"{v['accuracy']:.4f}", _ci(v["accuracy_ci95"]),
+             f"{v['macro_f1']:.4f}", _ci(f1_ci[t]), f"{v['nll']:.4f}", f"{v['ece']:.4f}") for t, v in metrics.items()]
     add("tiers", "Per-tier metrics",
         H.table(["tier", "n", "accuracy", "95% CI (Wilson)", "macro-F1", "95% CI (bootstrap)", "NLL", "ECE"], rows)
         + H.figure(plot_tiers(metrics, f1_ci, out / "tiers.png"), "per-tier metrics"),
-        "Probabilities with the bundle's temperature applied. The train tier is optimistic by construction.")
+        "Probabilities with the bundle's temperature applied. Tiers marked * were fitted on: optimistic by "
+        "construction, not held-out estimates.")
 
     cm = np.array(metrics[ev]["confusion_matrix"])
     add("confusion", "Confusion matrix",
@@ -130,15 +131,16 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
           (f"ECE on {ev} (15 bins), before -> after", f"{ece[0]:.4f} -> {ece[1]:.4f}")]
     if "ece_test_floor" in c:
         kv.append(("ECE a perfectly calibrated model would show here", f"~{c['ece_test_floor']:.4f}"))
-    if "nll_validation_before" in c:
-        kv.append(("validation NLL (fitted on), before -> after",
-                   f"{c['nll_validation_before']:.4f} -> {c['nll_validation_after']:.4f}"))
+    fitted_on = c.get("fitted_on", "validation")
+    if "nll_fit_before" in c:
+        kv.append((f"NLL on {fitted_on} (fitted on, n={c['n_fit']}), before -> after",
+                   f"{c['nll_fit_before']:.4f} -> {c['nll_fit_after']:.4f}"))
     if "nll_test_before" in c:
         kv.append(("test NLL, before -> after", f"{c['nll_test_before']:.4f} -> {c['nll_test_after']:.4f}"))
     add("calibration", "Calibration (reliability diagram)",
         H.key_values(kv) + H.figure(plot_reliability(reliability_bins(raw[m], y[m]), reliability_bins(cal[m], y[m]),
                                                      ece, temperature, ev, out / "reliability.png"), "reliability"),
-        "Temperature scaling fitted on the validation tier: probabilities = softmax(logits / T). Bars below the "
+        f"Temperature scaling fitted on {fitted_on}: probabilities = softmax(logits / T). Bars below the "
         "diagonal are over-confident, above it under-confident. ECE is biased upwards on small tiers.")
 
     ab = meta.get("abstention", {})
@@ -151,8 +153,8 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
         ev_rows.insert(0, (f"{threshold:.4f} (bundle)",) + _cov_row(marks[ev]))
     add("abstention", "Abstention: coverage vs accuracy",
         H.key_values([("threshold", "none" if threshold is None else f"{threshold:.4f}"),
-                      ("target precision (validation)", ab.get("target_precision", "-")),
-                      ("target reached on validation", ab.get("target_met", "-"))])
+                      (f"target precision (on {ab.get('chosen_on', 'validation')})", ab.get("target_precision", "-")),
+                      ("target reached there", ab.get("target_met", "-"))])
         + H.table(["threshold", f"{ev} coverage", "accuracy on answered", "answered / n"], ev_rows)
         + H.figure(plot_coverage(curves, threshold, marks, out / "coverage.png"), "coverage"),
         'Below the threshold a prediction says label "unsure" (abstained: true) and still returns top-k; '

@@ -217,7 +217,9 @@ def plot_history(csv_path: Path, path: Path) -> Path | None:
     from matplotlib.ticker import MaxNLocator
 
     x = np.arange(1, len(rows) + 1)
-    best = int(np.argmin([float(r["val_loss"]) for r in rows]))
+    # the checkpoint kept: the last head epoch (solved to convergence), else the best validation loss
+    val = np.array([float(r["val_loss"]) if r["stage"] != "head" else np.nan for r in rows])
+    best = len(rows) - 1 if np.isnan(val).all() else int(np.nanargmin(val))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, key, name in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
         marker = "o" if len(rows) <= 30 else None  # a 1-epoch run is a point, not an invisible line
