@@ -57,3 +57,24 @@ def test_a_real_food_photo_and_a_bad_file(server, page, tmp_path):
     page.set_input_files("#file", str(bad))
     page.wait_for_selector("#error:not([hidden])", timeout=15000)
     assert "invalid_image" in page.text_content("#error")
+
+
+def test_swagger_docs_render_without_internet(server, page):
+    """/docs must not need a CDN: every request leaving the server is refused, and the page still renders."""
+    outside = []
+
+    def only_local(route):
+        if route.request.url.startswith(server.url):
+            return route.continue_()
+        outside.append(route.request.url)
+        return route.abort()
+
+    page.route("**/*", only_local)
+    try:
+        page.goto(server.url + "/docs")
+        page.wait_for_selector(".opblock-summary-path", timeout=15000)
+        paths = page.locator(".opblock-summary-path").all_text_contents()
+        assert any("/v1/models/{name}/predict" in p for p in paths), paths
+        assert outside == []
+    finally:
+        page.unroute("**/*")

@@ -236,7 +236,12 @@ def test_metrics_labels_stay_bounded(client):
 
 
 def test_docs_and_web_page(client):
-    assert client.get("/docs").status_code == 200
+    for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        html = client.get(page)
+        assert html.status_code == 200 and f"/docs-assets/{asset}" in html.text
+        assert "cdn" not in html.text.lower()  # offline machines get the same page
+        js = client.get(f"/docs-assets/{asset}")
+        assert js.status_code == 200 and len(js.content) > 100_000
     spec = client.get("/openapi.json").json()
     for path in ("/v1/models/{name}/predict", "/predict", "/v1/models/{name}/predict-batch", "/v1/models",
                  "/v1/models/{name}/reload", "/healthz", "/readyz", "/metrics"):
@@ -254,7 +259,8 @@ def test_docs_and_web_page(client):
 def test_api_key(colour_bundle):
     c = ready_client(ServeSettings(bundles=[colour_bundle], api_key="s3cret"))
     try:
-        for path in ("/v1/models", "/metrics", "/", "/docs", "/openapi.json", "/static/app.js"):
+        for path in ("/v1/models", "/metrics", "/", "/docs", "/openapi.json", "/static/app.js",
+                     "/docs-assets/swagger-ui.css"):
             assert_error(c.get(path), 401, "unauthorized")
         assert_error(c.post("/predict", content=jpg("red"), headers={"content-type": JPEG}), 401, "unauthorized")
         r = c.post("/predict", content=jpg("red"), headers={"content-type": JPEG, "x-api-key": "wrong"})

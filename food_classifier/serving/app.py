@@ -19,6 +19,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from food_classifier.serving import schemas
@@ -205,8 +206,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             service.close()
             registry.close()
 
-    app = FastAPI(title="food-classifier", version="1", lifespan=lifespan,
-                  description="Classify food photos with ONNX Runtime model bundles.")
+    # /docs and /redoc with their JS/CSS served from the fastapi-offline package, not a CDN:
+    # the service must be browsable on a machine without internet access
+    app = FastAPIOffline(title="food-classifier", version="1", lifespan=lifespan, static_url="/docs-assets",
+                         description="Classify food photos with ONNX Runtime model bundles.")
     app.state.settings, app.state.metrics = settings, metrics
     app.state.registry, app.state.service = registry, service
     app.include_router(router)
