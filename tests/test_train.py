@@ -142,6 +142,12 @@ def test_refit_head_sees_validation_and_says_so(tiny_manifest, tmp_path, refit):
     assert ("validation* " in table) is refit and "train* " in table and "test* " not in table
     val_logged = [r["val_loss"] for r in history(run)]
     assert all(v == "nan" for v in val_logged) if refit else all(v != "nan" for v in val_logged)
+    from food_classifier.training.report import build_report
+
+    html = build_report(run).read_text()
+    tiers_section = html.split('data-section="tiers"')[1].split("</section>")[0]
+    assert ("validation*" in tiers_section) is refit and "test*" not in tiers_section
+    assert "accuracy on out-of-fold train+validation (held out" in html
     # the fitted tiers were scored from the head's cached-feature logits, not the bundle: same numbers
     import numpy as np
 

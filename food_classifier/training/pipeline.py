@@ -30,7 +30,7 @@ def finalize(run: str | Path, models_dir: str | Path | None = "models", name: st
         with np.load(head) as h:
             known = dict(zip(h["path"].tolist(), h["logits"], strict=True))
     metrics = score(bundle, meta["manifest"], out_dir=run, known=known)
-    # temperature + abstention threshold fitted on validation logits; metrics recomputed with T
+    # temperature + abstention threshold fitted on out-of-fold (else validation) logits; metrics recomputed with T
     metrics = calibrate_run(run, bundle, target_precision=target_precision)
     update_meta(bundle, {"metrics": summary(metrics)})
     if int8:  # quantized variant, measured against fp32 on the test tier, stored in bundle.json

@@ -90,6 +90,9 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
         sections.append((sid, title, H.section(sid, title, body, note)))
 
     name = f"{meta.get('name', '?')}:{meta.get('version', run.name)}"
+    fit = (detail or {}).get("calibration", {})  # the out-of-fold logits are a held-out estimate of their own
+    held_out = [(f"accuracy on {fit['fitted_on']} (held out, n={fit['n_fit']})", f"{fit['accuracy_fit']:.4f}")] \
+        if "accuracy_fit" in fit else []
     add("summary", "Summary", H.key_values([
         ("model", name), ("architecture", meta.get("arch", config.get("arch", "?"))), ("run", str(run.resolve())),
         ("labels", ", ".join(labels)), ("images per tier", ", ".join(f"{t} {v['n']}" for t, v in metrics.items())),
@@ -98,7 +101,7 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
         ("calibration temperature", f"{temperature:.4f}" + ("" if meta.get("calibration", {}).get("fitted")
                                                           else " (not fitted)")),
         ("abstention threshold", "none" if threshold is None else f"{threshold:.4f}"),
-        ("training time", f"{config.get('train_seconds', '?')} s")]))
+        ("training time", f"{config.get('train_seconds', '?')} s")] + held_out))
 
     rows = [(t if v["held_out"] else f"{t}*", v["n"], f"{v['accuracy']:.4f}", _ci(v["accuracy_ci95"]),
              f"{v['macro_f1']:.4f}", _ci(f1_ci[t]), f"{v['nll']:.4f}", f"{v['ece']:.4f}") for t, v in metrics.items()]
@@ -144,7 +147,8 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
         "diagonal are over-confident, above it under-confident. ECE is biased upwards on small tiers.")
 
     ab = meta.get("abstention", {})
-    curves = {t: coverage_curve(cal[tier == t], y[tier == t]) for t in ("validation", "test") if (tier == t).any()}
+    curves = {t: coverage_curve(cal[tier == t], y[tier == t]) for t in ("validation", "test")
+              if t in metrics and (metrics[t]["held_out"] or t == ev)}  # a tier the head saw has no honest curve
     marks = {t: abstention_stats(cal[tier == t], y[tier == t], threshold) for t in curves} if threshold is not None \
         else {}
     grid = [g for g in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99) if g > 1 / len(labels)]

@@ -39,7 +39,8 @@ def plot_tiers(metrics: dict, f1_ci: dict, path: Path) -> Path:
         ax.bar(x + off, v, 0.34, yerr=err, capsize=5, color=colour, label=key.replace("_", "-") + " (95% CI)")
         for xi, vi in zip(x + off, v, strict=True):
             ax.text(xi, 0.02, f"{vi:.3f}", ha="center", va="bottom", color="white", fontsize=10, fontweight="bold")
-    ax.set_xticks(x, [f"{t}\n(n={metrics[t]['n']})" for t in tiers])
+    ax.set_xticks(x, [f"{t}\n(n={metrics[t]['n']}{'' if metrics[t].get('held_out', True) else ', fitted on'})"
+                      for t in tiers])
     ax.set_ylim(0, 1.2)
     ax.set_yticks(np.arange(0, 1.01, 0.2))
     ax.set_title("Per-tier accuracy and macro-F1 with 95% intervals")
@@ -220,14 +221,19 @@ def plot_history(csv_path: Path, path: Path) -> Path | None:
     # the checkpoint kept: the last head epoch (solved to convergence), else the best validation loss
     val = np.array([float(r["val_loss"]) if r["stage"] != "head" else np.nan for r in rows])
     best = len(rows) - 1 if np.isnan(val).all() else int(np.nanargmin(val))
+    # a refitted head logs no validation curve (validation is in its fit): say so instead of an empty line
+    refit = all(np.isnan(float(r["val_loss"])) for r in rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, key, name in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
         marker = "o" if len(rows) <= 30 else None  # a 1-epoch run is a point, not an invisible line
-        ax.plot(x, [float(r[f"train_{key}"]) for r in rows], lw=2, marker=marker, label="train")
-        ax.plot(x, [float(r[f"val_{key}"]) for r in rows], lw=2, marker=marker, label="validation")
+        ax.plot(x, [float(r[f"train_{key}"]) for r in rows], lw=2, marker=marker,
+                label="train + validation (all fitted on)" if refit else "train")
+        if not refit:
+            ax.plot(x, [float(r[f"val_{key}"]) for r in rows], lw=2, marker=marker, label="validation")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlim(0.5, len(rows) + 0.5)
-        ax.axvline(best + 1, color="grey", ls=":", label=f"best checkpoint (epoch {best + 1})")
+        ax.axvline(best + 1, color="grey", ls=":", label=f"{'converged head' if refit else 'best checkpoint'} "
+                                                      f"(epoch {best + 1})")
         for i in range(1, len(rows)):
             if rows[i]["stage"] != rows[i - 1]["stage"]:
                 ax.axvline(i + 0.5, color="black", lw=1)
