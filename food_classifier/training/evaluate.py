@@ -115,12 +115,12 @@ def summary(metrics: dict) -> dict:
 
 def format_table(metrics: dict) -> str:
     lines = [f"{'tier':<11} {'n':>5} {'accuracy':>9} {'95% CI':>15} {'macro P':>8} {'macro R':>8} {'macro F1':>9}"]
+    fitted = {t for t, m in metrics["tiers"].items() if not m.get("held_out", t != "train")}
     for t, m in metrics["tiers"].items():
         lo, hi = m["accuracy_ci95"]
-        t = t if m.get("held_out", t != "train") else f"{t}*"
-        lines.append(f"{t:<11} {m['n']:>5} {m['accuracy']:>9.4f} {f'[{lo:.3f}, {hi:.3f}]':>15} "
+        lines.append(f"{t + '*' * (t in fitted):<11} {m['n']:>5} {m['accuracy']:>9.4f} {f'[{lo:.3f}, {hi:.3f}]':>15} "
                      f"{m['macro_precision']:>8.4f} {m['macro_recall']:>8.4f} {m['macro_f1']:>9.4f}")
-    if not all(m.get("held_out", t != "train") for t, m in metrics["tiers"].items()):
+    if fitted:
         lines.append("* fitted on: not a held-out estimate")
     test = metrics["tiers"].get("test")
     if test:

@@ -222,8 +222,9 @@ def _fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], 
     kw = {"views": 1 + config.aug_views, "aug_strength": config.aug_strength, "seed": config.seed}
     x = {t: torch.from_numpy(extract_features(tiers[t], model, config, spec, **kw)) for t in ("train", "validation")}
     y = {t: torch.tensor([index[r.label] for r in tiers[t]]) for t in ("train", "validation")}
+    x_all, y_all = torch.cat([x["train"], x["validation"]]), torch.cat([y["train"], y["validation"]])
     used = fit_tiers(config)
-    xs, ys = torch.cat([x[t] for t in used]), torch.cat([y[t] for t in used])  # [N, views, D], [N]
+    xs, ys = (x_all, y_all) if "validation" in used else (x["train"], y["train"])  # [N, views, D], [N]
     xfit, yfit = xs.reshape(-1, xs.shape[-1]), ys.repeat_interleave(xs.shape[1])
     xva, yva = x["validation"][:, 0], y["validation"]
 
@@ -247,9 +248,11 @@ def _fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], 
             train_loss = loss_fn(tl, yfit).item()
             train_acc = (tl.argmax(1) == yfit).float().mean().item()
             # validation inside the fit is no held-out curve: logged as nan, not as a flattering one
-            vl, seen = head(xva), "validation" in used
-            val_loss = math.nan if seen else nn.functional.cross_entropy(vl, yva).item()
-            val_acc = math.nan if seen else (vl.argmax(1) == yva).float().mean().item()
+            val_loss = val_acc = math.nan
+            if "validation" not in used:
+                vl = head(xva)
+                val_loss = nn.functional.cross_entropy(vl, yva).item()
+                val_acc = (vl.argmax(1) == yva).float().mean().item()
         hist.log(epoch + 1, train_loss, train_acc, val_loss, val_acc, config.lr or 1.0, time.time() - t0)
         bar.set_postfix(objective=f"{objective:.4f}")
         if previous - objective < HEAD_TOLERANCE * abs(objective):
@@ -260,9 +263,8 @@ def _fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], 
     with torch.no_grad():  # eval-view logits of the fitted tiers: evaluation need not run the backbones again
         np.savez_compressed(run / "head_logits.npz", logits=head(xs[:, 0]).numpy(),
                             path=np.array([str(r.path) for t in used for r in tiers[t]]))
-    logits = out_of_fold_logits(head, torch.cat([x["train"], x["validation"]]),
-                                torch.cat([y["train"], y["validation"]]), config, epochs=epoch + 1)
-    np.savez_compressed(run / "oof_logits.npz", logits=logits, y=torch.cat([y["train"], y["validation"]]).numpy())
+    logits = out_of_fold_logits(head, x_all, y_all, config, epochs=epoch + 1)
+    np.savez_compressed(run / "oof_logits.npz", logits=logits, y=y_all.numpy())
 
 
 HEAD_TOLERANCE = 1e-5  # relative change of the L-BFGS objective between epochs that counts as converged
