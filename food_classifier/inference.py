@@ -7,15 +7,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from food_classifier import runtime
 from food_classifier.bundle import Bundle, load_bundle, newest_bundle
 from food_classifier.preprocessing import DEFAULT_MAX_PIXELS, ImageInput, preprocess
 
@@ -50,13 +48,7 @@ class Classifier:
         self.variant = variant
         self.top_k = top_k
         self.max_pixels = max_pixels
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.bundle.model_file(variant)), opts,
-                                            providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.session = runtime.create_session(self.bundle.model_file(variant), threads)
         self.labels = self.bundle.labels
         self.spec = self.bundle.preprocessing
 
@@ -72,7 +64,7 @@ class Classifier:
         return preprocess(image, self.spec, max_pixels=self.max_pixels)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return runtime.run(self.session, batch)
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities for a preprocessed [N,3,H,W] batch."""
@@ -101,11 +93,5 @@ class Classifier:
     def predict_batch(self, images: Sequence[ImageInput], top_k: int | None = None,
                       threshold: float | None = None, batch_size: int = 32) -> list[Prediction]:
         """Decode in a thread pool (Pillow releases the GIL), run the model in chunks."""
-        if not images:
-            return []
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            arrays = list(pool.map(self.preprocess, images))
-        preds: list[Prediction] = []
-        for i in range(0, len(arrays), batch_size):
-            preds += self.decide(self.predict_proba(np.stack(arrays[i:i + batch_size])), top_k, threshold)
-        return preds
+        probs = runtime.map_batched(images, self.preprocess, self.predict_proba, batch_size)
+        return [p for chunk in probs for p in self.decide(chunk, top_k, threshold)]
