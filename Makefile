@@ -24,10 +24,12 @@ demo: install
 
 test: install
 	$(BIN)/ruff check food_classifier tests bench
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -ra
 
 lint: install
 	$(BIN)/ruff check food_classifier tests bench
+	$(BIN)/lint-imports
 
 # After `make demo` (needs models/food and its run): pipeline time, recipes, int8, the service vs the seed.
 bench: install

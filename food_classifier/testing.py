@@ -1,5 +1,8 @@
 """Run the real server as a child process (tests, benchmark): free port, wait for /readyz, stop.
 
+A harness, not part of the service: it lives outside `food_classifier.serving` and starts the server
+the way a user does (`python -m food_classifier.serving`), so it imports nothing from the service.
+
     with ServerProcess(["models/food"], env={"FOOD_CLASSIFIER_API_KEY": "k"}) as srv:
         httpx.get(srv.url + "/healthz")
 """
