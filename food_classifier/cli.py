@@ -13,7 +13,27 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Train food-photo classifiers on a CPU and serve them over HTTP.",
+
+class _Commands(typer.core.TyperGroup):
+    """Adds `serve` when it is asked for: its options are built from ServeSettings (pydantic-settings
+    takes ~0.3 s to import), so `train`, `predict`... do not pay for it. Absent without the serve extra."""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return names if "serve" in names else [*names, "serve"]
+
+    def get_command(self, ctx: typer.Context, name: str):  # -> the click command, or None
+        if name == "serve" and name not in self.commands:
+            try:
+                from food_classifier.serving.cli import serve_command
+
+                self.add_command(serve_command(name), name)
+            except ImportError:  # serving extras not installed
+                return None
+        return super().get_command(ctx, name)
+
+
+app = typer.Typer(help="Train food-photo classifiers on a CPU and serve them over HTTP.", cls=_Commands,
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Get and split datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -250,17 +270,6 @@ def builtin_cmd(labels: bool = typer.Option(False, "--labels", help="Also list i
     if labels:
         for index, label in FOOD_CLASSES:
             typer.echo(f"{index:>4}  {label}")
-
-
-def _register_serve() -> None:
-    try:
-        from food_classifier.serving.cli import serve
-    except ImportError:
-        return
-    app.command("serve")(serve)
-
-
-_register_serve()
 
 
 def main() -> None:
