@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import typer
+from fastapi.testclient import TestClient
 from pydantic import Field
 from test_serving_units import ROOT, invoke_serve
 from typer.testing import CliRunner
@@ -85,8 +86,9 @@ def test_flags_win_over_env_and_env_over_defaults(monkeypatch, colour_bundle):
     assert (s.top_k, s.log_level) == (7, "warning")  # environment
     assert (s.host, s.ort_threads, s.batch_max_size) == ("0.0.0.0", 1, 1)  # defaults
     assert (started["port"], started["log_level"], started["access_log"]) == (9200, "warning", True)
-    middleware = next(m for m in started["app"].user_middleware if m.cls.__name__ == "ServingMiddleware")
-    assert middleware.kwargs["max_body"] == 4096
+    with TestClient(started["app"]) as client:  # the middleware enforces the flag's body limit
+        r = client.post("/predict", content=b"x" * 5000, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 413 and r.json()["detail"] == "request body is 5000 bytes, limit is 4096"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -17,17 +17,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from food_classifier.serving import schemas
-from food_classifier.serving.errors import ServiceError
+from food_classifier.serving.errors import NotReady, ServiceError
 from food_classifier.serving.inputs import read_image, read_images
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.middleware import ServingMiddleware
-from food_classifier.serving.registry import ModelRegistry, model_sources
+from food_classifier.serving.registry import LoadedModel, ModelRegistry, model_sources
 from food_classifier.serving.service import PredictionService
 from food_classifier.serving.settings import ServeSettings
 
@@ -36,11 +36,16 @@ STATIC = Path(__file__).parent / "static"
 TopK = Annotated[int | None, Query(ge=1, le=1000, description="How many classes to return in top_k.")]
 Threshold = Annotated[float | None, Query(ge=0.0, le=1.0, description="Abstain (label 'unsure') below this "
                                                                        "confidence; default: the bundle's.")]
+MODEL_ERRORS = schemas.AUTH | schemas.errors({404: "Unknown model", 503: "Models still loading"})
 router = APIRouter()
 
 
 def _svc(request: Request) -> PredictionService:
     return request.app.state.service
+
+
+def _info(reg: ModelRegistry, model: LoadedModel) -> schemas.ModelInfo:
+    return schemas.ModelInfo.model_validate(model.info(model.name == reg.default_name))
 
 
 def _tag(request: Request, name: str | None) -> None:
@@ -52,93 +57,92 @@ def _tag(request: Request, name: str | None) -> None:
 
 
 @router.get("/healthz", tags=["ops"])
-async def healthz() -> dict:
+async def healthz() -> schemas.Health:
     """The process is alive (models may still be loading)."""
-    return {"status": "ok"}
+    return schemas.Health(status="ok")
 
 
-@router.get("/readyz", tags=["ops"], responses={503: {"model": schemas.Error}})
-async def readyz(request: Request) -> JSONResponse:
+@router.get("/readyz", tags=["ops"], responses=schemas.errors({503: "Models still loading or failed"}))
+async def readyz(request: Request) -> schemas.Ready:
     """Green only once every model is loaded and warmed up."""
     reg: ModelRegistry = request.app.state.registry
     if not reg.ready:
-        detail = f"models are {reg.state}" + (f": {reg.error}" if reg.error else "")
-        return JSONResponse({"error": "not_ready", "detail": detail}, status_code=503)
-    return JSONResponse({"status": "ready", "models": {m.name: m.version for m in reg.models()}})
+        raise NotReady(f"models are {reg.state}" + (f": {reg.error}" if reg.error else ""))
+    return schemas.Ready(status="ready", models={m.name: m.version for m in reg.models()})
 
 
-@router.get("/v1/models", tags=["models"], response_model=schemas.ModelList)
-async def list_models(request: Request) -> JSONResponse:
+@router.get("/v1/models", tags=["models"], responses=schemas.AUTH)
+async def list_models(request: Request) -> schemas.ModelList:
     reg: ModelRegistry = request.app.state.registry
     models = reg.models() if reg.ready else []
-    return JSONResponse({"default": reg.default_name,
-                         "models": [m.info(m.name == reg.default_name) for m in models]})
+    return schemas.ModelList(default=reg.default_name, models=[_info(reg, m) for m in models])
 
 
-@router.get("/v1/models/{name}", tags=["models"], response_model=schemas.ModelInfo, responses=schemas.ERRORS)
-async def model_info(request: Request, name: str) -> JSONResponse:
+@router.get("/v1/models/{name}", tags=["models"], responses=MODEL_ERRORS)
+async def model_info(request: Request, name: str) -> schemas.ModelInfo:
     reg: ModelRegistry = request.app.state.registry
-    m = reg.get(name)
-    return JSONResponse(m.info(m.name == reg.default_name))
+    return _info(reg, reg.get(name))
 
 
-@router.post("/v1/models/{name}/predict", tags=["predict"], response_model=schemas.Prediction,
-             responses=schemas.ERRORS, openapi_extra=schemas.IMAGE_BODY)
-async def predict(request: Request, name: str, top_k: TopK = None, threshold: Threshold = None) -> JSONResponse:
+@router.post("/v1/models/{name}/predict", tags=["predict"], responses=schemas.ERRORS,
+             openapi_extra=schemas.IMAGE_BODY)
+async def predict(request: Request, name: str, top_k: TopK = None, threshold: Threshold = None) -> schemas.Prediction:
     """Classify one image: multipart file, raw image body, or JSON `{"image": base64}`."""
     _tag(request, name)
     svc = _svc(request)
     svc.registry.get(name)  # 404/503 before reading the body
-    return JSONResponse(await svc.predict(name, await read_image(request), top_k, threshold))
+    return schemas.Prediction.model_validate(await svc.predict(name, await read_image(request), top_k, threshold))
 
 
-@router.post("/predict", tags=["predict"], response_model=schemas.Prediction, responses=schemas.ERRORS,
-             openapi_extra=schemas.IMAGE_BODY)
-async def predict_default(request: Request, top_k: TopK = None, threshold: Threshold = None) -> JSONResponse:
+@router.post("/predict", tags=["predict"], responses=schemas.ERRORS, openapi_extra=schemas.IMAGE_BODY)
+async def predict_default(request: Request, top_k: TopK = None, threshold: Threshold = None) -> schemas.Prediction:
     """Like `/v1/models/{name}/predict`, with the default model."""
     _tag(request, None)
     svc = _svc(request)
     svc.registry.get(None)
-    return JSONResponse(await svc.predict(None, await read_image(request), top_k, threshold))
+    return schemas.Prediction.model_validate(await svc.predict(None, await read_image(request), top_k, threshold))
 
 
-@router.post("/v1/models/{name}/predict-batch", tags=["predict"], response_model=schemas.BatchPrediction,
-             responses=schemas.ERRORS, openapi_extra=schemas.BATCH_BODY)
+@router.post("/v1/models/{name}/predict-batch", tags=["predict"], responses=schemas.ERRORS,
+             openapi_extra=schemas.BATCH_BODY)
 async def predict_batch(request: Request, name: str, top_k: TopK = None,
-                        threshold: Threshold = None) -> JSONResponse:
+                        threshold: Threshold = None) -> schemas.BatchPrediction:
     """Many images (multipart files, any field name) -> results in the same order; bad images are
     error entries."""
     _tag(request, name)
     svc = _svc(request)
     svc.registry.get(name)
     images = await read_images(request, svc.settings.max_batch_images)
-    return JSONResponse(await svc.predict_batch(name, images, top_k, threshold))
+    return schemas.BatchPrediction.model_validate(await svc.predict_batch(name, images, top_k, threshold))
 
 
-@router.post("/predict-batch", tags=["predict"], response_model=schemas.BatchPrediction,
-             responses=schemas.ERRORS, openapi_extra=schemas.BATCH_BODY)
-async def predict_batch_default(request: Request, top_k: TopK = None, threshold: Threshold = None) -> JSONResponse:
+@router.post("/predict-batch", tags=["predict"], responses=schemas.ERRORS, openapi_extra=schemas.BATCH_BODY)
+async def predict_batch_default(request: Request, top_k: TopK = None,
+                                threshold: Threshold = None) -> schemas.BatchPrediction:
     return await predict_batch(request, None, top_k, threshold)
 
 
-@router.get("/predict", tags=["predict"], response_model=schemas.SeedPrediction,
-            responses={**schemas.ERRORS, 403: {"model": schemas.Error, "description": "Path outside the roots"}})
+@router.get("/predict", tags=["predict"],
+            responses=schemas.ERRORS | schemas.errors({403: "Path access off or outside the roots",
+                                                       404: "Unknown model or no such file"}))
 async def predict_path(request: Request, image_path: Annotated[str, Query(min_length=1)],
-                       model_type: str | None = None) -> JSONResponse:
+                       model_type: str | None = None) -> schemas.SeedPrediction:
     """The seed's call: classify a server-side file under `--allow-path-root` (403 otherwise)."""
     _tag(request, model_type)
-    return JSONResponse(await _svc(request).predict_path(model_type, image_path))
+    return schemas.SeedPrediction.model_validate(await _svc(request).predict_path(model_type, image_path))
 
 
-@router.post("/v1/models/{name}/reload", tags=["models"], response_model=schemas.Reloaded,
-             responses={**schemas.ERRORS, 409: {"model": schemas.Error, "description": "Reload failed"}})
-async def reload_model(request: Request, name: str) -> JSONResponse:
+@router.post("/v1/models/{name}/reload", tags=["models"],
+             responses=MODEL_ERRORS | schemas.errors({409: "Reload failed; the old version keeps serving"}))
+async def reload_model(request: Request, name: str) -> schemas.Reloaded:
     """Load the newest bundle version and swap it in; requests in flight finish on the old one."""
     _tag(request, name)
-    return JSONResponse(await request.app.state.registry.reload(name))
+    return schemas.Reloaded.model_validate(await request.app.state.registry.reload(name))
 
 
-@router.get("/metrics", tags=["ops"])
+@router.get("/metrics", tags=["ops"], response_class=PlainTextResponse, responses={401: {  # JSON, unlike the 200
+    "description": "API key missing or wrong",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}})
 async def metrics(request: Request) -> Response:
     m: ServingMetrics = request.app.state.metrics
     return Response(m.render(), media_type=m.content_type)
@@ -150,7 +154,7 @@ async def index() -> FileResponse:
 
 
 def _error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+    return JSONResponse(schemas.error_body(code, detail), status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -215,7 +219,5 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _install_error_handlers(app)
-    app.add_middleware(ServingMiddleware, metrics=metrics, api_key=settings.api_key_value(),
-                       max_body=settings.max_body_bytes, max_batch_body=settings.max_batch_body_bytes,
-                       routes=router.routes)
+    app.add_middleware(ServingMiddleware, metrics=metrics, settings=settings, routes=router.routes)
     return app
