@@ -38,7 +38,7 @@ def test_every_setting_is_a_flag_with_its_env_var_and_default():
         assert " ".join(field.description.split()) in flat, name
     assert "-p, --port INT" in text and "--warmup / --no-warmup" in text
     assert "default: 8383]" in flat and "default: 10485760 = 10 MiB]" in flat and "default: 0.0.0.0]" in flat
-    assert "--log-level critical|error|warning|info|debug|trace" in text
+    assert "--log-level critical|error|warning|info|debug" in text
 
 
 def test_a_new_settings_field_becomes_a_flag(monkeypatch):

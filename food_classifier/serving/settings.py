@@ -90,7 +90,7 @@ class ServeSettings(BaseSettings):
                                                             "batching (0 = never wait).")
     warmup: bool = Field(True, description="Run each model once per batch shape before /readyz turns green.")
 
-    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level.")
     access_log: bool = Field(False, description="Log every request (costs throughput).")
 
