@@ -25,12 +25,13 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from food_classifier.bundle import model_sources
 from food_classifier.serving import schemas
 from food_classifier.serving.errors import ServiceError
 from food_classifier.serving.inputs import read_image, read_images
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.middleware import ServingMiddleware
-from food_classifier.serving.registry import ModelRegistry, model_sources
+from food_classifier.serving.registry import ModelRegistry
 from food_classifier.serving.service import PredictionService
 from food_classifier.serving.settings import ServeSettings
 
