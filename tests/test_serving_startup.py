@@ -16,8 +16,8 @@ from conftest import make_colour_bundle
 from test_serving import JPEG, jpg, ready_client
 
 from food_classifier.bundle import file_sha256, update_meta
-from food_classifier.serving.process import ServerProcess
 from food_classifier.serving.settings import ServeSettings
+from food_classifier.testing import ServerProcess
 
 
 def published(model: Path, version: str, month: int, sha: bool = True) -> Path:
