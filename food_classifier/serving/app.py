@@ -59,12 +59,21 @@ async def healthz() -> dict:
 
 @router.get("/readyz", tags=["ops"], responses={503: {"model": schemas.Error}})
 async def readyz(request: Request) -> JSONResponse:
-    """Green only once every model is loaded and warmed up."""
+    """Green only once every model is loaded and warmed up. A failing cache does not make it red (requests
+    work without it): it shows as `cache.state: degraded`."""
     reg: ModelRegistry = request.app.state.registry
     if not reg.ready:
         detail = f"models are {reg.state}" + (f": {reg.error}" if reg.error else "")
         return JSONResponse({"error": "not_ready", "detail": detail}, status_code=503)
-    return JSONResponse({"status": "ready", "models": {m.name: m.version for m in reg.models()}})
+    cache = _svc(request).cache
+    await asyncio.to_thread(cache.check)  # a ping (short timeout); skipped while the breaker is open
+    return JSONResponse({"status": "ready", "models": {m.name: m.version for m in reg.models()},
+                         "cache": cache.status()})
+
+
+def _answer(body: dict) -> JSONResponse:
+    """A prediction with its cache outcome also in the X-Cache header (hit-bytes, hit-pixels, miss, off)."""
+    return JSONResponse(body, headers={"X-Cache": body["cache"]})
 
 
 @router.get("/v1/models", tags=["models"], response_model=schemas.ModelList)
@@ -89,7 +98,7 @@ async def predict(request: Request, name: str, top_k: TopK = None, threshold: Th
     _tag(request, name)
     svc = _svc(request)
     svc.registry.get(name)  # 404/503 before reading the body
-    return JSONResponse(await svc.predict(name, await read_image(request), top_k, threshold))
+    return _answer(await svc.predict(name, await read_image(request), top_k, threshold))
 
 
 @router.post("/predict", tags=["predict"], response_model=schemas.Prediction, responses=schemas.ERRORS,
@@ -99,7 +108,7 @@ async def predict_default(request: Request, top_k: TopK = None, threshold: Thres
     _tag(request, None)
     svc = _svc(request)
     svc.registry.get(None)
-    return JSONResponse(await svc.predict(None, await read_image(request), top_k, threshold))
+    return _answer(await svc.predict(None, await read_image(request), top_k, threshold))
 
 
 @router.post("/v1/models/{name}/predict-batch", tags=["predict"], response_model=schemas.BatchPrediction,
@@ -112,7 +121,11 @@ async def predict_batch(request: Request, name: str, top_k: TopK = None,
     svc = _svc(request)
     svc.registry.get(name)
     images = await read_images(request, svc.settings.max_batch_images)
-    return JSONResponse(await svc.predict_batch(name, images, top_k, threshold))
+    body = await svc.predict_batch(name, images, top_k, threshold)
+    outcomes = {r["cache"] for r in body["results"] if "cache" in r}
+    # one value when all answered images agree, else "mixed" (each result has its own `cache`)
+    headers = {"X-Cache": outcomes.pop() if len(outcomes) == 1 else "mixed"} if outcomes else None
+    return JSONResponse(body, headers=headers)
 
 
 @router.post("/predict-batch", tags=["predict"], response_model=schemas.BatchPrediction,
@@ -127,7 +140,8 @@ async def predict_path(request: Request, image_path: Annotated[str, Query(min_le
                        model_type: str | None = None) -> JSONResponse:
     """The seed's call: classify a server-side file under `--allow-path-root` (403 otherwise)."""
     _tag(request, model_type)
-    return JSONResponse(await _svc(request).predict_path(model_type, image_path))
+    body = await _svc(request).predict_path(model_type, image_path)
+    return JSONResponse(body, headers={"X-Cache": body.pop("cache")})  # the body keeps the seed's shape
 
 
 @router.post("/v1/models/{name}/reload", tags=["models"], response_model=schemas.Reloaded,

@@ -55,6 +55,12 @@ def serve(
                                                     "BATCH_MAX_WAIT_MS", "--batch-max-wait-ms")] = None,
     warmup: Annotated[bool | None, _opt("Warm each model up before /readyz turns green (default on).", "WARMUP",
                                         "--warmup/--no-warmup")] = None,
+    cache_bytes: Annotated[int | None, _opt("In-process prediction cache in bytes (default 64 MiB; 0 = off).",
+                                            "CACHE_BYTES", "--cache-bytes")] = None,
+    cache_url: Annotated[str | None, _opt("Redis URL of a shared prediction cache (redis://host:6379/0).",
+                                          "CACHE_URL", "--cache-url")] = None,
+    cache_ttl: Annotated[float | None, _opt("Seconds a cached prediction lives (default 86400).", "CACHE_TTL",
+                                            "--cache-ttl")] = None,
     log_level: Annotated[str | None, _opt("debug, info, warning, error (default info).", "LOG_LEVEL",
                                           "--log-level")] = None,
     access_log: Annotated[bool | None, _opt("Log every request (default off: it costs throughput).",
@@ -80,6 +86,7 @@ def serve(
     import uvicorn
 
     from food_classifier.bundle import BundleError
+    from food_classifier.cache import CacheError
     from food_classifier.serving import memory
     from food_classifier.serving.app import create_app
 
@@ -88,7 +95,7 @@ def serve(
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app(settings)
-    except BundleError as e:
+    except (BundleError, CacheError) as e:
         _fail(str(e))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 access_log=settings.access_log, timeout_graceful_shutdown=10)

@@ -33,6 +33,7 @@ class Prediction(BaseModel):
     abstained: bool
     model: str
     model_version: str
+    cache: str  # hit-bytes, hit-pixels, miss or off
     timing: Timing
 
 
@@ -44,6 +45,7 @@ class BatchItem(BaseModel):
     confidence: float | None = None
     top_k: list[TopK] | None = None
     abstained: bool | None = None
+    cache: str | None = None
     timing: Timing | None = None
     error: str | None = None
     detail: str | None = None
