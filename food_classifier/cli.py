@@ -263,6 +263,17 @@ def _register_serve() -> None:
 _register_serve()
 
 
+def _register_worker() -> None:
+    try:
+        from food_classifier.serving.worker_cli import worker
+    except ImportError:
+        return
+    app.command("worker")(worker)
+
+
+_register_worker()
+
+
 def main() -> None:
     try:
         app()

@@ -70,6 +70,28 @@ class ServingMetrics:
         return generate_latest(self.registry)
 
 
+class WorkerMetrics:
+    """The stream worker's series, beside the service's (images, cache) in the same registry."""
+
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.messages = Counter("food_classifier_worker_messages", "Stream messages answered (ok) or dead-lettered "
+                                "(error).", ["outcome"], registry=r)
+        self.batch_seconds = Histogram("food_classifier_worker_batch_duration_seconds", "Micro-batch time, from "
+                                       "poll to commit.", buckets=LATENCY_BUCKETS, registry=r)
+        self.lag = Gauge("food_classifier_worker_lag", "Messages behind the end of the partition, after the last "
+                         "commit.", ["topic", "partition"], registry=r)
+        self.assigned = Gauge("food_classifier_worker_assigned_partitions", "Partitions owned by this worker.",
+                              registry=r)
+        self.commit_failures = Counter("food_classifier_worker_commit_failures", "Offset commits that failed "
+                                       "(those messages are processed again).", registry=r)
+
+    def observe_batch(self, ok: int, failed: int, seconds: float) -> None:
+        self.messages.labels("ok").inc(ok)
+        self.messages.labels("error").inc(failed)
+        self.batch_seconds.observe(seconds)
+
+
 class _CacheCollector(Collector):
     def __init__(self, cache: PredictionCache):
         self.cache = cache
