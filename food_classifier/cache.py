@@ -10,8 +10,9 @@ both namespaced by model name + version + variant (a reload never serves the old
    quantised views hit more only as they get coarser. So the key is an 8x8 luma grid at 16 levels, kept
    in 3 tables whose levels are offset by a third of a step (a value near a boundary in one table is far
    from it in the others), and a hit is accepted only if a 16x16 RGB fingerprint stored with it is within
-   2 levels (mean |diff|; re-saves measured <= 0.74, the nearest other photo >= 24), so a merely similar
-   photo never gets another photo's answer. Measured hit rate: 100/100/99/98 % at quality 95/90/75/60.
+   2 levels (mean |diff|; re-saves measured <= 0.79, the nearest other photo >= 22), so a merely similar
+   photo never gets another photo's answer. Measured hit rate: 99.6/99.6/99.3/96.4 % at quality
+   95/90/75/60 (one 8x8 table alone: 94/91/79/73 %), no false hit.
 
 Backends: an in-process LRU bounded in bytes and, optionally, Redis (the `cache` extra); with both, the
 LRU sits in front of Redis. Redis errors fail open: the request goes on without the cache, a circuit
