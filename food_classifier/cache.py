@@ -5,14 +5,11 @@ both namespaced by model name + version + variant (a reload never serves the old
 
 1. bytes: sha256 of the upload. A hit skips decoding and inference.
 2. pixels: a coarse view of the preprocessed crop. A hit skips inference for the same photo re-encoded
-   or re-uploaded with other metadata. Measured by bench/bench_pixel_key.py on 280 Food-101 photos: a
-   key of the exact crop hits 100 % of metadata-only changes but 0 % of JPEG re-saves at quality 95-60;
-   quantised views hit more only as they get coarser. So the key is an 8x8 luma grid at 16 levels, kept
-   in 3 tables whose levels are offset by a third of a step (a value near a boundary in one table is far
-   from it in the others), and a hit is accepted only if a 16x16 RGB fingerprint stored with it is within
-   2 levels (mean |diff|; re-saves measured <= 0.79, the nearest other photo >= 22), so a merely similar
-   photo never gets another photo's answer. Measured hit rate: 99.6/99.6/99.3/96.4 % at quality
-   95/90/75/60 (one 8x8 table alone: 94/91/79/73 %), no false hit.
+   or re-uploaded with other metadata. A key of the exact crop hit 0 % of JPEG re-saves (bench/
+   bench_pixel_key.py, docs/SCALING.md), so the key is an 8x8 luma grid at 16 levels in 3 tables offset
+   by a third of a level (a value near a boundary in one is far from it in the others), and a hit counts
+   only if a 16x16 RGB fingerprint stored with it is within 2 levels (re-saves measured <= 0.8, distinct
+   photos >= 22): 99.6/99.3/96.4 % hits at JPEG quality 95/75/60, never another photo's answer.
 
 Backends: an in-process LRU bounded in bytes and, optionally, Redis (the `cache` extra); with both, the
 LRU sits in front of Redis. Redis errors fail open: the request goes on without the cache, a circuit
@@ -119,17 +116,12 @@ class Stats:
         self.skipped: Counter[str] = Counter()  # backend calls skipped while the breaker was open
         self._lock = threading.Lock()
 
+    def add(self, counter: Counter, key: Any) -> None:
+        with self._lock:
+            counter[key] += 1
+
     def lookup(self, model: str, level: str, hit: bool) -> None:
-        with self._lock:
-            self.lookups[(model, level, "hit" if hit else "miss")] += 1
-
-    def error(self, backend: str, op: str) -> None:
-        with self._lock:
-            self.errors[(backend, op)] += 1
-
-    def skip(self, backend: str) -> None:
-        with self._lock:
-            self.skipped[backend] += 1
+        self.add(self.lookups, (model, level, "hit" if hit else "miss"))
 
 
 class MemoryLRU:
@@ -204,12 +196,12 @@ class RedisBackend:
 
     def _call(self, op: str, fn: Any, default: Any) -> Any:
         if not self.breaker.allow():
-            self.stats.skip(self.name)
+            self.stats.add(self.stats.skipped, self.name)
             return default
         try:
             out = fn()
         except self._errors as e:
-            self.stats.error(self.name, op)
+            self.stats.add(self.stats.errors, (self.name, op))
             self.last_error = f"{e.__class__.__name__}: {e}"
             if self.breaker.failure():
                 log.warning("Redis cache unavailable (%s); serving without it, retrying in %.0f s",
@@ -334,15 +326,12 @@ class PredictionCache:
 
     def status(self) -> dict[str, Any]:
         """`state`: ok, degraded (Redis failing, serving from memory or without cache) or off."""
-        out: dict[str, Any] = {"state": OFF if not self.enabled else "ok", "ttl_s": self.ttl_s}
+        down = self.redis is not None and self.redis.breaker.is_open
+        out: dict[str, Any] = {"state": OFF if not self.enabled else "degraded" if down else "ok", "ttl_s": self.ttl_s}
         if self.memory is not None:
-            out["memory"] = {"bytes": self.memory.size, "max_bytes": self.memory.max_bytes,
-                             "entries": len(self.memory)}
+            out["memory"] = {"bytes": self.memory.size, "max_bytes": self.memory.max_bytes, "entries": len(self.memory)}
         if self.redis is not None:
-            down = self.redis.breaker.is_open
             out["redis"] = {"state": "down" if down else "ok", "error": self.redis.last_error if down else None}
-            if down:
-                out["state"] = "degraded"
         return out
 
     def close(self) -> None:
@@ -366,10 +355,8 @@ def pixel_view(array: np.ndarray, spec: PreprocessSpec) -> tuple[list[str], byte
     fingerprint = np.clip(np.rint(fine), 0, 255).astype(np.uint8).tobytes()
     luma = np.tensordot(LUMA, _block_mean(fine, KEY_GRID), axes=1)
     step = 256 >> KEY_BITS
-    keys = []
-    for t in range(KEY_TABLES):
-        levels = np.floor((luma + t * step / KEY_TABLES) / step).astype(np.int16)
-        keys.append(f"p{t}:{hashlib.blake2b(levels.tobytes(), digest_size=16).hexdigest()}")
+    levels = [np.floor((luma + t * step / KEY_TABLES) / step).astype(np.int16) for t in range(KEY_TABLES)]
+    keys = [f"p{t}:{hashlib.blake2b(q.tobytes(), digest_size=16).hexdigest()}" for t, q in enumerate(levels)]
     return keys, fingerprint
 
 

@@ -1,4 +1,5 @@
 """The stream worker: Kafka messages in, one JSON result per message out, through `PredictionService`.
+(Redis Streams is a second transport under the same loop: serving/redis_stream.py.)
 
 A thin adapter. It parses its wire format (a message value is raw image bytes, or JSON
 `{"id": ..., "image_b64": ...}`), hands each micro-batch to `PredictionService.predict_batch` (the
@@ -42,15 +43,21 @@ class DeliveryFailed(RuntimeError):
     """Results could not be produced: exit without committing, so the batch is replayed."""
 
 
+class WireError(ValueError):
+    def __init__(self, code: str, detail: str, ident: Any = None):
+        super().__init__(detail)
+        self.code, self.detail, self.ident = code, detail, ident
+
+
 @dataclass
 class InMessage:
-    """One input message of any transport (`ref` is the transport's own handle)."""
+    """One input message of any transport; `error`: the transport already knows it cannot be processed."""
     value: bytes | None
     key: bytes | None
     topic: str
     partition: int
     offset: Any
-    ref: Any = None
+    error: WireError | None = None
 
 
 @dataclass
@@ -59,12 +66,6 @@ class OutMessage:
     key: bytes | None
     dead_letter: dict[str, str] | None = None  # headers for the DLQ copy of the input, if it failed
     source: InMessage | None = field(default=None, repr=False)
-
-
-class WireError(ValueError):
-    def __init__(self, code: str, detail: str, ident: Any = None):
-        super().__init__(detail)
-        self.code, self.detail, self.ident = code, detail, ident
 
 
 def parse_value(value: bytes | None, max_bytes: int) -> tuple[Any, bytes]:
@@ -133,6 +134,8 @@ class StreamWorker:
         for m in messages:
             try:
                 ident, data = parse_value(m.value, limit)
+                if m.error is not None:  # e.g. delivered too often: not tried again
+                    raise WireError(m.error.code, m.error.detail, ident)
                 parsed.append((m, ident, data, None))
             except WireError as e:
                 parsed.append((m, e.ident, None, e))
@@ -204,7 +207,7 @@ class KafkaTransport:
             if m.error():
                 log.warning("kafka consume: %s", m.error())
                 continue
-            out.append(InMessage(m.value(), m.key(), m.topic(), m.partition(), m.offset(), m))
+            out.append(InMessage(m.value(), m.key(), m.topic(), m.partition(), m.offset()))
         return out
 
     def deliver(self, out: list[OutMessage]) -> None:

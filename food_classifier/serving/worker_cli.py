@@ -17,6 +17,9 @@ def worker(
         help="Bundle dir, model dir or dir of model dirs (default: the built-in model).", show_default=False)] = None,
     kafka: Annotated[str | None, typer.Option("--kafka", metavar="BOOTSTRAP",
                                               help="Kafka bootstrap servers, host:port[,host:port...].")] = None,
+    redis_stream: Annotated[str | None, typer.Option(
+        "--redis-stream", metavar="URL", help="Use Redis Streams instead of Kafka (redis://host:6379/0): topics "
+                                              "are stream names, the group a consumer group.")] = None,
     in_topic: Annotated[str, typer.Option("--in-topic", help="Images to classify.")] = "food.images",
     out_topic: Annotated[str, typer.Option("--out-topic", help="One JSON result per input.")] = "food.predictions",
     group: Annotated[str, typer.Option("--group", help="Consumer group: workers in one group share the "
@@ -27,6 +30,10 @@ def worker(
         "--kafka-config", metavar="KEY=VALUE",
         help="librdkafka setting for the consumer and producer (e.g. security.protocol=SASL_SSL); repeatable.",
         show_default=False)] = None,
+    claim_idle_ms: Annotated[int, typer.Option("--claim-idle-ms", min=1, help="Redis Streams: take over entries "
+                                               "another consumer left unacknowledged this long.")] = 60_000,
+    max_deliveries: Annotated[int, typer.Option("--max-deliveries", min=1, help="Redis Streams: dead-letter an "
+                                                "entry delivered more often than this.")] = 5,
     model: Annotated[str | None, typer.Option("--model", help="Model name (default: the first).")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="top_k entries per result.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Messages per micro-batch.")] = 32,
@@ -41,7 +48,8 @@ def worker(
         show_default=False)] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
-    """Classify a stream of images: Kafka topic in, JSON results out (at least once, dead letters, SIGTERM drains)."""
+    """Classify a stream of images: Kafka topic (or Redis stream) in, JSON results out (at least once, dead
+    letters, SIGTERM drains)."""
     import logging
 
     from pydantic import ValidationError
@@ -51,8 +59,8 @@ def worker(
     from food_classifier.serving.settings import ServeSettings
     from food_classifier.serving.worker import KafkaTransport, WorkerError, run_worker
 
-    if not kafka:
-        _fail("--kafka BOOTSTRAP is required (e.g. --kafka localhost:9092)")
+    if bool(kafka) == bool(redis_stream):
+        _fail("give one of --kafka BOOTSTRAP (e.g. --kafka localhost:9092) or --redis-stream URL")
     extra = {}
     for item in kafka_config or []:
         key, sep, value = item.partition("=")
@@ -73,6 +81,11 @@ def worker(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def transport(metrics):
+        if redis_stream:
+            from food_classifier.serving.redis_stream import RedisStreamTransport
+
+            return RedisStreamTransport(redis_stream, in_topic, out_topic, group, dlq_topic or None, metrics,
+                                        claim_idle_ms, max_deliveries)
         return KafkaTransport(kafka, in_topic, out_topic, group, dlq_topic or None, extra, metrics)
 
     try:
