@@ -57,7 +57,7 @@ def worker(
     from food_classifier.bundle import BundleError
     from food_classifier.cache import CacheError
     from food_classifier.serving.settings import ServeSettings
-    from food_classifier.serving.worker import KafkaTransport, WorkerError, run_worker
+    from food_classifier.serving.worker import DeliveryFailed, KafkaTransport, WorkerError, run_worker
 
     if bool(kafka) == bool(redis_stream):
         _fail("give one of --kafka BOOTSTRAP (e.g. --kafka localhost:9092) or --redis-stream URL")
@@ -93,6 +93,9 @@ def worker(
                    metrics_port=metrics_port, metrics_host=metrics_host)
     except (WorkerError, BundleError, CacheError) as e:
         _fail(str(e))
+    except DeliveryFailed as e:  # nothing was committed: a restart replays the batch
+        typer.echo(f"error: {e}; exiting without committing", err=True)
+        raise typer.Exit(1) from None
 
 
 def _fail(message: str) -> None:
