@@ -282,12 +282,14 @@ class PredictionCache:
 
     def proba_batch(self, model: CacheableModel, images: Sequence[ImageInput], batch_size: int = 32,
                     threads: int | None = None) -> tuple[np.ndarray, list[str]]:
-        """Calibrated probabilities for `images` through the cache, misses run in chunks of `batch_size`."""
+        """Calibrated probabilities for `images` through the cache, misses run in chunks of `batch_size`.
+        Lookups (hashing, decoding, Redis) run in a thread pool, except for a single image."""
         rows: list[np.ndarray] = []
         outcomes: list[str] = []
         with ThreadPoolExecutor(threads or runtime.default_threads()) as pool:
+            run = partial(self.lookup, model)
             for chunk in runtime.chunks(images, batch_size):
-                looks = list(pool.map(partial(self.lookup, model), chunk))
+                looks = [run(chunk[0])] if len(chunk) == 1 else list(pool.map(run, chunk))
                 misses = [lk for lk in looks if lk.probs is None]
                 if misses:
                     for lk, p in zip(misses, model.predict_proba(np.stack([lk.array for lk in misses])), strict=True):

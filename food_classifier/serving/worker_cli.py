@@ -48,8 +48,10 @@ def worker(
         show_default=False)] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
-    """Classify a stream of images: Kafka topic (or Redis stream) in, JSON results out (at least once, dead
-    letters, SIGTERM drains)."""
+    """Classify a stream of images from Kafka (or Redis Streams): one JSON result per message.
+
+    At least once (offsets committed after the results are flushed), dead letters, SIGTERM drains.
+    """
     import logging
 
     from pydantic import ValidationError
