@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import redis as redis_client  # noqa: E402
-from food_classifier.serving.process import ServerProcess  # noqa: E402
 from services import RedisServer  # noqa: E402
 
 from food_classifier.client import AsyncClient  # noqa: E402
+from food_classifier.testing import ServerProcess  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets" / "food101_mini3"
 

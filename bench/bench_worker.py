@@ -26,8 +26,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 import confluent_kafka as ck  # noqa: E402
 from bench_cache import DATA, cpu_flags, proc_cpu, run_load  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
-from food_classifier.serving.process import ServerProcess, free_port  # noqa: E402
 from services import KafkaBroker  # noqa: E402
+
+from food_classifier.testing import ServerProcess, free_port  # noqa: E402
 
 OFF = {"FOOD_CLASSIFIER_CACHE_BYTES": "0"}
 

@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from food_classifier.serving.process import free_port
+from food_classifier.testing import free_port
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float, what: str) -> None:

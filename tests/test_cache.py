@@ -15,7 +15,6 @@ import httpx
 import numpy as np
 import pytest
 from conftest import SHARED_DATA, colour_image, image_bytes, make_colour_bundle
-from food_classifier.serving.process import ServerProcess, free_port
 from PIL import Image
 from services import RedisServer
 from test_serving import ready_client
@@ -23,6 +22,7 @@ from test_serving import ready_client
 from food_classifier.cache import HIT_BYTES, HIT_PIXELS, MISS, OFF, CacheError, MemoryLRU, PredictionCache
 from food_classifier.inference import Classifier
 from food_classifier.serving.settings import ServeSettings
+from food_classifier.testing import ServerProcess, free_port
 
 needs_redis = pytest.mark.skipif(RedisServer.binary() is None, reason="redis-server not installed (apt)")
 

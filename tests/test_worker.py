@@ -15,11 +15,11 @@ import uuid
 
 import pytest
 from conftest import COLOURS, colour_image, image_bytes
-from food_classifier.serving.process import free_port
 from services import KafkaBroker
 from typer.testing import CliRunner
 
 from food_classifier.serving.worker import WireError, parse_value
+from food_classifier.testing import free_port
 
 ck = pytest.importorskip("confluent_kafka")
 if KafkaBroker.binary() is None:

@@ -67,7 +67,8 @@ async def healthz() -> schemas.Health:
     return schemas.Health(status="ok")
 
 
-@router.get("/readyz", tags=["ops"], responses=schemas.errors({503: "Models still loading or failed"}))
+@router.get("/readyz", tags=["ops"], responses=schemas.errors({503: "Models still loading or failed"}),
+            response_model_exclude_none=True)
 async def readyz(request: Request) -> schemas.Ready:
     """Green only once every model is loaded and warmed up. A failing cache does not make it red (requests
     work without it): it shows as `cache.state: degraded`."""

@@ -27,8 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from food_classifier.bundle import model_sources
 from food_classifier.serving.metrics import ServingMetrics, WorkerMetrics
-from food_classifier.serving.registry import ModelRegistry, model_sources
+from food_classifier.serving.registry import ModelRegistry
 from food_classifier.serving.service import ImageUpload, PredictionService
 from food_classifier.serving.settings import ServeSettings
 
