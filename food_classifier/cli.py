@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -258,6 +259,43 @@ def predict(images: list[Path] = typer.Argument(..., help="Image files."),
         else:
             alts = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in p.top_k)
             typer.echo(f"{path}: {p.label} ({p.confidence:.3f})  [{alts}]")
+
+
+@app.command("predict-dir")
+def predict_dir_cmd(
+        source: Path = typer.Argument(..., help="A folder (searched recursively for images; subfolders = classes), "
+                                                "a manifest CSV (a 'path' column, optional 'label') or a text file "
+                                                "of paths."),
+        model: Path = typer.Option(Path("models/food"), help="Bundle dir or model dir (newest version)."),
+        out: Path = typer.Option(..., help="Results file; a rerun resumes it (skips images already scored by "
+                                           "this model version)."),
+        engine: Literal["local", "ray"] = typer.Option(
+            "local", help="local: this process; ray: a Ray Data actor pool (the 'ray' extra)."),
+        ray_address: str | None = typer.Option(None, help="With --engine ray: auto (the Ray that `ray start` runs "
+                                                          "here) or ray://HOST:10001; default: a local Ray."),
+        batch_size: int = typer.Option(64, min=1, help="Images per model call."),
+        fmt: Literal["parquet", "jsonl"] | None = typer.Option(
+            None, "--format", help="Default: jsonl for an --out ending in .jsonl, else parquet."),
+        threads: int = typer.Option(0, min=0, help="Local engine: decode and ONNX Runtime threads (0 = all "
+                                                   "usable CPUs, at most 4).")) -> None:
+    """Score every image of a folder, manifest or path list into a Parquet or JSONL file, one row per image."""
+    from food_classifier.batch import BatchError, local_engine, predict_dir
+    from food_classifier.bundle import BundleError
+    from food_classifier.ray_env import MissingExtra
+
+    if engine == "ray":
+        from food_classifier.ray_batch import RayEngine
+
+        runner = RayEngine(ray_address)
+    else:
+        runner = local_engine(threads or None)
+    try:
+        summary = predict_dir(source, model, out, fmt, batch_size, runner)
+    except (BatchError, BundleError, MissingExtra) as e:  # here, not in main(): its check imports torch
+        fail(str(e))
+    if summary.accuracy:
+        typer.echo(summary.accuracy)
+    typer.echo(summary.text())
 
 
 @app.command("builtin")

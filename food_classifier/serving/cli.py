@@ -25,7 +25,8 @@ from typing import Annotated, Any
 import typer
 
 MiB = 1024 * 1024
-SERVE_HELP = "Serve model bundles over HTTP (FastAPI + uvicorn, ONNX Runtime; no torch)."
+SERVE_HELP = ("Serve model bundles over HTTP (FastAPI + uvicorn, ONNX Runtime; no torch), or the same app on "
+              "Ray Serve (--engine ray).")
 
 
 def _cli_type(annotation: Any) -> Any:
@@ -126,12 +127,29 @@ def run_server(settings: Any) -> None:
     memory.limit_arenas(2)  # before any worker thread allocates: keeps RSS from creeping (memory.py)
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.engine == "ray":
+        _run_ray(settings)
     try:
         app = create_app(settings)
     except (BundleError, CacheError) as e:
         _fail(str(e))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=settings.access_log, timeout_graceful_shutdown=10)
+
+
+def _run_ray(settings: Any) -> typing.NoReturn:
+    """`--engine ray`: the same app in Ray Serve replicas (serving/ray_serve.py); exits with its status."""
+    from food_classifier.bundle import BundleError, model_sources
+    from food_classifier.ray_env import MissingExtra
+    from food_classifier.serving.ray_serve import run
+
+    try:
+        model_sources(settings.bundles)  # a wrong path fails here, not in every replica
+        code = run(settings.model_copy(update={"bundles": [p.absolute() for p in settings.bundles],
+                                               "allow_path_root": [p.absolute() for p in settings.allow_path_root]}))
+    except (BundleError, MissingExtra) as e:
+        _fail(str(e))
+    raise typer.Exit(code)
 
 
 @cache
