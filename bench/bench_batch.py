@@ -80,9 +80,11 @@ def measure(cmd: list[str], images: int) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     progress: list[tuple[float, int]] = []
+    tail: list[str] = []
 
     def read() -> None:
         for line in proc.stderr:
+            tail[:] = [*tail[-19:], line]
             m = re.match(r"(\d+)/\d+ images", line)
             if m:
                 progress.append((time.perf_counter(), int(m.group(1))))
@@ -97,7 +99,7 @@ def measure(cmd: list[str], images: int) -> dict:
     wall = time.perf_counter() - start
     reader.join(5)
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{''.join(tail)}")
     (t0, n0), (t1, n1) = progress[0], progress[-1]
     return {"img_s": images / wall, "steady": (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan"),
             "cpu_ms": 1000 * sum(cpu.values()) / images, "rss": peak, "wall": wall, "load": os.getloadavg()[0]}

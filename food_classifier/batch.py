@@ -200,9 +200,9 @@ class Scorer:
 
 def local_engine(threads: int | None = None) -> Engine:
     """This process, `threads` CPUs (default: the usable ones, at most 4): as many decode threads, and as many
-    model calls at once, each a 1-thread ONNX Runtime run on a slice of the batch. Measured here, one session
-    with 2 intra-op threads got half the throughput for the same CPU per image (its threads wait for each
-    other, worst on a busy machine); 1-thread runs side by side are what the server does too."""
+    model calls at once, each a 1-thread ONNX Runtime run on a slice of the batch. Measured here (Lite0, 2 cores,
+    the same 512 photos, alternating): 21.3 img/s and 31 ms CPU per image, against 19.5 and 34 for one run with
+    2 intra-op threads (its threads wait for each other); the server runs 1-thread calls side by side too."""
     cpus = threads or runtime.default_threads()
 
     def run(bundle: Bundle, paths: list[str], done: Done, batch_size: int) -> Iterator[Chunk]:

@@ -190,6 +190,7 @@ def test_deployment_options_expose_ray_autoscaling():
     fixed = deployment_options(ServeSettings(replicas="3", max_ongoing_requests=6, replica_cpus=0.5))
     assert (fixed["num_replicas"], fixed["max_ongoing_requests"], fixed["ray_actor_options"]) == (
         3, 6, {"num_cpus": 0.5})
+    assert fixed["logging_config"] == {"enable_access_log": False, "log_level": "INFO"}  # as uvicorn: no access log
     auto = deployment_options(ServeSettings(replicas="auto", min_replicas=0, max_replicas=4,
                                             target_ongoing_requests=3))
     assert "num_replicas" not in auto and auto["autoscaling_config"] == {
