@@ -9,7 +9,8 @@ Each contender runs as its own process (the CLI for the engines, exactly as a us
 
 CPU seconds and peak RSS are of the whole process tree (for Ray: driver, GCS, raylet, workers), sampled
 from /proc every 0.2 s. `img/s` is end to end (start-up included); `steady img/s` is between the first
-and the last progress line (Ray's ~10-20 s start-up and the model load excluded).
+and the last progress line (misleading for Ray, whose rows reach the driver in bursts). The two sizes
+give each contender's rate once running and its fixed start-up (wall = start-up + images / rate).
 
     python bench/bench_batch.py [--bundle DIR] [--copies 8] [--only local,ray,naive]
 """
@@ -130,6 +131,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         sets = [(DATA, n_photos)] + ([(copies(args.copies, Path(tmp) / "copies"), n_photos * args.copies)]
                                      if args.copies > 1 else [])
+        walls: dict[str, list[tuple[int, float]]] = {}
         for source, n in sets:
             cli = [sys.executable, "-m", "food_classifier.cli", "predict-dir", str(source), "--model", bundle]
             runs = {"local": cli + ["--out", f"{tmp}/local-{n}.parquet"],
@@ -138,9 +140,15 @@ def main() -> None:
             results = {name: measure(cmd, n) for name, cmd in runs.items() if name in args.only.split(",")}
             base = results.get("naive", {}).get("img_s")
             for name, r in results.items():
+                walls.setdefault(name, []).append((n, r["wall"]))
                 ratio = f"{r['img_s'] / base:.2f}x" if base else "-"
                 print(f"| {n} | {name} | {r['img_s']:.1f} | {r['steady']:.1f} | {r['cpu_ms']:.1f} | {r['rss']:.0f} | "
                       f"{r['wall']:.0f} | {r['load']:.1f} | {ratio} |", flush=True)
+    for name, points in walls.items():  # wall = start-up + n / rate, from the two sizes
+        if len(points) == 2 and points[1][1] > points[0][1]:
+            (n1, w1), (n2, w2) = points
+            rate = (n2 - n1) / (w2 - w1)
+            print(f"{name}: {rate:.1f} img/s once running, {w1 - n1 / rate:.0f} s fixed start-up")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
