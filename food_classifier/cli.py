@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
 import typer
+
+from food_classifier.cli_models import models_app
 
 
 class _Commands(typer.core.TyperGroup):
@@ -33,31 +36,36 @@ class _Commands(typer.core.TyperGroup):
         return super().get_command(ctx, name)
 
 
+# rich_markup_mode=None: click's plain help wraps at word boundaries; rich's tables cut defaults mid-word at 80 columns
 app = typer.Typer(help="Train food-photo classifiers on a CPU and serve them over HTTP.", cls=_Commands,
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Get and split datasets.", no_args_is_help=True)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+data_app = typer.Typer(help="Get and split datasets.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
 
 
-def fail(message: str) -> None:
+LOCAL_DATA_HINT = ("hint: no internet? Train on a folder of your own photos (one subfolder per class): "
+                   "`make demo DATA=~/my_photos`, or `FOOD_CLASSIFIER_DATA=~/my_photos food-classifier data prepare`"
+                   " (README: Your photos)")
+
+
+def fail(message: str) -> typing.NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'the user gave us something wrong': shown as one line, no traceback."""
+    """Exceptions that mean 'the user gave us something wrong': shown as one line, no traceback.
+    Training modules count only once imported (an error of theirs cannot be raised before), so an
+    error path never pays for importing torch."""
     from food_classifier.bundle import BundleError
     from food_classifier.preprocessing import ImageError
 
     errors: list[type[BaseException]] = [BundleError, ImageError, FileNotFoundError]
-    try:
-        from food_classifier.training.data import DataError
-        from food_classifier.training.export import ExportError
-        from food_classifier.training.models import ModelError
-
-        errors += [DataError, ModelError, ExportError]
-    except ImportError:  # serving-only install
-        pass
+    training = {"data": "DataError", "export": "ExportError", "models": "ModelError"}
+    for module, name in training.items():
+        if f"food_classifier.training.{module}" in sys.modules:
+            errors.append(getattr(sys.modules[f"food_classifier.training.{module}"], name))
     return tuple(errors)
 
 
@@ -84,7 +92,8 @@ def data_sources() -> None:
 def data_fetch(source: str = typer.Argument("pizza_steak_sushi", help="A name from `data sources`, or a URL."),
                dest: Path = typer.Option(Path("data/raw"), help="Where archives are downloaded and extracted."),
                sha256: str | None = typer.Option(None, help="Expected sha256 of the archive.")) -> None:
-    """Download (resumable) and safely extract a dataset archive; prints the image folder."""
+    """Download and extract a dataset archive. Resumable, sha256-checked, safe extraction; prints the
+    image folder."""
     from food_classifier.training.data import fetch
 
     typer.echo(fetch(source, dest, sha256=sha256))
@@ -95,7 +104,8 @@ def data_split(root: Path = typer.Argument(..., help="ImageFolder (one folder pe
                manifest: Path = typer.Option(Path("data/manifest.csv"), help="Manifest CSV to write."),
                ratios: str = typer.Option("0.7,0.15,0.15", help="train,validation,test fractions."),
                seed: int = typer.Option(42)) -> None:
-    """Validate images, group duplicates, split train/validation/test, write the manifest."""
+    """Split a photo folder into train/validation/test. Validates images, groups duplicates, writes the
+    manifest."""
     from food_classifier.training.data import DataError, count_table, find_image_root, split
 
     try:
@@ -112,28 +122,20 @@ def data_split(root: Path = typer.Argument(..., help="ImageFolder (one folder pe
 @data_app.command("prepare")
 def data_prepare(manifest: Path = typer.Option(Path("data/manifest.csv")), seed: int = typer.Option(42),
                  source: str = typer.Option("pizza_steak_sushi", help="Remote source when no local folder.")) -> None:
-    """Use $FOOD_CLASSIFIER_DATA (a local folder) when set, else download SOURCE; then split."""
-    from food_classifier.training.data import fetch
+    """Split $FOOD_CLASSIFIER_DATA, or download a dataset first. Uses the local folder when the variable
+    is set, else downloads SOURCE; then splits it like `data split`."""
+    from food_classifier.training.data import DataError, fetch
 
     local = os.environ.get("FOOD_CLASSIFIER_DATA")
-    root = Path(local) if local else fetch(source, manifest.parent / "raw")
+    try:
+        root = Path(local).expanduser() if local else fetch(source, manifest.parent / "raw")
+    except DataError as e:  # offline, most likely: say how to use the photos the user has
+        fail(f"{e}\n{LOCAL_DATA_HINT}")
     typer.echo(f"dataset: {root}")
     data_split(root, manifest=manifest, ratios="0.7,0.15,0.15", seed=seed)
 
 
-# --- models, training, evaluation -----------------------------------------------------------
-
-@app.command("models")
-def models_cmd() -> None:
-    """List the registered model names (any timm architecture works too)."""
-    need_training_extras()
-    from food_classifier.training.models import list_models
-
-    for name, desc in list_models().items():
-        typer.echo(f"{name:<20} {desc}")
-    typer.echo(f"{'a+b':<20} ensemble of pretrained backbones: one input, one linear head per member, "
-               "logits averaged (default: efficientnet_lite0+efficientnet_lite1)")
-
+# --- training, evaluation -------------------------------------------------------------------
 
 @app.command()
 def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `data split`."),
@@ -166,7 +168,8 @@ def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `d
           int8: bool = typer.Option(True, "--int8/--no-int8",
                                     help="Also add a quantized int8 variant (~20 s), with its test accuracy and "
                                          "speed vs fp32 in bundle.json.")) -> None:
-    """Train, export the ONNX bundle, evaluate it per tier, calibrate it and publish it."""
+    """Train a model and publish its bundle. Fits, exports the ONNX bundle, evaluates it per tier,
+    calibrates it and publishes it to MODELS_DIR/NAME/VERSION."""
     need_training_extras()
     if cv == 1:
         fail("--cv needs K >= 2 folds (0 = off)")
@@ -199,7 +202,8 @@ def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `d
 @app.command()
 def evaluate(run: Path = typer.Argument(..., help="A run dir (uses its bundle) or a bundle dir."),
              manifest: Path | None = typer.Option(None, help="Defaults to the run's manifest.")) -> None:
-    """Per-tier accuracy, macro P/R/F1, per-class table and confusion matrix of the exported bundle."""
+    """Score a bundle per tier. Accuracy, macro P/R/F1, per-class table and confusion matrix of the
+    exported bundle."""
     from food_classifier.training.evaluate import format_table, score
 
     bundle = run / "bundle" if (run / "bundle").is_dir() else run
@@ -215,7 +219,7 @@ def evaluate(run: Path = typer.Argument(..., help="A run dir (uses its bundle) o
 @app.command()
 def report(run: Path = typer.Argument(..., help="A run dir from `train` (uses its logits.npz, bundle, history)."),
            out: Path | None = typer.Option(None, help="Output folder (default RUN/report).")) -> None:
-    """Write one self-contained HTML evaluation report (images embedded) plus its PNGs."""
+    """Write a run's HTML report. One self-contained file (images embedded) plus its PNGs."""
     try:
         from food_classifier.training.report import build_report
     except ImportError as e:
@@ -229,7 +233,8 @@ def report(run: Path = typer.Argument(..., help="A run dir from `train` (uses it
 def export(run: Path = typer.Argument(..., help="A run dir from `train`."),
            models_dir: Path = typer.Option(Path("models")), name: str = typer.Option("food"),
            int8: bool = typer.Option(True, "--int8/--no-int8", help="Also add the quantized int8 variant.")) -> None:
-    """Re-export a run's best checkpoint to a new bundle version, evaluate and publish it."""
+    """Re-export a run to a new bundle version. Exports the run's best checkpoint, evaluates and
+    publishes it."""
     need_training_extras()
     from food_classifier.training.pipeline import finalize
 
@@ -238,32 +243,41 @@ def export(run: Path = typer.Argument(..., help="A run dir from `train`."),
 
 
 @app.command()
-def predict(images: list[Path] = typer.Argument(..., help="Image files."),
-            model: Path = typer.Option(Path("models/food"), help="Bundle dir or model dir (newest version)."),
+def predict(images: list[Path] = typer.Argument(..., help="Image files.", metavar="IMAGE..."),
+            model: Path = typer.Option(Path("models/food"),
+                                       help="Bundle dir or model dir (its promoted, else newest version)."),
             top_k: int = typer.Option(3), threads: int = typer.Option(0),
+            variant: str = typer.Option("auto", help="auto (the bundle's recommended one, as `serve`), fp32 or int8."),
             as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
-    """Classify images with a bundle (ONNX Runtime; no torch needed)."""
+    """Classify images with a bundle (no torch needed). Uses ONNX Runtime; exits 1 when any image could
+    not be read (the others are still classified)."""
     from food_classifier.inference import Classifier
     from food_classifier.preprocessing import ImageError
 
-    clf = Classifier(model, threads=threads or None, top_k=top_k)
+    clf = Classifier(model, threads=threads or None, top_k=top_k, variant=variant)
+    failed = 0
     for path in images:
         try:
             p = clf.predict(path)
         except ImageError as e:
             typer.secho(f"{path}: error: {e}", fg=typer.colors.RED, err=True)
+            failed += 1
             continue
-        if as_json:
-            typer.echo(json.dumps({"image": str(path), **p.to_dict()}))
+        if as_json:  # UTF-8 bytes whatever the terminal's encoding: JSON is UTF-8 (RFC 8259)
+            line = json.dumps({"image": str(path), **p.to_dict()}, ensure_ascii=False)
+            typer.echo(line.encode("utf-8", "surrogateescape"))
         else:
             alts = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in p.top_k)
             typer.echo(f"{path}: {p.label} ({p.confidence:.3f})  [{alts}]")
+    if failed:
+        typer.secho(f"{failed} of {len(images)} image(s) could not be read", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 @app.command("builtin")
 def builtin_cmd(labels: bool = typer.Option(False, "--labels", help="Also list its classes.")) -> None:
-    """Print the path of the built-in ImageNet food model (what `serve` uses without a bundle),
-    building it first if it is not cached (~30 s, needs the training extras, downloads nothing)."""
+    """Print the built-in food model's path. It is what `serve` uses without a bundle; built first if it
+    is not cached (~30 s, needs the training extras, downloads nothing)."""
     from food_classifier.builtin import FOOD_CLASSES, builtin_bundle_path
 
     typer.echo(builtin_bundle_path())
