@@ -51,7 +51,7 @@ class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FOOD_CLASSIFIER_", extra="forbid", frozen=True)
 
     bundles: Annotated[list[Path], NoDecode, Cli(positional=True)] = Field(
-        default_factory=list, description="Bundle dir, model dir (serves its newest version) or dir of model "
+        default_factory=list, description="Bundle dir, model dir (serves its promoted, else newest version) or dir of model "
                                           "dirs; several allowed. The first model is the default. None: the "
                                           "built-in model.")
     host: str = Field("0.0.0.0", description="Interface to bind.")
