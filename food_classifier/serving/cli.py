@@ -119,6 +119,7 @@ def run_server(settings: Any) -> None:
     import uvicorn
 
     from food_classifier.bundle import BundleError
+    from food_classifier.cache import CacheError
     from food_classifier.serving import memory
     from food_classifier.serving.app import create_app
 
@@ -127,7 +128,7 @@ def run_server(settings: Any) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app(settings)
-    except BundleError as e:
+    except (BundleError, CacheError) as e:
         _fail(str(e))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=settings.access_log, timeout_graceful_shutdown=10)

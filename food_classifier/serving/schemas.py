@@ -29,9 +29,28 @@ class Health(Wire):
     status: Literal["ok"]
 
 
+class CacheMemory(Wire):
+    bytes: int
+    max_bytes: int
+    entries: int
+
+
+class CacheRedis(Wire):
+    state: Literal["ok", "down"]
+    error: str | None
+
+
+class CacheStatus(Wire):
+    state: Literal["ok", "degraded", "off"]  # degraded: Redis failing, answers still served
+    ttl_s: float
+    memory: CacheMemory | None = None
+    redis: CacheRedis | None = None
+
+
 class Ready(Wire):
     status: Literal["ready"]
     models: dict[str, str]  # name -> version
+    cache: CacheStatus
 
 
 class TopK(Wire):
@@ -55,6 +74,7 @@ class Prediction(Wire):
     abstained: bool
     model: str
     model_version: str
+    cache: str  # hit-bytes, hit-pixels, miss or off
     timing: Timing
 
 
@@ -66,6 +86,7 @@ class BatchResult(Wire):
     confidence: float
     top_k: list[TopK]
     abstained: bool
+    cache: str  # hit-bytes, hit-pixels, miss or off
     timing: Timing
 
 
