@@ -291,7 +291,7 @@ def _register_worker() -> None:
         from food_classifier.serving.worker_cli import worker
     except ImportError:
         return
-    app.command("worker")(worker)
+    app.command("worker", short_help="Classify images from Kafka or Redis Streams.")(worker)
 
 
 _register_worker()
