@@ -51,9 +51,9 @@ class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FOOD_CLASSIFIER_", extra="forbid", frozen=True)
 
     bundles: Annotated[list[Path], NoDecode, Cli(positional=True)] = Field(
-        default_factory=list, description="Bundle dir, model dir (serves its promoted, else newest version) or dir of model "
-                                          "dirs; several allowed. The first model is the default. None: the "
-                                          "built-in model.")
+        default_factory=list, description="Bundle dir, model dir (serves its promoted, else newest version) or "
+                                          "dir of model dirs; several allowed. The first model is the default. "
+                                          "None: the built-in model.")
     host: str = Field("0.0.0.0", description="Interface to bind.")
     port: Annotated[int, Cli(short="-p")] = Field(8383, ge=0, le=65535, description="Port.")
     default_model: str | None = Field(None, description="Model behind /predict (default: the first one).")
