@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from food_classifier import runtime
-from food_classifier.bundle import Bundle, load_bundle, newest_bundle
+from food_classifier.bundle import Bundle, BundleError, load_newest
 from food_classifier.preprocessing import DEFAULT_MAX_PIXELS, ImageInput, preprocess
 
 UNSURE = "unsure"
@@ -40,15 +40,27 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 class Classifier:
-    """A loaded bundle + ONNX Runtime session. Thread-safe: ORT's `run` may be called concurrently."""
+    """A loaded bundle + ONNX Runtime session. Thread-safe: ORT's `run` may be called concurrently.
+
+    A path loads the newest valid version; a graph ORT cannot load, or whose output width is not the
+    number of labels, is a `BundleError` naming the file (the session is the one place that sees it)."""
 
     def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, variant: str = "fp32",
                  top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(newest_bundle(bundle))
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_newest(bundle)
         self.variant = variant
         self.top_k = top_k
         self.max_pixels = max_pixels
-        self.session = runtime.create_session(self.bundle.model_file(variant), threads)
+        model = self.bundle.model_file(variant)
+        try:
+            self.session = runtime.create_session(model, threads)
+        except Exception as e:  # not an ONNX graph, truncated, unsupported op...
+            raise BundleError(f"{model}: ONNX Runtime cannot load it: {str(e).strip().splitlines()[0]}") from None
+        shape = self.session.get_outputs()[0].shape
+        width = shape[-1] if shape else None
+        if isinstance(width, int) and width != len(self.bundle.labels):
+            raise BundleError(f"{model}: the model outputs {width} classes but {self.bundle.path / 'bundle.json'} "
+                              f"lists {len(self.bundle.labels)} labels")
         self.labels = self.bundle.labels
         self.spec = self.bundle.preprocessing
 

@@ -180,7 +180,7 @@ def test_add_int8_variant_measures_and_records_everything(bundle, data):
         assert clf.predict(colour_image(name, seed=7)).label == name
     published = load_bundle(publish(bundle, bundle.parent.parent / "models"))
     assert published.model_file("int8").read_bytes() == int8.read_bytes()
-    assert published.variants["int8"]["test_accuracy"] == 1.0
+    assert published.variants["int8"].test_accuracy == 1.0
 
 
 def test_accuracy_loss_means_not_recommended(bundle, data, monkeypatch):
@@ -198,7 +198,7 @@ def test_accuracy_loss_means_not_recommended(bundle, data, monkeypatch):
     assert entry["accuracy_delta_points"] == pytest.approx(-100 / 18, abs=1e-2)
     assert entry["recommended"] is False
     assert "accuracy points" in entry["not_recommended_because"][0]
-    assert load_bundle(bundle).variants["int8"]["recommended"] is False  # kept, but flagged
+    assert load_bundle(bundle).variants["int8"].recommended is False  # kept, but flagged
 
 
 def test_qoperator_and_dynamic_methods(bundle, tmp_path):

@@ -3,14 +3,17 @@
     app = create_app(ServeSettings(bundles=[Path("models/food")]))
 
 Models load in the background after startup, so `/healthz` answers at once and `/readyz` turns green
-when every model is loaded and warmed. SIGHUP reloads every model (when running in the main thread).
+when every model is loaded and warmed. If loading fails (no valid version of a model), the real server
+exits with status 3 instead of staying alive and unready. SIGHUP reloads every model (when running in the main thread).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -33,6 +36,7 @@ from food_classifier.serving.settings import ServeSettings
 
 log = logging.getLogger("food_classifier.serving")
 STATIC = Path(__file__).parent / "static"
+EXIT_NO_MODEL = 3  # the server started but no model could be loaded (as uvicorn's own startup failure)
 TopK = Annotated[int | None, Query(ge=1, le=1000, description="How many classes to return in top_k.")]
 Threshold = Annotated[float | None, Query(ge=0.0, le=1.0, description="Abstain (label 'unsure') below this "
                                                                        "confidence; default: the bundle's.")]
@@ -193,14 +197,24 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
-        loading = asyncio.create_task(registry.load_all(warm=service.warm_up))
-        loading.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged by load_all
-        hup = False
+        hup = False  # True when this app owns the process's main thread (the real server, not TestClient)
         try:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(registry.reload_all()))
             hup = True
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (e.g. TestClient)
             pass
+        fatal: list[str] = []
+
+        def loaded(task: asyncio.Task) -> None:
+            if task.cancelled() or task.exception() is None:
+                return  # (a failure is logged by load_all)
+            if hup:  # no model can be served: exit non-zero so an orchestrator restarts or alerts
+                fatal.append(registry.error or "model loading failed")
+                log.critical("cannot serve, shutting down with exit status %d: %s", EXIT_NO_MODEL, fatal[0])
+                signal.raise_signal(signal.SIGTERM)  # uvicorn's graceful shutdown, then the exit below
+
+        loading = asyncio.create_task(registry.load_all(warm=service.warm_up))
+        loading.add_done_callback(loaded)
         try:
             yield
         finally:
@@ -209,6 +223,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             loading.cancel()
             service.close()
             registry.close()
+            if fatal:  # uvicorn would exit 0 after a shutdown; the lifespan is its last step
+                logging.shutdown()
+                sys.stderr.flush()
+                os._exit(EXIT_NO_MODEL)
 
     # /docs and /redoc with their JS/CSS served from the fastapi-offline package, not a CDN:
     # the service must be browsable on a machine without internet access

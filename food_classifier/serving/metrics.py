@@ -31,6 +31,8 @@ class ServingMetrics:
         self.model_info = Gauge("food_classifier_model_info", "Loaded models (value 1).",
                                 ["model", "version", "variant", "default"], registry=r)
         self.reloads = Counter("food_classifier_model_reloads", "Model reloads.", ["model", "outcome"], registry=r)
+        self.skipped_versions = Counter("food_classifier_model_versions_skipped",
+                                        "Broken bundle versions skipped while (re)loading.", ["source"], registry=r)
         self.in_flight = Gauge("food_classifier_requests_in_flight", "Requests being served.", registry=r)
 
     def observe_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:

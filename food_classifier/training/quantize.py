@@ -27,8 +27,6 @@ not faster is still kept, marked `recommended: false`; the default variant stays
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -38,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from food_classifier.bundle import META_FILE, Bundle, file_sha256, load_bundle, update_meta
+from food_classifier.bundle import Bundle, file_sha256, load_bundle, read_meta, update_meta
 from food_classifier.preprocessing import PreprocessSpec, preprocess
 
 INT8_FILE = "model.int8.onnx"
@@ -198,7 +196,7 @@ def evaluate_int8(bundle: Bundle, int8_file: Path, rows: list, threads: int = 2,
     Returns metrics per tier and up to 32 of those arrays (for the speed measurement)."""
     from food_classifier.inference import Classifier
 
-    with_int8 = dataclasses.replace(bundle, variants={**bundle.variants, "int8": {"file": int8_file.name}})
+    with_int8 = bundle.with_variants({**bundle.variants, "int8": {"file": int8_file.name}})
     fp32, int8 = Classifier(bundle, threads=threads), Classifier(with_int8, threads=threads, variant="int8")
     index = {lab: i for i, lab in enumerate(bundle.labels)}
     result: dict = {}
@@ -242,7 +240,7 @@ def add_int8_variant(bundle_dir: str | Path, manifest: str | Path, method: str =
     tmp = int8_file.with_suffix(f".tmp{os.getpid()}.onnx")
     try:
         info = quantize_model(fp32_file, tmp, cal, method=method, keep_fp32_convs=keep_fp32_convs,
-                              input_name=bundle.meta.get("input", {}).get("name", "image"))
+                              input_name=bundle.meta.input_name)
         os.replace(tmp, int8_file)
     finally:
         tmp.unlink(missing_ok=True)
@@ -320,7 +318,7 @@ def int8_step(bundle_dir: str | Path, manifest: str | Path, **kwargs) -> dict | 
         entry = add_int8_variant(bundle_dir, manifest, **kwargs)
     except Exception as e:  # reported; the fp32 bundle is still good
         (Path(bundle_dir) / INT8_FILE).unlink(missing_ok=True)
-        variants = json.loads((Path(bundle_dir) / META_FILE).read_text()).get("variants") or {}
+        variants = read_meta(bundle_dir).variants
         if "int8" in variants:  # an older entry would now point at a deleted file
             update_meta(bundle_dir, {"variants": {k: v for k, v in variants.items() if k != "int8"}})
         warnings.warn(f"int8 variant skipped: {e.__class__.__name__}: {e}", stacklevel=2)
