@@ -262,3 +262,23 @@ def test_publish_removes_stale_temporaries_only(tmp_path):
     os.utime(stale, (old, old))
     make_colour_bundle(models / "v1", version="v1")
     assert sorted(p.name for p in models.iterdir()) == [".tmp-v2-writing", "v1"]  # a live publish is left alone
+
+
+def test_preprocessing_round_trips_and_new_spec_fields_flow_through():
+    from food_classifier.bundle_schema import Preprocessing
+
+    spec = PreprocessSpec(resize=146, crop=128, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), interpolation="bilinear")
+    assert Preprocessing.from_spec(spec).spec() == spec
+    assert Preprocessing.from_spec(spec).model_dump() == spec.to_dict()
+    future = Preprocessing.model_validate({**spec.to_dict(), "layout": "NHWC", "scale": 255.0})
+    assert future.model_dump() == {**spec.to_dict(), "layout": "NHWC", "scale": 255.0}
+
+
+@pytest.mark.parametrize("int8, expected", [(None, "fp32"), ({}, "int8"), ({"recommended": True}, "int8"),
+                                            ({"recommended": False}, "fp32")])
+def test_recommended_variant_policy(int8, expected):
+    from food_classifier.bundle import BundleMeta
+
+    variants = {"fp32": {"file": "model.onnx"}} | ({} if int8 is None else {"int8": {"file": "i.onnx", **int8}})
+    meta = BundleMeta.model_validate({"name": "m", "version": "v", "labels": ["a"], "variants": variants})
+    assert meta.recommended_variant() == expected

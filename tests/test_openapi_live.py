@@ -152,19 +152,32 @@ def test_live_responses_match_the_published_schema(live, models):
 
 
 def test_not_ready_answers_match_the_schema(tmp_path):
-    """A server whose models failed to load: /readyz and the predict endpoints answer 503."""
+    """Models still loading: /readyz and the predict endpoints answer 503, as documented. A real server
+    whose models fail to load exits (test_serving_startup), so this state is seen in-process, before the
+    app's lifespan has loaded anything."""
+    from fastapi.testclient import TestClient
+
+    from food_classifier.serving.app import create_app
+    from food_classifier.serving.settings import ServeSettings
+
     make_colour_bundle(tmp_path / "colour" / "v1", version="v1")
-    srv = ServerProcess([tmp_path / "colour"], args=["--default-model", "nope"], ready_path="/healthz")
-    with srv, httpx.Client(base_url=srv.url, timeout=30) as c:
-        spec = Spec(c.get("/openapi.json").json())
-        body, deadline = spec.check(c.get("/readyz"), 503), time.monotonic() + 30
-        while "loading" in body["detail"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-            body = spec.check(c.get("/readyz"), 503)
-        assert body["error"] == "not_ready" and "default model 'nope'" in body["detail"]
-        spec.check(c.post("/predict", content=jpg("red"), headers=JPEG), 503)
-        spec.check(c.get("/v1/models/colour"), 503)
-        assert spec.check(c.get("/v1/models"), 200) == {"default": "nope", "models": []}
+    app = create_app(ServeSettings(bundles=[tmp_path / "colour"]))
+    c = TestClient(app)  # no `with`: the lifespan (model loading) never runs
+    spec = Spec(c.get("/openapi.json").json())
+    body = spec.check(c.get("/readyz"), 503)
+    assert body["error"] == "not_ready" and "loading" in body["detail"]
+    spec.check(c.post("/predict", content=jpg("red"), headers=JPEG), 503)
+    spec.check(c.get("/v1/models/colour"), 503)
+    assert spec.check(c.get("/v1/models"), 200) == {"default": None, "models": []}
+
+
+def test_a_default_model_that_does_not_exist_stops_the_server(tmp_path):
+    make_colour_bundle(tmp_path / "colour" / "v1", version="v1")
+    log = tmp_path / "server.log"
+    srv = ServerProcess([tmp_path / "colour"], args=["--default-model", "nope"], log_path=log, ready_timeout=60)
+    with pytest.raises(RuntimeError, match="server exited with 3"):
+        srv.start()
+    assert "default model 'nope' is not among the loaded models" in log.read_text()
 
 
 def test_the_validator_is_strict(live):

@@ -16,8 +16,8 @@ from conftest import make_colour_bundle
 from test_serving import JPEG, jpg, ready_client
 
 from food_classifier.bundle import file_sha256, update_meta
-from food_classifier.serving.process import ServerProcess
 from food_classifier.serving.settings import ServeSettings
+from food_classifier.testing import ServerProcess
 
 
 def published(model: Path, version: str, month: int, sha: bool = True) -> Path:
@@ -93,3 +93,19 @@ def test_real_server_exits_non_zero_when_no_version_is_valid(tmp_path):
     assert "cannot serve, shutting down with exit status 3" in text
     assert f"no loadable version under {model}: v4: " in text and "v3: " in text and "v2: " in text
     assert json.loads((model / "v3" / "bundle.json").read_text())["name"] == "colour"  # nothing was deleted
+
+
+def test_serve_without_a_bundle_names_the_train_extra_when_torch_is_missing(tmp_path):
+    """The built-in model is built by a torch subprocess: without torch, one clear error up front."""
+    import os
+    import subprocess
+    import sys
+
+    hide_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv[0] = 'serve'; "  # find_spec -> None
+                  "runpy.run_module('food_classifier.serving', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", hide_torch, "--port", "1"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "FOOD_CLASSIFIER_CACHE": str(tmp_path)})
+    assert out.returncode == 2, out.stderr
+    assert "no bundle given and no built-in model available" in out.stderr
+    assert "missing: torch" in out.stderr and "pip install 'food-classifier[train]'" in out.stderr
+    assert list(tmp_path.iterdir()) == []  # no build was started

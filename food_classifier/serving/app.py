@@ -25,13 +25,14 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from food_classifier.bundle import model_sources
 from food_classifier.serving import routes_feedback, schemas
 from food_classifier.serving.errors import NotReady, ServiceError
 from food_classifier.serving.inputs import read_image, read_images
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.middleware import ServingMiddleware
 from food_classifier.serving.monitor import ServingMonitor
-from food_classifier.serving.registry import LoadedModel, ModelRegistry, model_sources
+from food_classifier.serving.registry import LoadedModel, ModelRegistry
 from food_classifier.serving.service import PredictionService
 from food_classifier.serving.settings import ServeSettings
 

@@ -94,7 +94,7 @@ def publish(bundle: str | Path, models_dir: str | Path = "models") -> Path:
 
     def copy(d: Path) -> None:
         for f in b.path.iterdir():
-            if f.name not in (META_FILE, "labels.txt"):
+            if f.is_file() and f.name not in (META_FILE, "labels.txt"):  # not a killed step's .tmp-* dir
                 shutil.copy2(f, d / f.name)
 
     return write_bundle(target, b.meta, copy)
