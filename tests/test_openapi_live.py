@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import re
-import time
 
 import httpx
 import pytest
