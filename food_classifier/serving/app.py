@@ -207,8 +207,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     monitor = ServingMonitor(settings)
     metrics.watch_monitor(monitor)
     service = PredictionService(registry, settings, metrics, monitor)
-    if settings.grpc_port is not None:
-        import food_classifier.serving.grpc.server  # noqa: F401  (a missing grpc extra fails here, before serving)
+    if settings.grpc_port is not None:  # a missing grpc extra or a taken port fails here, before serving
+        from food_classifier.serving.grpc.server import check_port
+
+        check_port(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -128,7 +128,7 @@ def run_server(settings: Any) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app(settings)
-    except (BundleError, GrpcMissing) as e:
+    except (BundleError, GrpcMissing, OSError) as e:  # OSError: a taken gRPC port, an unwritable log dir
         _fail(str(e))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=settings.access_log, timeout_graceful_shutdown=10)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -189,6 +190,24 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return _denied(handler)
 
 
+def _address(settings: ServeSettings) -> str:
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"{host}:{settings.grpc_port}"
+
+
+def check_port(settings: ServeSettings) -> None:
+    """Fail before the server starts (a one-line error, not a lifespan traceback) if the port is taken."""
+    if not settings.grpc_port:
+        return
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no conflict
+        try:
+            s.bind((settings.host, settings.grpc_port))
+        except OSError as e:
+            raise OSError(f"cannot listen for gRPC on {_address(settings)}: {e.strerror or e}") from None
+
+
 class GrpcServer:
     """The running server; `serving` flips the health status, `stop` drains calls in flight."""
 
@@ -206,17 +225,14 @@ class GrpcServer:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        host = f"[{settings.host}]" if ":" in settings.host else settings.host
         try:
-            port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
-        except RuntimeError as e:
-            raise OSError(f"cannot listen for gRPC on {host}:{settings.grpc_port}: {e}") from None
-        if not port:
-            raise OSError(f"cannot listen for gRPC on {host}:{settings.grpc_port}")
+            port = server.add_insecure_port(_address(settings))
+        except RuntimeError as e:  # taken since check_port
+            raise OSError(f"cannot listen for gRPC on {_address(settings)}: {e}") from None
         self = cls(server, health_servicer, port)
         await self.serving(False)
         await server.start()
-        log.info("gRPC listening on %s:%d", host, port)
+        log.info("gRPC listening on %s (port %d)", _address(settings), port)
         return self
 
     async def serving(self, ready: bool) -> None:
