@@ -123,7 +123,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _charts(rows: list[dict[str, Any]], labels: list[str] | None) -> str:
-    xs = [r["start"][5:16] for r in rows]
+    same_day = len({r["start"][:10] for r in rows}) == 1
+    xs = [r["start"][11:19] if same_day else r["start"][5:16] for r in rows]
     ref = rows[-1]["reference"]
     parts = [svg.lines({"class PSI": [r.get("class_psi") for r in rows],
                         "confidence KS": [r.get("confidence_ks") for r in rows]}, xs,
@@ -139,7 +140,7 @@ def _charts(rows: list[dict[str, Any]], labels: list[str] | None) -> str:
         parts.append(svg.bars({"reference": _fractions(ref["class_counts"]), "log": _fractions(counts)}, names))
         edges = ref["confidence_hist"]["edges"]
         parts.append(svg.bars({"reference": _fractions(ref["confidence_hist"]["counts"]),
-                               "log": _fractions(histogram(conf, edges))}, [f"{e:.4g}" for e in edges[:-1]]))
+                               "log": _fractions(histogram(conf, edges))}, [f"{e:.5g}" for e in edges[:-1]]))
     return "".join(f"<figure>{p}</figure>" for p in parts)
 
 
