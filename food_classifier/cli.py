@@ -288,6 +288,17 @@ def builtin_cmd(labels: bool = typer.Option(False, "--labels", help="Also list i
             typer.echo(f"{index:>4}  {label}")
 
 
+def _register_worker() -> None:
+    try:
+        from food_classifier.serving.worker_cli import worker
+    except ImportError:
+        return
+    app.command("worker")(worker)
+
+
+_register_worker()
+
+
 def main() -> None:
     try:
         app()

@@ -71,13 +71,23 @@ async def healthz() -> schemas.Health:
     return schemas.Health(status="ok")
 
 
-@router.get("/readyz", tags=["ops"], responses=schemas.errors({503: "Models still loading or failed"}))
+@router.get("/readyz", tags=["ops"], responses=schemas.errors({503: "Models still loading or failed"}),
+            response_model_exclude_none=True)
 async def readyz(request: Request) -> schemas.Ready:
-    """Green only once every model is loaded and warmed up."""
+    """Green only once every model is loaded and warmed up. A failing cache does not make it red (requests
+    work without it): it shows as `cache.state: degraded`."""
     reg: ModelRegistry = request.app.state.registry
     if not reg.ready:
         raise NotReady(f"models are {reg.state}" + (f": {reg.error}" if reg.error else ""))
-    return schemas.Ready(status="ready", models={m.name: m.version for m in reg.models()})
+    cache = _svc(request).cache
+    await asyncio.to_thread(cache.check)  # a ping (short timeout); skipped while the breaker is open
+    return schemas.Ready(status="ready", models={m.name: m.version for m in reg.models()},
+                         cache=schemas.CacheStatus.model_validate(cache.status()))
+
+
+def _x_cache(response: Response, outcome: str) -> None:
+    """The cache outcome (hit-bytes, hit-pixels, miss, off) also in the X-Cache header."""
+    response.headers["X-Cache"] = outcome
 
 
 @router.get("/v1/models", tags=["models"], responses=schemas.AUTH)
@@ -95,28 +105,34 @@ async def model_info(request: Request, name: str) -> schemas.ModelInfo:
 
 @router.post("/v1/models/{name}/predict", tags=["predict"], responses=schemas.ERRORS,
              openapi_extra=schemas.IMAGE_BODY)
-async def predict(request: Request, name: str, top_k: TopK = None, threshold: Threshold = None) -> schemas.Prediction:
+async def predict(request: Request, response: Response, name: str, top_k: TopK = None,
+                  threshold: Threshold = None) -> schemas.Prediction:
     """Classify one image: multipart file, raw image body, or JSON `{"image": base64}`."""
     _tag(request, name)
     svc = _svc(request)
     svc.registry.get(name)  # 404/503 before reading the body
-    return schemas.Prediction.model_validate(await svc.predict(name, await read_image(request), top_k, threshold,
+    body = schemas.Prediction.model_validate(await svc.predict(name, await read_image(request), top_k, threshold,
                                                                _rid(request)))
+    _x_cache(response, body.cache)
+    return body
 
 
 @router.post("/predict", tags=["predict"], responses=schemas.ERRORS, openapi_extra=schemas.IMAGE_BODY)
-async def predict_default(request: Request, top_k: TopK = None, threshold: Threshold = None) -> schemas.Prediction:
+async def predict_default(request: Request, response: Response, top_k: TopK = None,
+                          threshold: Threshold = None) -> schemas.Prediction:
     """Like `/v1/models/{name}/predict`, with the default model."""
     _tag(request, None)
     svc = _svc(request)
     svc.registry.get(None)
-    return schemas.Prediction.model_validate(await svc.predict(None, await read_image(request), top_k, threshold,
+    body = schemas.Prediction.model_validate(await svc.predict(None, await read_image(request), top_k, threshold,
                                                                _rid(request)))
+    _x_cache(response, body.cache)
+    return body
 
 
 @router.post("/v1/models/{name}/predict-batch", tags=["predict"], responses=schemas.ERRORS,
              openapi_extra=schemas.BATCH_BODY)
-async def predict_batch(request: Request, name: str, top_k: TopK = None,
+async def predict_batch(request: Request, response: Response, name: str, top_k: TopK = None,
                         threshold: Threshold = None) -> schemas.BatchPrediction:
     """Many images (multipart files, any field name) -> results in the same order; bad images are
     error entries."""
@@ -124,25 +140,30 @@ async def predict_batch(request: Request, name: str, top_k: TopK = None,
     svc = _svc(request)
     svc.registry.get(name)
     images = await read_images(request, svc.settings.max_batch_images)
-    return schemas.BatchPrediction.model_validate(await svc.predict_batch(name, images, top_k, threshold,
+    body = schemas.BatchPrediction.model_validate(await svc.predict_batch(name, images, top_k, threshold,
                                                                           _rid(request)))
+    outcomes = {r.cache for r in body.results if isinstance(r, schemas.BatchResult)}
+    if outcomes:  # one value when all answered images agree, else "mixed" (each result has its own `cache`)
+        _x_cache(response, outcomes.pop() if len(outcomes) == 1 else "mixed")
+    return body
 
 
 @router.post("/predict-batch", tags=["predict"], responses=schemas.ERRORS, openapi_extra=schemas.BATCH_BODY)
-async def predict_batch_default(request: Request, top_k: TopK = None,
+async def predict_batch_default(request: Request, response: Response, top_k: TopK = None,
                                 threshold: Threshold = None) -> schemas.BatchPrediction:
-    return await predict_batch(request, None, top_k, threshold)
+    return await predict_batch(request, response, None, top_k, threshold)
 
 
 @router.get("/predict", tags=["predict"],
             responses=schemas.ERRORS | schemas.errors({403: "Path access off or outside the roots",
                                                        404: "Unknown model or no such file"}))
-async def predict_path(request: Request, image_path: Annotated[str, Query(min_length=1)],
+async def predict_path(request: Request, response: Response, image_path: Annotated[str, Query(min_length=1)],
                        model_type: str | None = None) -> schemas.SeedPrediction:
     """The seed's call: classify a server-side file under `--allow-path-root` (403 otherwise)."""
     _tag(request, model_type)
-    return schemas.SeedPrediction.model_validate(await _svc(request).predict_path(model_type, image_path,
-                                                                                  _rid(request)))
+    body = await _svc(request).predict_path(model_type, image_path, _rid(request))
+    _x_cache(response, body.pop("cache"))  # the body keeps the seed's shape
+    return schemas.SeedPrediction.model_validate(body)
 
 
 @router.post("/v1/models/{name}/reload", tags=["models"],
@@ -206,7 +227,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     registry = ModelRegistry(model_sources(settings.bundles), settings, metrics)
     monitor = ServingMonitor(settings)
     metrics.watch_monitor(monitor)
-    service = PredictionService(registry, settings, metrics, monitor)
+    service = PredictionService(registry, settings, metrics, monitor=monitor)
     if settings.grpc_port is not None:  # a missing grpc extra or a taken port fails here, before serving
         from food_classifier.serving.grpc.server import check_port
 

@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from food_classifier.cache import PredictionCache
 
 if TYPE_CHECKING:
     from food_classifier.serving.monitor import ServingMonitor
@@ -72,8 +75,61 @@ class ServingMetrics:
                 pass
         self.model_info.labels(model, version, variant, str(default).lower()).set(1)
 
+    def watch_cache(self, cache: PredictionCache) -> None:
+        """Export the cache's own counters at scrape time (the cache module stays free of Prometheus)."""
+        self.registry.register(_CacheCollector(cache))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class WorkerMetrics:
+    """The stream worker's series, beside the service's (images, cache) in the same registry."""
+
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.messages = Counter("food_classifier_worker_messages", "Stream messages answered (ok) or dead-lettered "
+                                "(error).", ["outcome"], registry=r)
+        self.batch_seconds = Histogram("food_classifier_worker_batch_duration_seconds", "Micro-batch time, from "
+                                       "poll to commit.", buckets=LATENCY_BUCKETS, registry=r)
+        self.lag = Gauge("food_classifier_worker_lag", "Messages behind the end of the partition, after the last "
+                         "commit.", ["topic", "partition"], registry=r)
+        self.assigned = Gauge("food_classifier_worker_assigned_partitions", "Partitions owned by this worker.",
+                              registry=r)
+        self.commit_failures = Counter("food_classifier_worker_commit_failures", "Offset commits that failed "
+                                       "(those messages are processed again).", registry=r)
+
+    def observe_batch(self, ok: int, failed: int, seconds: float) -> None:
+        self.messages.labels("ok").inc(ok)
+        self.messages.labels("error").inc(failed)
+        self.batch_seconds.observe(seconds)
+
+
+class _CacheCollector(Collector):
+    def __init__(self, cache: PredictionCache):
+        self.cache = cache
+
+    def collect(self) -> Iterator:
+        stats, status = self.cache.stats, self.cache.status()
+        lookups = CounterMetricFamily("food_classifier_cache_lookups", "Prediction cache lookups per level.",
+                                      labels=["model", "level", "result"])
+        for (model, level, result), n in sorted(stats.lookups.items()):
+            lookups.add_metric([model, level, result], n)
+        errors = CounterMetricFamily("food_classifier_cache_errors", "Cache backend errors (requests went on "
+                                     "without the cache).", labels=["backend", "op"])
+        for (backend, op), n in sorted(stats.errors.items()):
+            errors.add_metric([backend, op], n)
+        skipped = CounterMetricFamily("food_classifier_cache_skipped", "Backend calls skipped while its circuit "
+                                      "breaker was open.", labels=["backend"])
+        for backend, n in sorted(stats.skipped.items()):
+            skipped.add_metric([backend], n)
+        degraded = GaugeMetricFamily("food_classifier_cache_degraded", "1 while a cache backend is failing.")
+        degraded.add_metric([], 1.0 if status["state"] == "degraded" else 0.0)
+        yield from (lookups, errors, skipped, degraded)
+        if "memory" in status:
+            size = GaugeMetricFamily("food_classifier_cache_memory_bytes", "Accounted size of the in-process cache.")
+            size.add_metric([], status["memory"]["bytes"])
+            yield size
 
 
 # stat key of `monitoring.drift` / `ServingMonitor.snapshot` -> (gauge, help)
@@ -99,7 +155,7 @@ MONITOR_GAUGES = {
 }
 
 
-class MonitorCollector:
+class MonitorCollector(Collector):
     def __init__(self, monitor: ServingMonitor):
         self.monitor = monitor
 

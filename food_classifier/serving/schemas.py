@@ -35,9 +35,28 @@ class Health(Wire):
     status: Literal["ok"]
 
 
+class CacheMemory(Wire):
+    bytes: int
+    max_bytes: int
+    entries: int
+
+
+class CacheRedis(Wire):
+    state: Literal["ok", "down"]
+    error: str | None
+
+
+class CacheStatus(Wire):
+    state: Literal["ok", "degraded", "off"]  # degraded: Redis failing, answers still served
+    ttl_s: float
+    memory: CacheMemory | None = None
+    redis: CacheRedis | None = None
+
+
 class Ready(Wire):
     status: Literal["ready"]
     models: dict[str, str]  # name -> version
+    cache: CacheStatus
 
 
 class TopK(Wire):
@@ -61,6 +80,7 @@ class Prediction(Wire):
     abstained: bool
     model: str
     model_version: str
+    cache: str  # hit-bytes, hit-pixels, miss or off
     request_id: str  # also the X-Request-ID header; names this prediction in feedback
     timing: Timing
 
@@ -73,6 +93,7 @@ class BatchResult(Wire):
     confidence: float
     top_k: list[TopK]
     abstained: bool
+    cache: str  # hit-bytes, hit-pixels, miss or off
     request_id: str  # the batch's request_id + "-" + index
     timing: Timing
 

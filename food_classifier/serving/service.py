@@ -1,7 +1,9 @@
 """What an endpoint does, without HTTP: decode off the event loop, batch, decide, shape the answer.
 
 Decoding and preprocessing run in a thread pool (Pillow and numpy release the GIL), so the event
-loop only parses requests and hands arrays to the model's micro-batcher. Every decode failure
+loop only parses requests and hands arrays to the model's micro-batcher. The prediction cache is
+looked up in the same thread hop (bytes level, then decode, then pixel level): a hit never reaches the
+batcher, and every answer says which it was (`cache`). Every decode failure
 becomes a `ServiceError` (413/415), never an exception that escapes to the client as a 500.
 """
 
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from food_classifier.cache import Lookup, PredictionCache
 from food_classifier.serving.errors import ServiceError, image_error
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.paths import PathGuard
@@ -43,12 +46,25 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+class _Answered(Exception):
+    """Raised by the decode step on a cache hit: the model has nothing to do for this image."""
+
+
+def cache_from_settings(s: ServeSettings) -> PredictionCache:
+    url = s.cache_url.get_secret_value() if s.cache_url else None
+    return PredictionCache(s.cache_bytes, url, s.cache_ttl, s.cache_timeout_ms / 1000, s.cache_breaker_s)
+
+
 class PredictionService:
     def __init__(self, registry: ModelRegistry, settings: ServeSettings, metrics: ServingMetrics | None = None,
-                 monitor: ServingMonitor | None = None):
+                 cache: PredictionCache | None = None, monitor: ServingMonitor | None = None):
         self.registry = registry
+        self.cache = cache if cache is not None else cache_from_settings(settings)
+        self._no_cache = PredictionCache(memory_bytes=0)  # for warm-up: no entries, no counts
         self.settings = settings
         self.metrics = metrics
+        if metrics:
+            metrics.watch_cache(self.cache)
         self.monitor = monitor  # sees every answered image (drift windows, feedback, prediction log)
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="fc-decode")
         self.paths = PathGuard(settings.allow_path_root)
@@ -59,18 +75,21 @@ class PredictionService:
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.cache.close()
 
     async def warm_up(self, models: list[LoadedModel]) -> None:
         """Start every decode thread and run a JPEG through each model's decode + batcher path once, so
-        the first request after /readyz does not pay for thread start-up (~20 ms measured). Best effort."""
+        the first request after /readyz does not pay for thread start-up (~20 ms measured). Best effort.
+        Also pings the cache's Redis, so /readyz reports an unreachable one as degraded from the start."""
+        await asyncio.to_thread(self.cache.check)
         if not self.settings.warmup:
             return
         side = max(1, min(512, int(self.settings.max_pixels ** 0.5)))
         photo = _warmup_jpeg(side)
 
         async def once(model: LoadedModel) -> None:
-            array, _ = await self._prepare(model, photo)
-            await model.batcher.predict_array(array)
+            look = await self._prepare(model, photo, self._no_cache)
+            await model.batcher.predict_array(look.array)
 
         for model in models:
             try:
@@ -78,10 +97,10 @@ class PredictionService:
             except Exception as exc:  # a warm-up problem must not keep a loadable model from serving
                 log.warning("warm-up of %s failed: %s", model.name, exc)
 
-    async def _prepare(self, model: LoadedModel, data: bytes) -> tuple[np.ndarray, float]:
+    async def _prepare(self, model: LoadedModel, data: bytes, cache: PredictionCache | None = None) -> Lookup:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.decode_pool, _timed_preprocess, model, data)
+            return await loop.run_in_executor(self.decode_pool, (cache or self.cache).lookup, model.classifier, data)
         except ServiceError:
             raise
         except Exception as exc:  # any decoder failure is the input's fault: never a 500
@@ -90,32 +109,50 @@ class PredictionService:
     async def _classify(self, model: LoadedModel, data: bytes, top_k: int | None,
                         threshold: float | None, request_id: str | None = None) -> dict[str, Any]:
         start = time.perf_counter()
-        decode_ms = 0.0
+        look = Lookup("off")
+        res = None
 
         async def prepare() -> np.ndarray:
-            nonlocal decode_ms
-            array, decode_ms = await self._prepare(model, data)
-            return array
+            nonlocal look
+            look = await self._prepare(model, data)
+            if look.probs is not None:
+                raise _Answered
+            return look.array
 
         try:
             async with self._pending:
                 waited_ms = (time.perf_counter() - start) * 1000
-                res = await model.batcher.predict(prepare())
+                try:
+                    res = await model.batcher.predict(prepare())
+                except _Answered:
+                    pass
         except ServiceError:
             self._count(model, "rejected")
             raise
-        pred = model.classifier.decide(res.output[None], top_k, threshold)[0]
+        probs = look.probs if res is None else res.output
+        if res is not None and look.keys:
+            await self._store(look, probs)
+        pred = model.classifier.decide(probs[None], top_k, threshold)[0]
         self._count(model, "ok")
         # a plain dict, not dataclasses.asdict (its deepcopy costs more than the rest of this function)
         result = {"label": pred.label, "label_idx": pred.label_idx, "confidence": pred.confidence,
                   "top_k": pred.top_k, "abstained": pred.abstained, "model": model.name,
-                  "model_version": model.version, "request_id": request_id or new_request_id(),
-                  "timing": {"total_ms": _ms(time.perf_counter() - start), "preprocess_ms": round(decode_ms, 3),
-                             "queue_ms": round(waited_ms + res.queue_ms, 3),
-                             "inference_ms": round(res.inference_ms, 3), "batch_size": res.batch_size}}
+                  "model_version": model.version, "cache": look.outcome,
+                  "request_id": request_id or new_request_id(),
+                  "timing": {"total_ms": _ms(time.perf_counter() - start),
+                             "preprocess_ms": round(look.preprocess_ms, 3),
+                             "queue_ms": round(waited_ms + (res.queue_ms if res else 0.0), 3),
+                             "inference_ms": round(res.inference_ms, 3) if res else 0.0,
+                             "batch_size": res.batch_size if res else 0}}
         if self.monitor is not None:
-            self.monitor.observe(model, res.output, result, data)
+            self.monitor.observe(model, probs, result, data)
         return result
+
+    async def _store(self, look: Lookup, probs: np.ndarray) -> None:
+        if self.cache.redis is None:  # memory only: microseconds, no thread hop
+            self.cache.store(look, probs)
+        else:
+            await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.cache.store, look, probs)
 
     def _count(self, model: LoadedModel, outcome: str) -> None:
         if self.metrics:
@@ -155,7 +192,8 @@ class PredictionService:
         path = self.paths.resolve(image_path)
         data = await asyncio.to_thread(self.paths.read, path, self.settings.max_body_bytes)
         res = await self._classify(model, data, None, None, request_id)
-        return {"label": res["label"], "label_idx": res["label_idx"], "confidence": res["confidence"]}
+        return {"label": res["label"], "label_idx": res["label_idx"], "confidence": res["confidence"],
+                "cache": res["cache"]}  # the route moves `cache` to the X-Cache header (seed shape)
 
 
 def _warmup_jpeg(side: int) -> bytes:
@@ -166,9 +204,3 @@ def _warmup_jpeg(side: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (side, side), (180, 120, 60)).save(buf, "JPEG")
     return buf.getvalue()
-
-
-def _timed_preprocess(model: LoadedModel, data: bytes) -> tuple[np.ndarray, float]:
-    t = time.perf_counter()
-    array = model.classifier.preprocess(data)
-    return array, (time.perf_counter() - t) * 1000

@@ -90,6 +90,16 @@ class ServeSettings(BaseSettings):
                                                             "batching (0 = never wait).")
     warmup: bool = Field(True, description="Run each model once per batch shape before /readyz turns green.")
 
+    # Prediction cache (food_classifier/cache.py, docs/SCALING.md): in-process LRU in front of optional Redis.
+    cache_bytes: int = Field(64 * MiB, ge=0, description="In-process prediction cache size in bytes (0 = off).")
+    cache_url: SecretStr | None = Field(
+        None, description="Redis URL (redis://host:6379/0) of a prediction cache shared by replicas; "
+                          "needs the 'cache' extra.")
+    cache_ttl: float = Field(24 * 3600.0, gt=0, description="Seconds a cached prediction lives (default one day).")
+    cache_timeout_ms: float = Field(100.0, gt=0, description="Redis connect and read timeout; past it the request "
+                                                             "goes on without the cache.")
+    cache_breaker_s: float = Field(5.0, ge=0, description="After a Redis error, skip Redis this long, then retry.")
+
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level.")
     access_log: bool = Field(False, description="Log every request (costs throughput).")
