@@ -138,7 +138,9 @@ def main() -> None:
         args.bundle = Path(builtin_bundle_path())
     images = [data for _, data in load_images(DATA, args.images)]
     grpc_port = free_port()
-    server_args = ["--grpc-port", str(grpc_port), "--max-batch-images", str(BATCH), *args.server_arg]
+    # the photos repeat, so the prediction cache is off: every image is decoded and run, as new photos are
+    server_args = ["--grpc-port", str(grpc_port), "--max-batch-images", str(BATCH), "--cache-bytes", "0",
+                   *args.server_arg]
     with ServerProcess([args.bundle], args=server_args, ready_timeout=120) as srv:
         rows = asyncio.run(bench(srv.url, f"127.0.0.1:{grpc_port}", srv.pid, images, args.single, args.batches,
                                  args.concurrency))

@@ -128,6 +128,12 @@ def test_one_class_drives_the_psi_gauge_up_and_a_training_mix_keeps_it_low(food)
         accuracy = np.mean([a["label_idx"] == i % 3 for i, a in enumerate(answers)])
         assert abs(estimated - accuracy) < 0.08, (estimated, accuracy)  # calibrated enough to estimate accuracy
 
+        for p in mix[:10]:  # the same photos again: cache hits, counted apart, the window unchanged
+            assert classify(c, p)["cache"] == "hit-bytes"
+        m = metrics(c)
+        assert m["food_classifier_monitor_cache_hits_total", "food"] == 10
+        assert m["food_classifier_estimated_accuracy", "food"] == pytest.approx(estimated)
+
         for p in held_out["bibimbap"][50:200]:  # only one class: the window now holds nothing else
             classify(c, p)
         m = metrics(c)
