@@ -13,7 +13,7 @@ export FOOD_CLASSIFIER_DATA
 MODEL ?= models/food
 MANIFEST ?= data/manifest.csv
 
-.PHONY: demo example test install lint bench clean
+.PHONY: demo example test install lint bench clean proto
 
 $(BIN)/food-classifier: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,3 +53,7 @@ bench: install
 
 clean:
 	rm -rf runs models data/manifest.csv data/manifest.report.json
+
+# gRPC stubs from food_classifier/v1/classifier.proto (grpcio-tools, pinned in the dev extra); tests check they are fresh
+proto: install
+	$(BIN)/python -m food_classifier.v1.codegen

@@ -274,6 +274,22 @@ def predict(images: list[Path] = typer.Argument(..., help="Image files.", metava
         raise typer.Exit(1)
 
 
+@app.command()
+def monitor(log_dir: Path = typer.Argument(..., help="A `serve --prediction-log` dir."),
+            model: Path | None = typer.Option(None, help="Model dir or bundle: drift against its versions' "
+                                                         "reference statistics."),
+            window: str = typer.Option("auto", help="Time window: 30s, 15m, 1h, 1d, or auto (at most 12)."),
+            out: Path | None = typer.Option(None, help="HTML page to write (default LOG_DIR/report.html).")) -> None:
+    """Offline report over a prediction log: drift per time window, abstention, estimated vs feedback accuracy."""
+    from food_classifier.monitor_report import ReportError, build_report
+
+    try:
+        table, html = build_report(log_dir, model, window, out)
+    except ReportError as e:
+        fail(str(e))
+    typer.echo(f"{table}\nreport: {html}")
+
+
 @app.command("builtin")
 def builtin_cmd(labels: bool = typer.Option(False, "--labels", help="Also list its classes.")) -> None:
     """Print the built-in food model's path. It is what `serve` uses without a bundle; built first if it

@@ -8,6 +8,7 @@ fails too), $refs resolved within the spec.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 
@@ -123,6 +124,21 @@ def test_live_responses_match_the_published_schema(live, models):
     assert check(c.get("/predict", params={"image_path": "pie.jpg"}), 200)["label"] == "green"
     check(c.get("/predict", params={"image_path": "/etc/passwd"}), 403)
     check(c.get("/predict", params={"image_path": "missing.jpg"}), 404)
+
+    # feedback on an earlier prediction, by its request_id or the image's sha256; unknown ones are errors
+    r = c.post("/v1/models/colour/predict", content=jpg("red", 7), headers=JPEG)
+    pred = check(r, 200)
+    assert r.headers["x-request-id"] == pred["request_id"]
+    feedback = "/v1/models/colour/feedback"
+    assert check(c.post(feedback, json={"request_id": pred["request_id"], "label": "red"}), 200)["correct"] is True
+    by_sha = {"sha256": hashlib.sha256(jpg("red", 7)).hexdigest(), "label": "blue"}
+    assert check(c.post(feedback, json=by_sha), 200) == {
+        "request_id": pred["request_id"], "model": "colour", "model_version": "v1", "label": "blue",
+        "predicted": "red", "correct": False}
+    check(c.post(feedback, json={"request_id": "nope", "label": "red"}), 404)
+    check(c.post(feedback, json={"request_id": pred["request_id"], "label": "purple"}), 422)
+    check(c.post(feedback, json={"label": "red"}), 422)
+    check(c.post("/v1/models/nope/feedback", json={"request_id": pred["request_id"], "label": "red"}), 404)
 
     # reload: the same version again, then a broken newer one (409, the old one keeps serving)
     assert check(c.post("/v1/models/colour/reload"), 200)["version"] == "v1"

@@ -26,11 +26,12 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from food_classifier.bundle import model_sources
-from food_classifier.serving import schemas
+from food_classifier.serving import routes_feedback, schemas
 from food_classifier.serving.errors import NotReady, ServiceError
 from food_classifier.serving.inputs import read_image, read_images
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.middleware import ServingMiddleware
+from food_classifier.serving.monitor import ServingMonitor
 from food_classifier.serving.registry import LoadedModel, ModelRegistry
 from food_classifier.serving.service import PredictionService
 from food_classifier.serving.settings import ServeSettings
@@ -38,9 +39,7 @@ from food_classifier.serving.settings import ServeSettings
 log = logging.getLogger("food_classifier.serving")
 STATIC = Path(__file__).parent / "static"
 EXIT_NO_MODEL = 3  # the server started but no model could be loaded (as uvicorn's own startup failure)
-TopK = Annotated[int | None, Query(ge=1, le=1000, description="How many classes to return in top_k.")]
-Threshold = Annotated[float | None, Query(ge=0.0, le=1.0, description="Abstain (label 'unsure') below this "
-                                                                       "confidence; default: the bundle's.")]
+TopK, Threshold = schemas.TopKQuery, schemas.ThresholdQuery
 MODEL_ERRORS = schemas.AUTH | schemas.errors({404: "Unknown model", 503: "Models still loading"})
 router = APIRouter()
 
@@ -51,6 +50,11 @@ def _svc(request: Request) -> PredictionService:
 
 def _info(reg: ModelRegistry, model: LoadedModel) -> schemas.ModelInfo:
     return schemas.ModelInfo.model_validate(model.info(model.name == reg.default_name))
+
+
+def _rid(request: Request) -> str | None:
+    """The request id the middleware gave this request (also its X-Request-ID header)."""
+    return getattr(request.state, "request_id", None)
 
 
 def _tag(request: Request, name: str | None) -> None:
@@ -107,7 +111,8 @@ async def predict(request: Request, response: Response, name: str, top_k: TopK =
     _tag(request, name)
     svc = _svc(request)
     svc.registry.get(name)  # 404/503 before reading the body
-    body = schemas.Prediction.model_validate(await svc.predict(name, await read_image(request), top_k, threshold))
+    body = schemas.Prediction.model_validate(await svc.predict(name, await read_image(request), top_k, threshold,
+                                                               _rid(request)))
     _x_cache(response, body.cache)
     return body
 
@@ -119,7 +124,8 @@ async def predict_default(request: Request, response: Response, top_k: TopK = No
     _tag(request, None)
     svc = _svc(request)
     svc.registry.get(None)
-    body = schemas.Prediction.model_validate(await svc.predict(None, await read_image(request), top_k, threshold))
+    body = schemas.Prediction.model_validate(await svc.predict(None, await read_image(request), top_k, threshold,
+                                                               _rid(request)))
     _x_cache(response, body.cache)
     return body
 
@@ -134,7 +140,8 @@ async def predict_batch(request: Request, response: Response, name: str, top_k: 
     svc = _svc(request)
     svc.registry.get(name)
     images = await read_images(request, svc.settings.max_batch_images)
-    body = schemas.BatchPrediction.model_validate(await svc.predict_batch(name, images, top_k, threshold))
+    body = schemas.BatchPrediction.model_validate(await svc.predict_batch(name, images, top_k, threshold,
+                                                                          _rid(request)))
     outcomes = {r.cache for r in body.results if isinstance(r, schemas.BatchResult)}
     if outcomes:  # one value when all answered images agree, else "mixed" (each result has its own `cache`)
         _x_cache(response, outcomes.pop() if len(outcomes) == 1 else "mixed")
@@ -154,7 +161,7 @@ async def predict_path(request: Request, response: Response, image_path: Annotat
                        model_type: str | None = None) -> schemas.SeedPrediction:
     """The seed's call: classify a server-side file under `--allow-path-root` (403 otherwise)."""
     _tag(request, model_type)
-    body = await _svc(request).predict_path(model_type, image_path)
+    body = await _svc(request).predict_path(model_type, image_path, _rid(request))
     _x_cache(response, body.pop("cache"))  # the body keeps the seed's shape
     return schemas.SeedPrediction.model_validate(body)
 
@@ -173,6 +180,9 @@ async def reload_model(request: Request, name: str) -> schemas.Reloaded:
 async def metrics(request: Request) -> Response:
     m: ServingMetrics = request.app.state.metrics
     return Response(m.render(), media_type=m.content_type)
+
+
+router.include_router(routes_feedback.router)
 
 
 @router.get("/", include_in_schema=False)
@@ -215,7 +225,13 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     metrics = ServingMetrics()
     registry = ModelRegistry(model_sources(settings.bundles), settings, metrics)
-    service = PredictionService(registry, settings, metrics)
+    monitor = ServingMonitor(settings)
+    metrics.watch_monitor(monitor)
+    service = PredictionService(registry, settings, metrics, monitor=monitor)
+    if settings.grpc_port is not None:  # a missing grpc extra or a taken port fails here, before serving
+        from food_classifier.serving.grpc.server import check_port
+
+        check_port(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -236,16 +252,27 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 log.critical("cannot serve, shutting down with exit status %d: %s", EXIT_NO_MODEL, fatal[0])
                 signal.raise_signal(signal.SIGTERM)  # uvicorn's graceful shutdown, then the exit below
 
+        grpc_server = None
+        if settings.grpc_port is not None:  # gRPC on this same loop and service (serving/grpc/server.py)
+            from food_classifier.serving.grpc.server import GrpcServer
+
+            grpc_server = await GrpcServer.start(service, settings, metrics)
+            app.state.grpc_port = grpc_server.port
         loading = asyncio.create_task(registry.load_all(warm=service.warm_up))
         loading.add_done_callback(loaded)
+        if grpc_server is not None:  # health turns SERVING once every model is loaded and warm
+            loading.add_done_callback(lambda _: loop.create_task(grpc_server.serving(registry.ready)))
         try:
             yield
         finally:
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
             loading.cancel()
+            if grpc_server is not None:
+                await grpc_server.stop(grace=10.0)  # calls in flight finish on the service
             service.close()
             registry.close()
+            monitor.close()
             if fatal:  # uvicorn would exit 0 after a shutdown; the lifespan is its last step
                 logging.shutdown()
                 sys.stderr.flush()
@@ -256,7 +283,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app = FastAPIOffline(title="food-classifier", version="1", lifespan=lifespan, static_url="/docs-assets",
                          description="Classify food photos with ONNX Runtime model bundles.")
     app.state.settings, app.state.metrics = settings, metrics
-    app.state.registry, app.state.service = registry, service
+    app.state.registry, app.state.service, app.state.monitor = registry, service, monitor
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _install_error_handlers(app)

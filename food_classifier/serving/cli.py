@@ -122,13 +122,14 @@ def run_server(settings: Any) -> None:
     from food_classifier.cache import CacheError
     from food_classifier.serving import memory
     from food_classifier.serving.app import create_app
+    from food_classifier.v1 import GrpcMissing
 
     memory.limit_arenas(2)  # before any worker thread allocates: keeps RSS from creeping (memory.py)
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app(settings)
-    except (BundleError, CacheError) as e:
+    except (BundleError, CacheError, GrpcMissing, OSError) as e:  # OSError: a taken gRPC port, an unwritable log dir
         _fail(str(e))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=settings.access_log, timeout_graceful_shutdown=10)

@@ -1,4 +1,4 @@
-"""One pure-ASGI layer in front of the app: metrics, API key, body-size limit.
+"""One pure-ASGI layer in front of the app: metrics, API key, body-size limit, request id.
 
 Pure ASGI (not BaseHTTPMiddleware) because it runs on every request and must stay cheap. The body
 limit is enforced twice: a declared Content-Length over the limit is refused before a byte is read,
@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Match
 from food_classifier.serving.errors import BodyTooLarge, ServiceError, Unauthorized
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.schemas import Error
+from food_classifier.serving.service import new_request_id
 from food_classifier.serving.settings import ServeSettings
 
 Scope = MutableMapping[str, Any]
@@ -29,6 +30,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 AUTH_CHALLENGE = 'Basic realm="food-classifier", charset="UTF-8"'
+AUTH_MESSAGE = "missing or wrong API key (send X-API-Key or Authorization: Bearer)"  # also the gRPC message
 
 
 async def send_error(send: Send, exc: ServiceError, headers: dict[str, str] | None = None) -> None:
@@ -76,11 +78,14 @@ class ServingMiddleware:
         start = time.perf_counter()
         status = 500
         started = False
+        request_id = new_request_id()  # every response carries it (X-Request-ID); predictions in their body too
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -107,8 +112,7 @@ class ServingMiddleware:
         if self.api_key is not None and scope["path"] not in OPEN_PATHS:
             key = presented_key(headers)
             if key is None or not hmac.compare_digest(key.encode(), self.api_key):
-                exc = Unauthorized("missing or wrong API key (send X-API-Key or Authorization: Bearer)",
-                                   headers={"WWW-Authenticate": AUTH_CHALLENGE})
+                exc = Unauthorized(AUTH_MESSAGE, headers={"WWW-Authenticate": AUTH_CHALLENGE})
                 await send_error(send, exc, exc.headers)
                 return
         limit = self.max_batch_body if scope["path"].endswith("/predict-batch") else self.max_body

@@ -9,9 +9,15 @@ plain json.dumps it replaced cost (bench/bench_responses.py), against ~20 ms of 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from fastapi import Query
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# query parameters of the predict endpoints; the gRPC transport validates its fields with them too
+TopKQuery = Annotated[int | None, Query(ge=1, le=1000, description="How many classes to return in top_k.")]
+ThresholdQuery = Annotated[float | None, Query(ge=0.0, le=1.0, description="Abstain (label 'unsure') below this "
+                                                                           "confidence; default: the bundle's.")]
 
 
 class Wire(BaseModel):
@@ -75,6 +81,7 @@ class Prediction(Wire):
     model: str
     model_version: str
     cache: str  # hit-bytes, hit-pixels, miss or off
+    request_id: str  # also the X-Request-ID header; names this prediction in feedback
     timing: Timing
 
 
@@ -87,6 +94,7 @@ class BatchResult(Wire):
     top_k: list[TopK]
     abstained: bool
     cache: str  # hit-bytes, hit-pixels, miss or off
+    request_id: str  # the batch's request_id + "-" + index
     timing: Timing
 
 
@@ -107,6 +115,7 @@ class BatchTiming(Wire):
 class BatchPrediction(Wire):
     model: str
     model_version: str
+    request_id: str
     count: int
     failed: int
     results: list[BatchResult | BatchError]  # in input order
@@ -147,6 +156,29 @@ class Reloaded(Wire):
     previous_version: str
     version: str
     variant: str
+
+
+class FeedbackIn(Wire):
+    """The true label of an earlier prediction, named by its request_id or by the image's sha256."""
+
+    request_id: str | None = Field(None, min_length=1, max_length=200)
+    sha256: str | None = Field(None, pattern="^[0-9a-fA-F]{64}$")
+    label: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_key(self) -> FeedbackIn:
+        if (self.request_id is None) == (self.sha256 is None):
+            raise ValueError("give exactly one of request_id and sha256")
+        return self
+
+
+class FeedbackOut(Wire):
+    request_id: str
+    model: str
+    model_version: str
+    label: str
+    predicted: str  # the top-1 label of the prediction (also when it abstained)
+    correct: bool
 
 
 def error_body(code: str, detail: str) -> dict[str, str]:

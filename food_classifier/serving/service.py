@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.paths import PathGuard
 from food_classifier.serving.registry import LoadedModel, ModelRegistry
 from food_classifier.serving.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from food_classifier.serving.monitor import ServingMonitor
 
 log = logging.getLogger("food_classifier.serving")
 
@@ -38,6 +42,10 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
 class _Answered(Exception):
     """Raised by the decode step on a cache hit: the model has nothing to do for this image."""
 
@@ -49,7 +57,7 @@ def cache_from_settings(s: ServeSettings) -> PredictionCache:
 
 class PredictionService:
     def __init__(self, registry: ModelRegistry, settings: ServeSettings, metrics: ServingMetrics | None = None,
-                 cache: PredictionCache | None = None):
+                 cache: PredictionCache | None = None, monitor: ServingMonitor | None = None):
         self.registry = registry
         self.cache = cache if cache is not None else cache_from_settings(settings)
         self._no_cache = PredictionCache(memory_bytes=0)  # for warm-up: no entries, no counts
@@ -57,6 +65,7 @@ class PredictionService:
         self.metrics = metrics
         if metrics:
             metrics.watch_cache(self.cache)
+        self.monitor = monitor  # sees every answered image (drift windows, feedback, prediction log)
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="fc-decode")
         self.paths = PathGuard(settings.allow_path_root)
         # Backpressure: at most this many images decoded or decoding but not yet through the model. Without
@@ -98,7 +107,7 @@ class PredictionService:
             raise image_error(exc) from None
 
     async def _classify(self, model: LoadedModel, data: bytes, top_k: int | None,
-                        threshold: float | None) -> dict[str, Any]:
+                        threshold: float | None, request_id: str | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         look = Lookup("off")
         res = None
@@ -126,13 +135,18 @@ class PredictionService:
         pred = model.classifier.decide(probs[None], top_k, threshold)[0]
         self._count(model, "ok")
         # a plain dict, not dataclasses.asdict (its deepcopy costs more than the rest of this function)
-        return {"label": pred.label, "label_idx": pred.label_idx, "confidence": pred.confidence,
-                "top_k": pred.top_k, "abstained": pred.abstained, "model": model.name, "model_version": model.version,
-                "cache": look.outcome,
-                "timing": {"total_ms": _ms(time.perf_counter() - start), "preprocess_ms": round(look.preprocess_ms, 3),
-                           "queue_ms": round(waited_ms + (res.queue_ms if res else 0.0), 3),
-                           "inference_ms": round(res.inference_ms, 3) if res else 0.0,
-                           "batch_size": res.batch_size if res else 0}}
+        result = {"label": pred.label, "label_idx": pred.label_idx, "confidence": pred.confidence,
+                  "top_k": pred.top_k, "abstained": pred.abstained, "model": model.name,
+                  "model_version": model.version, "cache": look.outcome,
+                  "request_id": request_id or new_request_id(),
+                  "timing": {"total_ms": _ms(time.perf_counter() - start),
+                             "preprocess_ms": round(look.preprocess_ms, 3),
+                             "queue_ms": round(waited_ms + (res.queue_ms if res else 0.0), 3),
+                             "inference_ms": round(res.inference_ms, 3) if res else 0.0,
+                             "batch_size": res.batch_size if res else 0}}
+        if self.monitor is not None:
+            self.monitor.observe(model, probs, result, data)
+        return result
 
     async def _store(self, look: Lookup, probs: np.ndarray) -> None:
         if self.cache.redis is None:  # memory only: microseconds, no thread hop
@@ -145,20 +159,21 @@ class PredictionService:
             self.metrics.images.labels(model.name, outcome).inc()
 
     async def predict(self, name: str | None, image: ImageUpload, top_k: int | None = None,
-                      threshold: float | None = None) -> dict[str, Any]:
-        """One image through the model's micro-batcher."""
-        return await self._classify(self.registry.get(name), image.data, top_k, threshold)
+                      threshold: float | None = None, request_id: str | None = None) -> dict[str, Any]:
+        """One image through the model's micro-batcher (`request_id`: the transport's, else a new one)."""
+        return await self._classify(self.registry.get(name), image.data, top_k, threshold, request_id)
 
     async def predict_batch(self, name: str | None, images: list[ImageUpload], top_k: int | None = None,
-                            threshold: float | None = None) -> dict[str, Any]:
+                            threshold: float | None = None, request_id: str | None = None) -> dict[str, Any]:
         """Many images, answers in input order; a bad image is an error entry, not a failed batch."""
         start = time.perf_counter()
         model = self.registry.get(name)  # one model version for the whole batch, even during a reload
+        rid = request_id or new_request_id()
 
         async def one(i: int, img: ImageUpload) -> dict[str, Any]:
             head = {"index": i, "filename": img.filename}
             try:
-                res = await self._classify(model, img.data, top_k, threshold)
+                res = await self._classify(model, img.data, top_k, threshold, f"{rid}-{i}")
             except ServiceError as exc:
                 return {**head, **exc.to_dict(), "status": exc.status}
             res.pop("model")
@@ -167,15 +182,16 @@ class PredictionService:
 
         results = await asyncio.gather(*(one(i, img) for i, img in enumerate(images)))
         failed = sum(1 for r in results if "error" in r)
-        return {"model": model.name, "model_version": model.version, "count": len(results), "failed": failed,
-                "results": results, "timing": {"total_ms": _ms(time.perf_counter() - start)}}
+        return {"model": model.name, "model_version": model.version, "request_id": rid, "count": len(results),
+                "failed": failed, "results": results, "timing": {"total_ms": _ms(time.perf_counter() - start)}}
 
-    async def predict_path(self, model_type: str | None, image_path: str) -> dict[str, Any]:
+    async def predict_path(self, model_type: str | None, image_path: str,
+                           request_id: str | None = None) -> dict[str, Any]:
         """The seed's `GET /predict`: a server-side file, only under the allowed roots."""
         model = self.registry.get(model_type)
         path = self.paths.resolve(image_path)
         data = await asyncio.to_thread(self.paths.read, path, self.settings.max_body_bytes)
-        res = await self._classify(model, data, None, None)
+        res = await self._classify(model, data, None, None, request_id)
         return {"label": res["label"], "label_idx": res["label_idx"], "confidence": res["confidence"],
                 "cache": res["cache"]}  # the route moves `cache` to the X-Cache header (seed shape)
 

@@ -105,6 +105,21 @@ class ServeSettings(BaseSettings):
         "info", description="Log level.")
     access_log: bool = Field(False, description="Log every request (costs throughput).")
 
+    # gRPC and monitoring (docs/SERVING.md)
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="Also serve gRPC on this port, same models "
+                                                                    "and limits (off by default; needs the grpc "
+                                                                    "extra).")
+    monitor_window: int = Field(1000, ge=1, description="Predictions per model in the drift window (cache hits "
+                                                        "are counted apart).")
+    feedback_memory: int = Field(50_000, ge=0, description="Recent predictions remembered for feedback by "
+                                                           "request_id or sha256.")
+    prediction_log: Path | None = Field(None, description="Write every prediction and feedback as JSON lines "
+                                                          "into this dir (off when not given).")
+    prediction_log_max_bytes: int = Field(64 * MiB, ge=1024, description="Rotate the prediction log at this "
+                                                                         "size.")
+    log_images_sample: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of images saved beside the "
+                                                                      "prediction log, for later labelling.")
+
     _split_lists = field_validator("bundles", "variant", "allow_path_root", mode="before")(
         classmethod(lambda cls, v: _split(v)))
     _lower = field_validator("log_level", mode="before")(classmethod(lambda cls, v: v.lower()
