@@ -280,7 +280,8 @@ def monitor(log_dir: Path = typer.Argument(..., help="A `serve --prediction-log`
                                                          "reference statistics."),
             window: str = typer.Option("auto", help="Time window: 30s, 15m, 1h, 1d, or auto (at most 12)."),
             out: Path | None = typer.Option(None, help="HTML page to write (default LOG_DIR/report.html).")) -> None:
-    """Offline report over a prediction log: drift per time window, abstention, estimated vs feedback accuracy."""
+    """Report on a prediction log, offline. Drift per time window, abstention, estimated vs feedback
+    accuracy."""
     from food_classifier.monitor_report import ReportError, build_report
 
     try:
