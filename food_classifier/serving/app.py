@@ -3,7 +3,8 @@
     app = create_app(ServeSettings(bundles=[Path("models/food")]))
 
 Models load in the background after startup, so `/healthz` answers at once and `/readyz` turns green
-when every model is loaded and warmed. SIGHUP reloads every model (when running in the main thread).
+when every model is loaded and warmed (both answer HEAD too: load balancers probe with it). SIGHUP
+reloads every model (when running in the main thread); reload over HTTP needs the admin key.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from food_classifier.serving import schemas
 from food_classifier.serving.errors import NotReady, ServiceError
@@ -57,12 +59,14 @@ def _tag(request: Request, name: str | None) -> None:
 
 
 @router.get("/healthz", tags=["ops"])
+@router.head("/healthz", include_in_schema=False)
 async def healthz() -> schemas.Health:
     """The process is alive (models may still be loading)."""
     return schemas.Health(status="ok")
 
 
 @router.get("/readyz", tags=["ops"], responses=schemas.errors({503: "Models still loading or failed"}))
+@router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> schemas.Ready:
     """Green only once every model is loaded and warmed up."""
     reg: ModelRegistry = request.app.state.registry
@@ -132,10 +136,13 @@ async def predict_path(request: Request, image_path: Annotated[str, Query(min_le
     return schemas.SeedPrediction.model_validate(await _svc(request).predict_path(model_type, image_path))
 
 
-@router.post("/v1/models/{name}/reload", tags=["models"],
-             responses=MODEL_ERRORS | schemas.errors({409: "Reload failed; the old version keeps serving"}))
+@router.post("/v1/models/{name}/reload", tags=["admin"],
+             responses=MODEL_ERRORS | schemas.errors({401: "Admin key missing or wrong",
+                                                      403: "No admin key configured: reload over HTTP is off",
+                                                      409: "Reload failed; the old version keeps serving"}))
 async def reload_model(request: Request, name: str) -> schemas.Reloaded:
-    """Load the newest bundle version and swap it in; requests in flight finish on the old one."""
+    """Load the newest bundle version and swap it in; requests in flight finish on the old one.
+    Needs the admin key (FOOD_CLASSIFIER_ADMIN_KEY); without one configured it answers 403."""
     _tag(request, name)
     return schemas.Reloaded.model_validate(await request.app.state.registry.reload(name))
 
@@ -157,6 +164,13 @@ def _error_response(status: int, code: str, detail: str, headers: dict[str, str]
     return JSONResponse(schemas.error_body(code, detail), status_code=status, headers=headers)
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (several routes may share it)."""
+    methods = {m for r in request.app.router.routes if getattr(r, "methods", None)
+               and r.matches(request.scope)[0] != Match.NONE for m in r.methods}
+    return sorted(methods)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     """Every error, ours or the framework's, as `{"error": code, "detail": message}`."""
 
@@ -173,9 +187,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(422, "invalid_request", "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette lists only the first route's methods: GET /predict hid POST
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return _error_response(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:

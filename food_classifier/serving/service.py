@@ -1,8 +1,9 @@
 """What an endpoint does, without HTTP: decode off the event loop, batch, decide, shape the answer.
 
 Decoding and preprocessing run in a thread pool (Pillow and numpy release the GIL), so the event
-loop only parses requests and hands arrays to the model's micro-batcher. Every decode failure
-becomes a `ServiceError` (413/415), never an exception that escapes to the client as a 500.
+loop only parses requests and hands arrays to the model's micro-batcher. Large images first wait for
+decode memory (admission.py). Every decode failure becomes a `ServiceError` (413/415), never an
+exception that escapes to the client as a 500.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from food_classifier.serving.errors import ServiceError, image_error
+from food_classifier.serving.admission import DecodeBudget, LargeImage, decode_large, decode_small
+from food_classifier.serving.batching import BatchResult
+from food_classifier.serving.errors import MissingImage, ServiceError, image_error
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.paths import PathGuard
 from food_classifier.serving.registry import LoadedModel, ModelRegistry
@@ -46,6 +49,7 @@ class PredictionService:
         # it, decoding runs ahead of inference and a few big batch requests queue ~1 MB of floats per image.
         self.pending_limit = 2 * (settings.decode_threads + settings.inference_workers * settings.batch_max_size)
         self._pending = asyncio.Semaphore(self.pending_limit)
+        self.budget = DecodeBudget(settings.decode_memory_mb * 1024 * 1024, settings.decode_threads - 1)
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -59,7 +63,7 @@ class PredictionService:
         photo = _warmup_jpeg(side)
 
         async def once(model: LoadedModel) -> None:
-            array, _ = await self._prepare(model, photo)
+            array, _ = await self._prepare(model, decode_small, photo, self.budget.small)
             await model.batcher.predict_array(array)
 
         for model in models:
@@ -68,29 +72,54 @@ class PredictionService:
             except Exception as exc:  # a warm-up problem must not keep a loadable model from serving
                 log.warning("warm-up of %s failed: %s", model.name, exc)
 
-    async def _prepare(self, model: LoadedModel, data: bytes) -> tuple[np.ndarray, float]:
+    async def _prepare(self, model: LoadedModel, step: Any, *args: Any) -> tuple[np.ndarray, float]:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.decode_pool, _timed_preprocess, model, data)
-        except ServiceError:
+            return await loop.run_in_executor(self.decode_pool, step, model.classifier, *args)
+        except (ServiceError, LargeImage):
             raise
         except Exception as exc:  # any decoder failure is the input's fault: never a 500
             raise image_error(exc) from None
 
-    async def _classify(self, model: LoadedModel, data: bytes, top_k: int | None,
-                        threshold: float | None) -> dict[str, Any]:
-        start = time.perf_counter()
-        decode_ms = 0.0
+    async def _infer(self, model: LoadedModel, data: bytes) -> tuple[BatchResult, float, float]:
+        """Decode, then the model: (result, decode ms, ms waited for a pending slot or decode memory).
+        A large image waits for the budget outside the pending slots, so it never blocks small ones."""
+        if not data:
+            raise MissingImage("the image is empty (0 bytes)")
+        start, decode_ms = time.perf_counter(), 0.0
 
-        async def prepare() -> np.ndarray:
+        async def prepare(step: Any, *args: Any) -> np.ndarray:
             nonlocal decode_ms
-            array, decode_ms = await self._prepare(model, data)
+            array, ms = await self._prepare(model, step, *args)
+            decode_ms += ms
             return array
 
         try:
             async with self._pending:
-                waited_ms = (time.perf_counter() - start) * 1000
-                res = await model.batcher.predict(prepare())
+                waited = time.perf_counter() - start
+                return await model.batcher.predict(prepare(decode_small, data, self.budget.small)), decode_ms, waited
+        except LargeImage as big:
+            large, decode_ms = big, big.peek_ms
+        start = time.perf_counter()
+        grant = await self.budget.acquire(large.cost)
+        try:
+            async def prepare_large() -> np.ndarray:
+                try:
+                    return await prepare(decode_large, large.image)
+                finally:
+                    grant.release()  # the pixels are freed: the next large image may start
+
+            async with self._pending:
+                waited += time.perf_counter() - start
+                return await model.batcher.predict(prepare_large()), decode_ms, waited
+        finally:
+            grant.release()
+
+    async def _classify(self, model: LoadedModel, data: bytes, top_k: int | None,
+                        threshold: float | None) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            res, decode_ms, waited = await self._infer(model, data)
         except ServiceError:
             self._count(model, "rejected")
             raise
@@ -100,8 +129,8 @@ class PredictionService:
         return {"label": pred.label, "label_idx": pred.label_idx, "confidence": pred.confidence,
                 "top_k": pred.top_k, "abstained": pred.abstained, "model": model.name, "model_version": model.version,
                 "timing": {"total_ms": _ms(time.perf_counter() - start), "preprocess_ms": round(decode_ms, 3),
-                           "queue_ms": round(waited_ms + res.queue_ms, 3), "inference_ms": round(res.inference_ms, 3),
-                           "batch_size": res.batch_size}}
+                           "queue_ms": round(waited * 1000 + res.queue_ms, 3),
+                           "inference_ms": round(res.inference_ms, 3), "batch_size": res.batch_size}}
 
     def _count(self, model: LoadedModel, outcome: str) -> None:
         if self.metrics:
@@ -150,9 +179,3 @@ def _warmup_jpeg(side: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (side, side), (180, 120, 60)).save(buf, "JPEG")
     return buf.getvalue()
-
-
-def _timed_preprocess(model: LoadedModel, data: bytes) -> tuple[np.ndarray, float]:
-    t = time.perf_counter()
-    array = model.classifier.preprocess(data)
-    return array, (time.perf_counter() - t) * 1000
