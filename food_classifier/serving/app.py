@@ -166,7 +166,7 @@ def _error_response(status: int, code: str, detail: str, headers: dict[str, str]
 
 def _allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at this path (several routes may share it)."""
-    methods = {m for r in request.app.router.routes if getattr(r, "methods", None)
+    methods = {m for r in router.routes if getattr(r, "methods", None)
                and r.matches(request.scope)[0] != Match.NONE for m in r.methods}
     return sorted(methods)
 
