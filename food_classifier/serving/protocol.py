@@ -24,8 +24,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger("food_classifier.serving")
 
 
-def _error_bytes(code: str, detail: str) -> bytes:
-    return json.dumps({"error": code, "detail": detail}).encode()
+def _error_response(status: int, code: str, detail: str) -> bytes:
+    """A complete HTTP/1.1 response carrying the service's JSON error body, closing the connection."""
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode() + body
 
 
 def protocol_class(header_timeout: float, max_header_bytes: int) -> type[asyncio.Protocol]:
@@ -39,11 +43,21 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> type[asyncio
             self._arm_head_timer()
 
         def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE and self._head_too_large(data):
+                self._answer(431, "request_header_too_large",
+                             f"the request line and headers exceed {max_header_bytes} bytes")
+                return
             super().data_received(data)
             if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
                 self._cancel_head_timer()  # a request is in progress (its body has its own timeout)
             elif self._head_timer is None:
                 self._arm_head_timer()  # part of a new head on a kept-alive connection
+
+        def _head_too_large(self, data: bytes) -> bool:
+            """h11 bounds only a head still incomplete; one that arrives whole in a read can be any size."""
+            pending = self.conn.trailing_data[0] + data
+            end = pending.find(b"\r\n\r\n")
+            return (len(pending) if end < 0 else end) > max_header_bytes
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_head_timer()
@@ -57,35 +71,30 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> type[asyncio
                 self._head_timer.cancel()
                 self._head_timer = None
 
+        def _answer(self, status: int, code: str, detail: str) -> None:
+            """Answer before (or instead of) a parsed request, then close: h11 cannot send here."""
+            self._cancel_head_timer()
+            if not self.transport.is_closing():
+                self.transport.write(_error_response(status, code, detail))
+                self.transport.close()
+
         def _head_timeout(self) -> None:
             self._head_timer = None
             if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
                 return
-            partial = bool(self.conn.trailing_data[0])
-            if partial:  # h11 cannot answer before a request: write the response ourselves
-                body = _error_bytes("request_timeout",
-                                    f"the request line and headers did not arrive within {header_timeout:g} s")
-                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                     b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
-                log.info("closed a connection that sent a partial request head for %g s", header_timeout)
-            self.transport.close()
+            if self.conn.trailing_data[0]:
+                log.info("closing a connection that sent a partial request head for %g s", header_timeout)
+                self._answer(408, "request_timeout",
+                             f"the request line and headers did not arrive within {header_timeout:g} s")
+            else:  # an idle connection: close quietly, as the keep-alive timeout does
+                self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
-            too_large = len(self.conn.trailing_data[0]) > max_header_bytes
-            if too_large:
-                status, code = 431, "request_header_too_large"
-                detail = f"the request line and headers exceed {max_header_bytes} bytes"
+            if len(self.conn.trailing_data[0]) > max_header_bytes:  # h11's own limit on an incomplete head
+                self._answer(431, "request_header_too_large",
+                             f"the request line and headers exceed {max_header_bytes} bytes")
             else:
-                status, code = 400, "bad_http_request"
-                detail = ("malformed HTTP request (request line, header syntax, Content-Length or chunked "
-                          "encoding)")
-            body = _error_bytes(code, detail)
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       (b"connection", b"close")]
-            for event in (h11.Response(status_code=status, headers=headers,
-                                       reason=http.HTTPStatus(status).phrase.encode()), h11.Data(data=body),
-                          h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
-            self.transport.close()
+                self._answer(400, "bad_http_request", "malformed HTTP request (request line, header syntax, "
+                                                      "Content-Length or chunked encoding)")
 
     return ServingProtocol
