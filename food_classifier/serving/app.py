@@ -129,7 +129,7 @@ async def predict_batch_default(request: Request, top_k: TopK = None,
 @router.get("/predict", tags=["predict"],
             responses=schemas.ERRORS | schemas.errors({403: "Path access off or outside the roots",
                                                        404: "Unknown model or no such file"}))
-async def predict_path(request: Request, image_path: Annotated[str, Query(min_length=1)],
+async def predict_path(request: Request, image_path: Annotated[str, Query(min_length=1, pattern=r"^[^\x00]+$")],
                        model_type: str | None = None) -> schemas.SeedPrediction:
     """The seed's call: classify a server-side file under `--allow-path-root` (403 otherwise)."""
     _tag(request, model_type)

@@ -40,8 +40,7 @@ def _media_type(request: Request) -> str:
 
 
 def _b64(value: object, where: str) -> bytes:
-    if value == "":
-        raise MissingImage(f"{where} is empty")
+    """Decoded bytes; "" gives b"" (an empty image: 422, or an error entry in a batch, like an empty file)."""
     if not isinstance(value, str):
         raise InvalidInput(f"{where} must be a base64 string", code="invalid_base64")
     if value.startswith("data:"):
