@@ -7,7 +7,11 @@ gets a JSON 408 and is closed. h11 (not httptools) because it bounds the head's 
 (`max_header_bytes`, a 20 MB header was accepted before); its protocol errors (bad request line,
 negative Content-Length, bad chunking, a head over the limit) are answered with the service's JSON
 error body (400, or 431 for the size) instead of uvicorn's plain text. The app never sees these
-requests. uvicorn passes this class as `http=`; it only extends the documented hooks.
+requests. And a lingering close: when the app answers before the body has arrived (413 on the
+declared size, 408) and closes, the connection is half-closed and the rest of the body read and
+dropped for up to `LINGER_SECONDS`, because closing a socket with unread data sends a reset that
+destroys the answer on its way (seen in the soak: clients got a connection error, not the 413).
+uvicorn passes this class as `http=`; it only extends the protocol's hooks.
 """
 
 from __future__ import annotations
@@ -22,6 +26,34 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("food_classifier.serving")
+LINGER_SECONDS = 5.0
+
+
+class _LingeringTransport:
+    """The connection's transport, except that `close` with request body still to come half-closes, keeps
+    reading (the protocol drops the data) until the client is done or `LINGER_SECONDS` pass, then closes."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: Any):
+        self._transport, self._protocol, self._closing = transport, protocol, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        t = self._transport
+        if self._protocol.conn.their_state is h11.SEND_BODY and t.can_write_eof() and not t.is_closing():
+            self._protocol.lingering = True
+            t.write_eof()
+            t.resume_reading()
+            self._protocol.loop.call_later(LINGER_SECONDS, t.close)
+        else:
+            t.close()
 
 
 def _error_response(status: int, code: str, detail: str) -> bytes:
@@ -37,12 +69,15 @@ def protocol_class(header_timeout: float, max_header_bytes: int) -> type[asyncio
 
     class ServingProtocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+        lingering = False
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            super().connection_made(_LingeringTransport(transport, self))
             self._arm_head_timer()
 
         def data_received(self, data: bytes) -> None:
+            if self.lingering:
+                return  # the rest of a body nobody will read
             if self.conn.their_state is h11.IDLE and self._head_too_large(data):
                 self._answer(431, "request_header_too_large",
                              f"the request line and headers exceed {max_header_bytes} bytes")
