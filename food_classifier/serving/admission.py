@@ -9,9 +9,9 @@ photo waited 14 s behind them. So an image is decoded in two steps:
    (at most 1/16 of the budget: every JPEG photo, which decodes at 1/2-1/8 scale, and anything up
    to ~4 MP) is decoded in the same call and never waits.
 2. A large one raises `LargeImage`; the service waits on the `DecodeBudget` (first come, first served)
-   until its bytes fit and fewer than `decode_threads - 1` large decodes run, so one decode thread
-   stays free for the small images, then `decode_large` decodes it and gives the memory back to the
-   OS at once (memory.trim).
+   until its bytes fit and a slot is free (at most `decode_threads - 1` large decodes at once, at least
+   one), so a decode thread stays free for the small images, then `decode_large` decodes it and
+   gives the memory back to the OS at once (memory.trim).
 
 Decodes in flight then hold at most the budget (or one image alone, when it needs more than the whole
 budget) plus one small image per decode thread.
