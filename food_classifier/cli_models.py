@@ -69,8 +69,8 @@ def promote_cmd(name: str = typer.Argument(..., help="Model name (a dir in --mod
     from food_classifier.versions import promote
 
     path = promote(models_dir, name, version)
-    typer.echo(f"promoted {name} {version} ({path}); a running server takes it on "
-               f"`POST /v1/models/{name}/reload` or restart")
+    typer.echo(f"promoted {name} {version} ({path}); a running server takes it on reload (SIGHUP, or "
+               f"`POST /v1/models/{name}/reload` with the admin key) or restart")
 
 
 @models_app.command("unpromote")

@@ -9,7 +9,7 @@ import sys
 
 import httpx
 import pytest
-from conftest import colour_image, make_colour_bundle
+from conftest import ADMIN_KEY, colour_image, make_colour_bundle
 
 from food_classifier.bundle import PROMOTED_FILE, BundleError, load_newest, newest_bundle, promoted_version
 from food_classifier.inference import Classifier
@@ -61,11 +61,12 @@ def test_a_broken_promoted_version_fails_loudly_instead_of_serving_another(tmp_p
 def test_serve_and_reload_take_the_promoted_version(tmp_path):
     models = tmp_path / "models"
     publish(models, "v1", "v2")
-    with ServerProcess([models / "colour"], args=["--ort-threads", "1"]) as srv:
+    with ServerProcess([models / "colour"], args=["--ort-threads", "1"],
+                       env={"FOOD_CLASSIFIER_ADMIN_KEY": ADMIN_KEY}) as srv:
         assert httpx.get(srv.url + "/readyz").json()["models"] == {"colour": "v2"}
         out = cli("models", "promote", "colour", "v1", "--models-dir", str(models))
         assert out.returncode == 0 and "promoted colour v1" in out.stdout, out.stderr
-        r = httpx.post(srv.url + "/v1/models/colour/reload", timeout=30)
+        r = httpx.post(srv.url + "/v1/models/colour/reload", headers={"X-API-Key": ADMIN_KEY}, timeout=30)
         assert r.status_code == 200 and (r.json()["previous_version"], r.json()["version"]) == ("v2", "v1")
     with ServerProcess([models / "colour"], args=["--ort-threads", "1"]) as srv:  # a fresh start too
         assert httpx.get(srv.url + "/v1/models/colour").json()["version"] == "v1"
