@@ -5,6 +5,8 @@ content types, response schemas, positive and negative data, unsupported methods
 header...), a few examples per operation so `make test` stays around a minute. One deliberate
 allowance: on the image operations a 415 answers schema-valid bytes that are not a decodable image.
 That an upload is an image cannot be written in JSON Schema; the 415 is documented on each of them.
+Likewise feedback answers 422 `unknown_label` to a label the model does not have (the labels are each
+model's own, not the schema's).
 FC_SCHEMATHESIS_EXAMPLES=200 runs deeper. The run reports its seed; `schemathesis run URL --seed N`
 with this config replays it.
 """
@@ -32,6 +34,10 @@ enabled = true
 [[operations]]
 include-tag = "predict"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "415", "429", "5xx"]
+
+[[operations]]
+include-path = "/v1/models/{{name}}/feedback"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]
 """
 
 

@@ -122,8 +122,8 @@ def run_server(settings: Any) -> None:
     from food_classifier.cache import CacheError
     from food_classifier.serving import memory
     from food_classifier.serving.app import create_app
-    from food_classifier.v1 import GrpcMissing
     from food_classifier.serving.protocol import protocol_class
+    from food_classifier.v1 import GrpcMissing
 
     memory.limit_arenas(2)  # before any worker thread allocates: keeps RSS from creeping (memory.py)
     memory.mmap_large_blocks()  # decoded large images go back to the OS when freed (memory.py)

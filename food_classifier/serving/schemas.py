@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Query
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 # query parameters of the predict endpoints; the gRPC transport validates its fields with them too
 TopKQuery = Annotated[int | None, Query(ge=1, le=1000, description="How many classes to return in top_k.")]
@@ -158,18 +158,21 @@ class Reloaded(Wire):
     variant: str
 
 
-class FeedbackIn(Wire):
-    """The true label of an earlier prediction, named by its request_id or by the image's sha256."""
+class FeedbackByRequest(Wire):
+    """The true label of an earlier prediction, named by the request_id it answered with."""
 
-    request_id: str | None = Field(None, min_length=1, max_length=200)
-    sha256: str | None = Field(None, pattern="^[0-9a-fA-F]{64}$")
+    request_id: str = Field(min_length=1, max_length=200)
     label: str = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _one_key(self) -> FeedbackIn:
-        if (self.request_id is None) == (self.sha256 is None):
-            raise ValueError("give exactly one of request_id and sha256")
-        return self
+
+class FeedbackBySha(Wire):
+    """The true label of the latest prediction of an image, named by the image's sha256."""
+
+    sha256: str = Field(pattern="^[0-9a-fA-F]{64}$")
+    label: str = Field(min_length=1)
+
+
+FeedbackIn = FeedbackByRequest | FeedbackBySha  # exactly one of request_id and sha256, in the schema too
 
 
 class FeedbackOut(Wire):

@@ -12,7 +12,6 @@ the HTTP error code and status travel as trailing metadata `fc-error` and `fc-st
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import socket
 import time
