@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from food_classifier.bundle_schema import FORMAT, READABLE_FORMATS, BundleMeta, Variant
+from food_classifier.preprocessing import PreprocessSpec
 
 __all__ = ["FORMAT", "META_FILE", "Bundle", "BundleError", "BundleMeta", "Variant", "file_sha256", "load_bundle",
            "load_newest", "model_sources", "newest_bundle", "read_meta", "update_meta", "write_bundle"]
@@ -67,7 +68,7 @@ class Bundle:
         return self.meta.labels
 
     @property
-    def preprocessing(self):  # -> PreprocessSpec
+    def preprocessing(self) -> PreprocessSpec:
         return self.meta.spec
 
     @property

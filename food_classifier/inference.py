@@ -3,6 +3,7 @@
     clf = Classifier("models/food")          # a bundle dir or a model dir (newest version)
     clf.predict("pie.jpg").label
     clf.predict_batch([bytes1, "b.png", pil_image])
+    Classifier("models/food", cache=PredictionCache())   # repeated photos skip decode and/or inference
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from food_classifier import runtime
 from food_classifier.bundle import Bundle, BundleError, load_newest
 from food_classifier.preprocessing import DEFAULT_MAX_PIXELS, ImageInput, preprocess
+
+if TYPE_CHECKING:
+    from food_classifier.cache import PredictionCache
 
 UNSURE = "unsure"
 
@@ -27,6 +32,7 @@ class Prediction:
     confidence: float
     top_k: list[dict] = field(default_factory=list)
     abstained: bool = False
+    cache: str = "off"  # hit-bytes, hit-pixels, miss or off (see food_classifier.cache)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,7 +52,7 @@ class Classifier:
     number of labels, is a `BundleError` naming the file (the session is the one place that sees it)."""
 
     def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, variant: str = "fp32",
-                 top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS, cache: PredictionCache | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_newest(bundle)
         self.variant = variant
         self.top_k = top_k
@@ -63,6 +69,7 @@ class Classifier:
                               f"lists {len(self.bundle.labels)} labels")
         self.labels = self.bundle.labels
         self.spec = self.bundle.preprocessing
+        self.cache = cache
 
     @property
     def name(self) -> str:
@@ -100,10 +107,18 @@ class Classifier:
         return out
 
     def predict(self, image: ImageInput, top_k: int | None = None, threshold: float | None = None) -> Prediction:
+        if self.cache is not None:
+            return self.predict_batch([image], top_k, threshold)[0]
         return self.decide(self.predict_proba(self.preprocess(image)[None]), top_k, threshold)[0]
 
     def predict_batch(self, images: Sequence[ImageInput], top_k: int | None = None,
                       threshold: float | None = None, batch_size: int = 32) -> list[Prediction]:
         """Decode in a thread pool (Pillow releases the GIL), run the model in chunks."""
+        if self.cache is not None:
+            probs, outcomes = self.cache.proba_batch(self, images, batch_size)
+            preds = self.decide(probs, top_k, threshold)
+            for pred, outcome in zip(preds, outcomes, strict=True):
+                pred.cache = outcome
+            return preds
         probs = runtime.map_batched(images, self.preprocess, self.predict_proba, batch_size)
         return [p for chunk in probs for p in self.decide(chunk, top_k, threshold)]

@@ -249,3 +249,21 @@ def test_int8_step_never_fails_training(bundle, data, monkeypatch):
         assert quantize.int8_step(bundle, data, n_calibration=6) is None
     assert list(load_bundle(bundle).variants) == ["fp32"]
     assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "labels.txt", "model.onnx"]
+
+
+def test_quantization_scratch_stays_beside_the_output(bundle, monkeypatch):
+    """A kill mid-quantization must leave nothing in /tmp: the scratch dir lives in the run's bundle dir."""
+    import onnxruntime.quantization as ortq
+
+    from food_classifier.training.quantize import quantize_model
+
+    seen = []
+
+    def killed(src, dst, *a, **k):
+        seen.append(Path(dst).parent)
+        raise KeyboardInterrupt  # stands in for the kill: no Python cleanup is assumed beyond the with block
+
+    monkeypatch.setattr(ortq, "quant_pre_process", killed)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(bundle / "model.onnx", bundle / "model.int8.onnx", None, method="dynamic")
+    assert seen[0].parent == bundle and seen[0].name.startswith(".tmp-int8-")

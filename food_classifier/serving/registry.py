@@ -20,15 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from food_classifier.bundle import BundleError, load_bundle, load_newest, model_sources
+from food_classifier.bundle import BundleError, load_bundle, load_newest
 from food_classifier.inference import Classifier
 from food_classifier.serving import memory
 from food_classifier.serving.batching import MicroBatcher
 from food_classifier.serving.errors import NotReady, ReloadFailed, UnknownModel
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.settings import VARIANT_AUTO, ServeSettings
-
-__all__ = ["LoadedModel", "ModelRegistry", "model_sources"]
 
 log = logging.getLogger("food_classifier.serving")
 

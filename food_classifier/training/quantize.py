@@ -112,7 +112,9 @@ def quantize_model(fp32_path: str | Path, out_path: str | Path, calibration: np.
         raise QuantizeError(f"unknown quantization method '{method}' (one of: {', '.join(METHODS)})")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fc-int8-") as tmp:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # beside the output (the run's bundle dir), not in /tmp: a kill leaves nothing outside the run
+    with tempfile.TemporaryDirectory(prefix=".tmp-int8-", dir=out_path.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre))
         t_pre = time.perf_counter() - t0
@@ -134,7 +136,6 @@ def quantize_model(fp32_path: str | Path, out_path: str | Path, calibration: np.
                      "weights": "int8, symmetric, per output channel", "activations": "uint8, asymmetric",
                      "calibration": {"method": "MinMax", "n_images": int(len(calibration)), "tier": "train"},
                      "fp32_nodes": keep}
-        out_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(out_tmp), out_path)
     info |= {"pre_process_seconds": round(t_pre, 2), "quantize_seconds": round(time.perf_counter() - t0, 2)}
     return info
