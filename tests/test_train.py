@@ -123,6 +123,8 @@ def test_calibration_uses_out_of_fold_logits_on_the_head_path(tiny_manifest, tmp
     cal = load_bundle(bundle).meta.calibration
     n = sum(r.tier in ("train", "validation") for r in read_manifest(tiny_manifest))
     assert cal.fitted_on == "out-of-fold train+validation" and cal.n_fit == n
+    ref = load_bundle(bundle).meta.reference  # monitoring's baseline, from the same held-out probabilities
+    assert ref is not None and ref.n == n and ref.source == cal.fitted_on and sum(ref.class_counts) == n
 
 
 @pytest.mark.parametrize("refit", [True, False])

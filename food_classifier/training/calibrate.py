@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from food_classifier.inference import softmax
+from food_classifier.monitoring import reference_stats
 from food_classifier.training import runs
 from food_classifier.training.config import DEFAULT_TARGET_PRECISION
 from food_classifier.training.evaluate import tier_report
@@ -38,6 +39,7 @@ class Calibrated:
     abstention: dict   # bundle.json "abstention": threshold and its coverage
     metrics: dict      # per-tier metrics with T applied (metrics.json; its summary goes into bundle.json)
     detail: dict       # everything above plus reliability bins and coverage curves (calibration.json)
+    reference: dict | None = None  # bundle.json "reference": what live traffic is compared with (monitoring.py)
 
     @property
     def temperature(self) -> float:
@@ -169,7 +171,8 @@ def calibrate(scores: Scores, held_out: HeldOut | None, fit_tiers: list[str], mo
                               for name, m in (("validation", val), ("test", test)) if m.any()},
               "coverage_curve": {name: coverage_curve(*on(m, cal)) for name, m in (("validation", val), ("test", test))
                                  if m.any()}}
-    return Calibrated(calibration, abstention, metrics, detail)
+    reference = reference_stats(softmax(fit_logits, temperature), threshold, fit_y, source=method)
+    return Calibrated(calibration, abstention, metrics, detail, reference)
 
 
 def format_calibration(run: str | Path) -> str:

@@ -44,7 +44,8 @@ class Run:
         assert self.exported is not None and self.calibrated is not None
         c = self.calibrated
         data = self.exported.meta.to_json_dict() | {
-            "calibration": c.calibration, "abstention": c.abstention, "metrics": summary(c.metrics)}
+            "calibration": c.calibration, "abstention": c.abstention, "metrics": summary(c.metrics),
+            "reference": c.reference}
         if self.int8:
             data["variants"] = data["variants"] | {"int8": self.int8}
         return BundleMeta.model_validate(data)
