@@ -18,6 +18,8 @@ def megabytes(n: int) -> str:
 @models_app.command("archs")
 def archs() -> None:
     """List the architectures for `train --arch`. Any timm architecture works too."""
+    from food_classifier.training.config import DEFAULT_ARCH
+
     try:
         from food_classifier.training.models import list_models
     except ImportError:
@@ -27,7 +29,7 @@ def archs() -> None:
     for name, desc in list_models().items():
         typer.echo(f"{name:<20} {desc}")
     typer.echo(f"{'a+b':<20} ensemble of pretrained backbones: one input, one linear head per member, "
-               "logits averaged (default: efficientnet_lite0+efficientnet_lite1)")
+               f"logits averaged (default: {DEFAULT_ARCH})")
 
 
 @models_app.command("list")
