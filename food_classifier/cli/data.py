@@ -1,4 +1,5 @@
-"""`food-classifier data ...`: find, download and split a photo folder into a manifest."""
+"""`food-classifier data ...`: find, download and split a photo folder into a manifest. Imports the
+training side's sources module, so the group loads it only when `data` is asked for."""
 
 from __future__ import annotations
 
