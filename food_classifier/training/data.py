@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from food_classifier.preprocessing import ImageError, open_image
+from food_classifier.training.progress import progress_bar
 from food_classifier.training.sources import DataError
 
 TIERS = ("train", "validation", "test")
@@ -131,7 +131,7 @@ def scan(root: str | Path, progress: bool = True) -> ScanResult:
     todo = [(f, c.name, tier) for tier, d in tier_dirs for c in _subdirs(d) for f in _files(c)]
     todo.sort(key=lambda t: str(t[0]))
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
-        results = list(tqdm(pool.map(_check, [f for f, _, _ in todo]), total=len(todo),
+        results = list(progress_bar(pool.map(_check, [f for f, _, _ in todo]), total=len(todo),
                             desc="scanning images", unit="img", disable=not progress))
     items, rejected = [], []
     for (f, label, tier), res in zip(todo, results, strict=True):

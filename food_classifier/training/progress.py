@@ -1,13 +1,13 @@
 """Progress for long steps: a tqdm bar on a terminal, plain lines in a log.
 
-    for batch in progress(batches, desc="evaluate", unit="batch"): ...
-    with progress(total=n, desc="features", unit="img") as bar: bar.update(k)
+    for batch in progress_bar(batches, desc="evaluate", unit="batch"): ...
+    with progress_bar(total=n, desc="features", unit="img") as bar: bar.update(k)
 
 A carriage-return bar redrawn ten times a second floods a log file or CI output with thousands of
 partial lines, so when the stream is not a terminal the same calls print one line at every 10 % of
 `total` (or, with no total, one line when the step ends), each with the count and the elapsed time.
 `FOOD_CLASSIFIER_PROGRESS=bars|lines|off` forces a style. Every tqdm use of the training side goes
-through `progress`.
+through `progress_bar`.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class LineProgress:
         self.close()
 
 
-def progress(iterable: Iterable | None = None, *, total: float | None = None, desc: str = "", unit: str = "it",
+def progress_bar(iterable: Iterable | None = None, *, total: float | None = None, desc: str = "", unit: str = "it",
              leave: bool = True, disable: bool = False, unit_scale: bool = False, initial: float = 0,
              stream: IO[str] | None = None) -> Any:
     """A tqdm bar (terminal) or a `LineProgress` (log); same calls either way."""
