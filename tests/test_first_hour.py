@@ -3,17 +3,21 @@ the demo's example prediction, and the recommended variant served by default."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import typer
 from conftest import colour_image, make_colour_bundle
+from PIL import Image
 from test_serving import ready_client
 from typer.testing import CliRunner
 
@@ -184,3 +188,38 @@ def test_predict_takes_the_recommended_variant_too(int8_model, tmp_path):
     assert auto["confidence"] == pytest.approx(Classifier(int8_model, variant="int8").predict(
         tmp_path / "g.png").confidence, abs=1e-6)
     assert abs(auto["confidence"] - fp32["confidence"]) > 0.01
+
+
+def blocks(seed: int, size: tuple[int, int] = (180, 160)) -> Image.Image:
+    """A photo with coarse structure, so a resized copy is a near-duplicate (dHash) and others are not."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (8, 9, 3)).astype(np.uint8)).resize(size, Image.NEAREST)
+
+
+def test_split_prints_rejected_files_duplicate_groups_and_moved_photos(tmp_path):
+    root = tmp_path / "my photos"
+    for tier, n in (("train", 8), ("test", 3)):
+        for c, name in enumerate(("red", "green", "blue")):
+            (root / tier / name).mkdir(parents=True)
+            for i in range(n):
+                blocks(1000 * c + (500 if tier == "test" else 0) + i).save(root / tier / name / f"{name}_{i}.jpg",
+                                                                         quality=95)
+    blocks(500).resize((120, 107)).save(root / "train" / "red" / "red_copy.jpg", quality=80)  # of test/red/red_0
+    shutil.copy(root / "train" / "blue" / "blue_1.jpg", root / "train" / "blue" / "blue_1 (1).jpg")
+    for i in range(12):
+        (root / "train" / "green" / f"broken_{i:02d}.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = run("data", "split", str(root), "--manifest", str(tmp_path / "m.csv"), text=True)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "rejected: 12 file(s), skipped" in text
+    shown = re.findall(r"^  train/green/broken_(\d\d)\.jpg: (.+)$", text, re.M)
+    assert [n for n, _ in shown] == [f"{i:02d}" for i in range(10)] and all("corrupt" in why or "readable" in why
+                                                                          for _, why in shown)
+    assert "  ... and 2 more" in text
+    assert "duplicate groups: 2 (4 photos, each group kept in one tier)" in text
+    assert re.search(r"^  train/blue/blue_1 \(1\)\.jpg = train/blue/blue_1\.jpg \(exact copies\)$", text, re.M)
+    assert "moved to a stricter tier with their near-copies: 1" in text
+    assert "  train/red/red_copy.jpg: train -> test, a near-copy of test/red/red_0.jpg" in text
+    assert "12 rejected, 2 duplicate groups, 1 moved" in text
+    tiers = {str(Path(r["path"]).relative_to(root)): r["tier"] for r in csv.DictReader(open(tmp_path / "m.csv"))}
+    assert tiers["train/red/red_copy.jpg"] == tiers["test/red/red_0.jpg"] == "test"

@@ -20,6 +20,7 @@ def test_a_pipe_gets_a_line_every_ten_percent(monkeypatch):
     out = io.StringIO()
     with progress_bar(total=1000, desc="features", unit="img", stream=out) as bar:
         assert isinstance(bar, LineProgress)
+        bar.min_interval = 0.0  # as if every update took a while
         for _ in range(100):
             bar.update(10)
     lines = out.getvalue().splitlines()
@@ -28,6 +29,14 @@ def test_a_pipe_gets_a_line_every_ten_percent(monkeypatch):
     assert lines[0].startswith("features: 10% 100 img of 1000 img (")
     assert lines[-1].startswith("features: done, 1000 img")
     assert len(lines) == 10
+
+
+def test_a_fast_step_prints_only_its_closing_line(monkeypatch):
+    monkeypatch.delenv("FOOD_CLASSIFIER_PROGRESS", raising=False)
+    out = io.StringIO()
+    for _ in progress_bar(range(1000), desc="scan", unit="img", stream=out):
+        pass
+    assert out.getvalue().count("\n") == 1 and out.getvalue().startswith("scan: done, 1000 img (")
 
 
 def test_without_a_total_one_line_per_step_and_postfix(monkeypatch):

@@ -45,19 +45,31 @@ def data_split(root: Path = typer.Argument(..., help="ImageFolder (one folder pe
                ratios: str = typer.Option("0.7,0.15,0.15", help="train,validation,test fractions."),
                seed: int = typer.Option(42)) -> None:
     """Split a photo folder into train/validation/test. Validates images, groups duplicates, writes the
-    manifest."""
-    from food_classifier.training.data import count_table, find_image_root, split
+    manifest, prints what it skipped, grouped and moved."""
+    split_and_report(root, manifest, ratios, seed)
+
+
+def split_and_report(root: Path, manifest: Path, ratios: str = "0.7,0.15,0.15", seed: int = 42) -> list:
+    """`data split`, also for `data prepare` and `train --data`: the counts per class and tier, then the
+    first rejected files, duplicate groups and moved photos with their reasons (all in the report)."""
+    from food_classifier.training.data import count_table, find_image_root, format_report, report_path, split
     from food_classifier.training.sources import DataError
 
     try:
         r = tuple(float(x) for x in ratios.split(","))
     except ValueError:
         raise DataError(f"--ratios must be three numbers like 0.7,0.15,0.15, got '{ratios}'") from None
-    rows = split(find_image_root(root), manifest, ratios=r, seed=seed)
-    report = json.loads(manifest.with_name(manifest.stem + ".report.json").read_text())
+    image_root = find_image_root(root)
+    rows = split(image_root, manifest, ratios=r, seed=seed)
+    report = json.loads(report_path(manifest).read_text())
     typer.echo(count_table(rows))
+    details = format_report(report, image_root)
+    if details:
+        typer.echo(details)
     typer.echo(f"manifest: {manifest} ({len(rows)} images; {len(report['rejected'])} rejected, "
-               f"{len(report['duplicate_groups'])} duplicate groups — see {manifest.stem}.report.json)")
+               f"{len(report['duplicate_groups'])} duplicate groups, {len(report['moved'])} moved — "
+               f"details in {report_path(manifest)})")
+    return rows
 
 
 @data_app.command("prepare")
@@ -74,4 +86,4 @@ def data_prepare(manifest: Path = typer.Option(Path("data/manifest.csv")), seed:
     except DataError as e:  # offline, most likely: say how to use the photos the user has
         fail(f"{e}\n{LOCAL_DATA_HINT}")
     typer.echo(f"dataset: {root}")
-    data_split(root, manifest=manifest, ratios="0.7,0.15,0.15", seed=seed)
+    split_and_report(root, manifest, seed=seed)

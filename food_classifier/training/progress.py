@@ -4,8 +4,9 @@
     with progress_bar(total=n, desc="features", unit="img") as bar: bar.update(k)
 
 A carriage-return bar redrawn ten times a second floods a log file or CI output with thousands of
-partial lines, so when the stream is not a terminal the same calls print one line at every 10 % of
-`total` (or, with no total, one line when the step ends), each with the count and the elapsed time.
+partial lines, so when the stream is not a terminal the same calls print one line when the step
+ends and, for steps that take a while, one at every 10 % of `total` (at most one a second), each
+with the count and the elapsed time.
 `FOOD_CLASSIFIER_PROGRESS=bars|lines|off` forces a style. Every tqdm use of the training side goes
 through `progress_bar`.
 """
@@ -44,13 +45,14 @@ class LineProgress:
     """The tqdm calls the training side uses (iterate, update, set_postfix, close, with), as lines."""
 
     def __init__(self, iterable: Iterable | None, total: float | None, desc: str, unit: str, initial: float,
-                 stream: IO[str], unit_scale: bool = False, quiet: bool = False):
+                 stream: IO[str], unit_scale: bool = False, quiet: bool = False, min_interval: float = 1.0):
         self.iterable, self.desc, self.unit, self.stream = iterable, desc, unit, stream
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
         self.total, self.n, self.scale, self.quiet = total, initial, unit_scale, quiet
         self.postfix = ""
-        self.start = time.monotonic()
+        self.start = self.last = time.monotonic()
+        self.min_interval = min_interval  # a fast step prints its closing line only
         self.next_tenth = int(10 * initial / total) + 1 if total else 11
         self.closed = False
 
@@ -64,7 +66,9 @@ class LineProgress:
         if not self.total:
             return
         tenth = int(10 * self.n / self.total)
-        if tenth >= self.next_tenth and tenth < 10:  # 100 % is the closing line
+        now = time.monotonic()
+        if tenth >= self.next_tenth and tenth < 10 and now - self.last >= self.min_interval:  # 100 %: close()
+            self.last = now
             self._line(f"{10 * tenth}% {_amount(self.n, self.unit, self.scale)} of "
                        f"{_amount(self.total, self.unit, self.scale)}")
             self.next_tenth = tenth + 1
