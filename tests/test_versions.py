@@ -140,7 +140,7 @@ def test_models_list_and_gc_commands(tmp_path):
     out = cli("models", "list", "--models-dir", str(models))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("colour  (") and "3 version(s)" in lines[0] and "serve loads v1" in lines[0]
+    assert lines[0].startswith("colour  (") and "3 version(s)" in lines[0] and "no version loads" not in lines[0]
     assert "  v3" in lines and "  v1  [served, promoted]" in lines
     assert any(line.strip().startswith("broken:") and "model.onnx" in line for line in lines)
     assert any("test 1.000" in line and "variants fp32 (serves fp32)" in line for line in lines)

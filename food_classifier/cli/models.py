@@ -44,8 +44,8 @@ def list_cmd(models_dir: Path = MODELS_DIR) -> None:
         infos = list_versions(d)
         served = next((i.version for i in infos if i.served), None)
         total = sum(i.size_bytes for i in infos)
-        typer.echo(f"{d.name}  ({d}; {len(infos)} version(s), {megabytes(total)}; serve loads "
-                   f"{served or 'nothing: no version loads'})")
+        typer.echo(f"{d.name}  ({d}: {len(infos)} version(s), {megabytes(total)})"
+                   + ("" if served else "  no version loads: `serve` would fail"))
         for i in infos:
             marks = [m for m, on in (("served", i.served), ("promoted", i.promoted)) if on]
             typer.echo(f"  {i.version}" + (f"  [{', '.join(marks)}]" if marks else ""))

@@ -107,7 +107,7 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
             "Wall time of each stage of `train` on this machine (timings.json in the run); the fit is the "
             "feature extraction and the head, the rest is the bundle: export, scoring every tier, calibration, "
             "the int8 variant, publishing.")
-    add("int8", "int8 variant", _int8_section(meta))
+    add("int8", "int8 variant", _int8_section(meta, runs.bundle_dir(run)))
 
     rows = [(t if v["held_out"] else f"{t}*", v["n"], f"{v['accuracy']:.4f}", _ci(v["accuracy_ci95"]),
              f"{v['macro_f1']:.4f}", _ci(f1_ci[t]), f"{v['nll']:.4f}", f"{v['ece']:.4f}") for t, v in metrics.items()]
@@ -205,7 +205,7 @@ def _cov_row(s: dict) -> tuple:
     return (f"{s['coverage']:.3f}", acc, f"{s['kept']} / {s['n']}")
 
 
-def _int8_section(meta: BundleMeta | None) -> str:
+def _int8_section(meta: BundleMeta | None, bundle: Path | None) -> str:
     """The quantized variant against fp32, as training measured it (bundle.json's variants.int8)."""
     v = meta.variants.get("int8") if meta else None
     if v is None:
@@ -223,7 +223,8 @@ def _int8_section(meta: BundleMeta | None) -> str:
         fp32, int8 = getattr(v, f"fp32_ms_per_image_batch{bs}"), getattr(v, f"ms_per_image_batch{bs}")
         if fp32 is not None and int8 is not None:
             rows.append((f"ms per image, batch {bs}", f"{fp32:g}", f"{int8:g}", f"x{speed.get(f'batch{bs}', 0):.2f}"))
-    fp32_size = meta.variants["fp32"].size_bytes if meta else None
+    fp32_file = bundle / meta.variants["fp32"].file if meta and bundle else None
+    fp32_size = fp32_file.stat().st_size if fp32_file and fp32_file.is_file() else None
     if v.size_bytes:
         rows.append(("file size", f"{fp32_size / 1e6:.1f} MB" if fp32_size else "-", f"{v.size_bytes / 1e6:.1f} MB",
                      ""))
