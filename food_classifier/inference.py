@@ -51,6 +51,8 @@ class Classifier:
         self.session = runtime.create_session(self.bundle.model_file(variant), threads)
         self.labels = self.bundle.labels
         self.spec = self.bundle.preprocessing
+        # Imported models may end in a softmax (`import-onnx --outputs probs`): their log is a logit.
+        self.outputs_probs = (self.bundle.meta.get("output") or {}).get("kind") == "probs"
 
     @property
     def name(self) -> str:
@@ -64,10 +66,11 @@ class Classifier:
         return preprocess(image, self.spec, max_pixels=self.max_pixels)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return runtime.run(self.session, batch)
+        out = runtime.run(self.session, batch)
+        return np.log(np.maximum(out, 1e-30)) if self.outputs_probs else out
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities for a preprocessed [N,3,H,W] batch."""
+        """Calibrated class probabilities for a preprocessed batch ([N, *spec.input_shape])."""
         return softmax(self.logits(batch), self.bundle.temperature)
 
     def decide(self, probs: np.ndarray, top_k: int | None = None,

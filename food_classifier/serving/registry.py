@@ -102,9 +102,8 @@ class ModelRegistry:
         s = self.settings
         clf = Classifier(bundle, threads=s.ort_threads, variant=variant, top_k=s.top_k, max_pixels=s.max_pixels)
         if s.warmup:
-            crop = clf.spec.crop
             for n in sorted({1, s.batch_max_size}):
-                clf.predict_proba(np.zeros((n, 3, crop, crop), dtype=np.float32))
+                clf.predict_proba(np.zeros((n, *clf.spec.input_shape), dtype=np.float32))
         return clf, variant
 
     def _wrap(self, source: Path, clf: Classifier, variant: str) -> LoadedModel:
