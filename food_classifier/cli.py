@@ -308,9 +308,14 @@ def export_mobile_cmd(model: Path = typer.Argument(..., help="Bundle dir or mode
                       check: Path | None = typer.Option(None, help="Image folder for the .ort parity check "
                                                         "(default: the bundle's own probe images).")) -> None:
     """ONNX Runtime Mobile files (.ort fp32 + int8), required_operators.config, labels, preprocessing.json."""
+    from food_classifier.bundle import BundleError
     from food_classifier.training.export_mobile import export_mobile, format_sizes
 
-    typer.echo(format_sizes(export_mobile(model, out, check_images=check)))
+    try:
+        typer.echo(format_sizes(export_mobile(model, out, check_images=check)))
+    except BundleError as e:
+        fail(str(e))
+    typer.echo(f"written to {out}/ (see docs/MOBILE.md for the Android and iOS code)")
 
 
 def _register_serve() -> None:
