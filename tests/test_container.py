@@ -41,13 +41,28 @@ IMAGE = "localhost/food-classifier-test:serve"
 REAL_SLIM_MB = 130  # python:3.11-slim (bookworm, amd64) as `docker images` reports it; not pullable here
 TARGET_MB = 350
 
-if shutil.which("podman") is None:
-    pytest.skip("podman is not installed (.ci/run installs it: apt-get install podman buildah runc mmdebstrap)",
-                allow_module_level=True)
+
+
+def test_compose_file_matches_the_containerfile():
+    """compose.yaml builds targets that exist, publishes the port the image exposes, mounts /models."""
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    containerfile = (REPO / "Containerfile").read_text()
+    stages = {line.split()[-1] for line in containerfile.splitlines() if line.startswith("FROM ") and " AS " in line}
+    services = compose["services"]
+    assert {"serve", "redis", "worker"} <= set(services) and services["worker"]["profiles"] == ["worker"]
+    for name in ("serve", "worker"):
+        assert services[name]["build"]["target"] in stages and services[name]["build"]["dockerfile"] == "Containerfile"
+        assert "./models:/models:ro" in services[name]["volumes"]
+    assert "EXPOSE 8383" in containerfile and services["serve"]["ports"] == ["8383:8383"]
+    assert services["worker"]["command"][:4] == ["worker", "/models", "--kafka", "kafka:9092"]
+    assert services["serve"]["environment"]["FOOD_CLASSIFIER_CACHE_URL"].startswith("redis://redis:")
 
 
 @pytest.fixture(scope="module")
 def podman_env(tmp_path_factory) -> dict[str, str]:
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed (.ci/run installs it: apt-get install podman buildah runc mmdebstrap)")
     conf = tmp_path_factory.mktemp("podman") / "containers.conf"
     conf.write_text((HERE / "containers.conf").read_text().replace("@CONTAINER_DIR@", str(HERE)))
     return {**os.environ, "CONTAINERS_CONF": str(conf)}
@@ -91,15 +106,22 @@ def ensure_base(env: dict) -> None:
 @pytest.fixture(scope="module")
 def serve_image(podman_env) -> str:
     ensure_base(podman_env)
-    old = podman(podman_env, "image", "inspect", "--format", "{{.Id}}", IMAGE, check=False).stdout.strip()
     t = time.monotonic()
-    podman(podman_env, "build", "--format", "docker", "--target", "serve", "-t", IMAGE, "-f",
-           str(REPO / "Containerfile"), str(REPO), timeout=1200)
+    build = podman(podman_env, "build", "--format", "docker", "--target", "serve", "-t", IMAGE, "-f",
+                   str(REPO / "Containerfile"), str(REPO), timeout=1200)
     print(f"\nbuild: {time.monotonic() - t:.1f} s")
-    new = podman(podman_env, "image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip()
-    if old and old != new:  # the previous build of this test, now untagged: not worth keeping
-        podman(podman_env, "rmi", old, check=False)
+    remove_stale_layers(podman_env, build.stdout)
     return IMAGE
+
+
+def remove_stale_layers(env: dict, build_log: str) -> None:
+    """Untagged images on the stand-in base that this build did not use: earlier builds' layers."""
+    used = {line.split()[-1][:12] for line in build_log.splitlines() if line.startswith("--> ")}
+    listed = podman(env, "images", "-a", "--filter", f"label={STAND_IN_LABEL}", "--format",
+                    "{{.ID}} {{.Repository}}").stdout.split("\n")
+    stale = [line.split()[0] for line in listed if line.endswith(" <none>") and line[:12] not in used]
+    for image in stale:  # newest first, so children go before their parents
+        podman(env, "rmi", image, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +155,8 @@ def container(podman_env, serve_image, models):
 
     port = free_port()
     name = f"fc-test-{uuid.uuid4().hex[:8]}"
-    podman(podman_env, "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8383", "-v", f"{models}:/models:ro",
+    podman(podman_env, "run", "-d", "--read-only", "--name", name, "-p", f"127.0.0.1:{port}:8383",
+           "-v", f"{models}:/models:ro",
            "--health-interval", "disable",  # no systemd timers here; the check is run by hand below
            "-e", "FOOD_CLASSIFIER_TOP_K=3", serve_image)
     url = f"http://127.0.0.1:{port}"

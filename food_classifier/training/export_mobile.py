@@ -151,9 +151,13 @@ def export_mobile(model_dir: str | Path, out: str | Path, check_images: str | Pa
                                     f"< {INT8_MIN_AGREEMENT:.0%} on {check['n_images']} photos")
                 ort_path.unlink()
                 continue
+            entry = bundle.variants[variant]
+            test = (bundle.meta.get("metrics") or {}).get("test") or {}
             files[variant] = {"file": ORT_FILES[variant], "size_bytes": ort_path.stat().st_size,
                               "onnx_size_bytes": onnx_path.stat().st_size, "parity": check,
-                              "recommended": bundle.variants[variant].get("recommended", variant == "fp32")}
+                              "recommended": entry.get("recommended", variant == "fp32"),
+                              "test_accuracy": entry.get("test_accuracy", test.get("accuracy") if variant == "fp32"
+                                                         else None)}
         (stage / "labels.txt").write_text("\n".join(bundle.labels) + "\n")
         (stage / "preprocessing.json").write_text(json.dumps(mobile_preprocessing(bundle), indent=2) + "\n")
         info = {"bundle": {"name": bundle.name, "version": bundle.version, "arch": bundle.meta.get("arch")},
