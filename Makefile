@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 FOOD_CLASSIFIER_DATA ?=
 export FOOD_CLASSIFIER_DATA
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench clean proto
 
 $(BIN)/food-classifier: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,12 @@ demo: install
 
 test: install
 	$(BIN)/ruff check food_classifier tests bench
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -ra
 
 lint: install
 	$(BIN)/ruff check food_classifier tests bench
+	$(BIN)/lint-imports
 
 # After `make demo` (needs models/food and its run): pipeline time, recipes, int8, the service vs the seed.
 bench: install
@@ -38,3 +40,7 @@ bench: install
 
 clean:
 	rm -rf runs models data/manifest.csv data/manifest.report.json
+
+# gRPC stubs from food_classifier/v1/classifier.proto (grpcio-tools, pinned in the dev extra); tests check they are fresh
+proto: install
+	$(BIN)/python -m food_classifier.v1.codegen

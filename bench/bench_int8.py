@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
 
     bundle = load_bundle(newest_bundle(args.bundle))
-    manifest = args.manifest or Path(bundle.meta.get("dataset", {}).get("manifest", ""))
+    manifest = args.manifest or Path((bundle.meta.dataset and bundle.meta.dataset.manifest) or "")
     if not manifest.is_file():
         sys.exit(f"no manifest: pass --manifest (bundle.json names {str(manifest)!r})")
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
@@ -71,7 +71,7 @@ def main() -> None:
                          f"(quantization {entry['quantization']['quantize_seconds']:.1f} s)"
             bundle = load_bundle(copy)
         int8_file = bundle.model_file("int8")
-        method = bundle.variants["int8"].get("method", "?")
+        method = bundle.variants["int8"].method or "?"
         acc, sample = evaluate_int8(bundle, int8_file, read_manifest(manifest), threads=args.threads,
                                     tiers=("test", "validation"))
         load_before = os.getloadavg()[0]
@@ -83,7 +83,7 @@ def main() -> None:
     a = acc[tier]
     crop = bundle.preprocessing.crop
     f, q = speed["fp32"], speed["int8"]
-    print(f"int8 vs fp32: {bundle.name}:{bundle.version} ({bundle.meta.get('arch')}, {crop} px), "
+    print(f"int8 vs fp32: {bundle.name}:{bundle.version} ({bundle.meta.arch}, {crop} px), "
           f"{args.threads} threads, {cpu_name()}, load avg {load_before:.1f}->{load_after:.1f}; {quant_note}")
     print()
     print(f"| variant | batch 1 img/s | batch 32 img/s | {tier} accuracy (n={a['n']}) |")

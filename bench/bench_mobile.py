@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_int8 import cpu_name  # noqa: E402
 
 from food_classifier import runtime  # noqa: E402
-from food_classifier.bundle import load_bundle, newest_bundle  # noqa: E402
+from food_classifier.bundle import load_newest  # noqa: E402
 
 
 def main() -> None:
@@ -51,14 +51,15 @@ def main() -> None:
             runtime.run(sess, x)  # warm-up
             models.append((f"{info['bundle']['arch']} {variant}", sess, x, entry))
     for path in args.bundle:
-        b = load_bundle(newest_bundle(path))
+        b = load_newest(path)
         x = np.random.default_rng(0).standard_normal((1, *b.preprocessing.input_shape)).astype(np.float32)
         for variant in b.variants:
             sess = runtime.create_session(b.model_file(variant), threads=1)
             runtime.run(sess, x)
+            test = b.meta.metrics.get("test")
             entry = {"size_bytes": b.model_file(variant).stat().st_size,
-                     "test_accuracy": b.variants[variant].get("test_accuracy", b.meta["metrics"]["test"]["accuracy"])}
-            models.append((f"{b.meta['arch']} {variant} (x86 .onnx)", sess, x, entry))
+                     "test_accuracy": b.variants[variant].test_accuracy or (test.accuracy if test else None)}
+            models.append((f"{b.meta.arch} {variant} (x86 .onnx)", sess, x, entry))
     cpu: dict[str, list[float]] = {m[0]: [] for m in models}
     wall: dict[str, list[float]] = {m[0]: [] for m in models}
     deadline = time.monotonic() + args.seconds

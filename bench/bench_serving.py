@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from food_classifier.client import AsyncClient  # noqa: E402
-from food_classifier.serving.process import ServerProcess, free_port, rss_mb  # noqa: E402
+from food_classifier.testing import ServerProcess, free_port, rss_mb  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets" / "food101_mini3"
 

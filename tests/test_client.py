@@ -68,7 +68,7 @@ def test_async_client(server, photos):
 
 
 def test_not_ready_when_nothing_listens():
-    from food_classifier.serving.process import free_port
+    from food_classifier.testing import free_port
 
     c = Client(f"http://127.0.0.1:{free_port()}")
     assert not c.ready()

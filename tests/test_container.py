@@ -151,7 +151,7 @@ def multipart(field: str, files: list[bytes], ctype: str = "image/jpeg") -> tupl
 
 @pytest.fixture(scope="module")
 def container(podman_env, serve_image, models):
-    from food_classifier.serving.process import free_port
+    from food_classifier.testing import free_port
 
     port = free_port()
     name = f"fc-test-{uuid.uuid4().hex[:8]}"

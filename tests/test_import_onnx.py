@@ -101,7 +101,7 @@ def test_classifier_matches_the_keras_model_itself(keras_model, keras_bundle):
 
 def test_predict_command_and_server_answer_right(keras_bundle, tmp_path):
     from food_classifier.client import Client
-    from food_classifier.serving.process import ServerProcess
+    from food_classifier.testing import ServerProcess
 
     path = tmp_path / "green.png"
     colour_image("green", size=(80, 64)).save(path)

@@ -180,7 +180,7 @@ def test_add_int8_variant_measures_and_records_everything(bundle, data):
         assert clf.predict(colour_image(name, seed=7)).label == name
     published = load_bundle(publish(bundle, bundle.parent.parent / "models"))
     assert published.model_file("int8").read_bytes() == int8.read_bytes()
-    assert published.variants["int8"]["test_accuracy"] == 1.0
+    assert published.variants["int8"].test_accuracy == 1.0
 
 
 def test_accuracy_loss_means_not_recommended(bundle, data, monkeypatch):
@@ -198,7 +198,7 @@ def test_accuracy_loss_means_not_recommended(bundle, data, monkeypatch):
     assert entry["accuracy_delta_points"] == pytest.approx(-100 / 18, abs=1e-2)
     assert entry["recommended"] is False
     assert "accuracy points" in entry["not_recommended_because"][0]
-    assert load_bundle(bundle).variants["int8"]["recommended"] is False  # kept, but flagged
+    assert load_bundle(bundle).variants["int8"].recommended is False  # kept, but flagged
 
 
 def test_qoperator_and_dynamic_methods(bundle, tmp_path):
@@ -247,3 +247,21 @@ def test_int8_step_never_fails_training(bundle, data, monkeypatch):
         assert quantize.int8_step(bundle, data, n_calibration=6) is None
     assert list(load_bundle(bundle).variants) == ["fp32"]
     assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "labels.txt", "model.onnx"]
+
+
+def test_quantization_scratch_stays_beside_the_output(bundle, monkeypatch):
+    """A kill mid-quantization must leave nothing in /tmp: the scratch dir lives in the run's bundle dir."""
+    import onnxruntime.quantization as ortq
+
+    from food_classifier.training.quantize import quantize_model
+
+    seen = []
+
+    def killed(src, dst, *a, **k):
+        seen.append(Path(dst).parent)
+        raise KeyboardInterrupt  # stands in for the kill: no Python cleanup is assumed beyond the with block
+
+    monkeypatch.setattr(ortq, "quant_pre_process", killed)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(bundle / "model.onnx", bundle / "model.int8.onnx", None, method="dynamic")
+    assert seen[0].parent == bundle and seen[0].name.startswith(".tmp-int8-")

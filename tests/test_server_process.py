@@ -16,7 +16,7 @@ from conftest import colour_image, image_bytes, make_colour_bundle
 from test_serving import png_with_size
 
 from food_classifier.client import Client, PredictionError
-from food_classifier.serving.process import ServerProcess, rss_mb
+from food_classifier.testing import ServerProcess, rss_mb
 
 KEY = "process-test-key"
 

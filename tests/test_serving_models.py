@@ -108,7 +108,7 @@ def test_settings_from_environment(monkeypatch, tmp_path):
 
 
 def test_model_sources(tmp_path):
-    from food_classifier.serving.registry import model_sources
+    from food_classifier.bundle import model_sources
 
     b1 = make_colour_bundle(tmp_path / "models" / "colour" / "v1", version="v1")
     make_colour_bundle(tmp_path / "models" / "tint" / "v1", name="tint")

@@ -244,7 +244,8 @@ def test_decoded_images_waiting_for_the_model_are_bounded(colour_bundle):
     """Backpressure: a 40-image batch never has more than `pending_limit` arrays decoded ahead."""
     from conftest import colour_image, image_bytes
 
-    from food_classifier.serving.registry import ModelRegistry, model_sources
+    from food_classifier.bundle import model_sources
+    from food_classifier.serving.registry import ModelRegistry
     from food_classifier.serving.service import ImageUpload, PredictionService
     from food_classifier.serving.settings import ServeSettings
 

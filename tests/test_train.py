@@ -49,9 +49,9 @@ def test_published_bundle_is_complete_and_predicts(cnn_run, tiny_manifest):
     run, bundle_dir, metrics = cnn_run
     assert bundle_dir.parent.name == "tiny" and bundle_dir.name.endswith(load_bundle(bundle_dir).version[-8:])
     b = load_bundle(bundle_dir)
-    assert b.meta["parity"]["max_abs_prob_diff"] < 1e-4 and b.meta["parity"]["top1_agreement"] == 1.0
-    assert set(b.meta["metrics"]) == {"train", "validation", "test"}
-    assert b.meta["dataset"]["manifest_sha256"] and b.meta["training"]["arch"] == "base_cnn"
+    assert b.meta.parity.max_abs_prob_diff < 1e-4 and b.meta.parity.top1_agreement == 1.0
+    assert set(b.meta.metrics) == {"train", "validation", "test"}
+    assert b.meta.dataset.manifest_sha256 and b.meta.training.arch == "base_cnn"
     assert b.preprocessing.crop == 128
     n = {t: sum(r.tier == t for r in read_manifest(tiny_manifest)) for t in ("train", "validation", "test")}
     assert {t: m["n"] for t, m in metrics["tiers"].items()} == n
@@ -118,9 +118,9 @@ def test_calibration_uses_out_of_fold_logits_on_the_head_path(tiny_manifest, tmp
     run = fit(tiny_manifest, config, runs_dir=tmp_path / "runs")
     assert (run / "oof_logits.npz").is_file()
     bundle, _ = finalize(run, models_dir=None, int8=False)
-    cal = load_bundle(bundle).meta["calibration"]
+    cal = load_bundle(bundle).meta.calibration
     n = sum(r.tier in ("train", "validation") for r in read_manifest(tiny_manifest))
-    assert cal["fitted_on"] == "out-of-fold train+validation" and cal["n_fit"] == n
+    assert cal.fitted_on == "out-of-fold train+validation" and cal.n_fit == n
 
 
 @pytest.mark.parametrize("refit", [True, False])
@@ -134,10 +134,10 @@ def test_refit_head_sees_validation_and_says_so(tiny_manifest, tmp_path, refit):
     run = fit(tiny_manifest, config, runs_dir=tmp_path / "runs")
     bundle, metrics = finalize(run, models_dir=None, int8=False)
     fitted = ["train", "validation"] if refit else ["train"]
-    assert load_bundle(bundle).meta["training"]["fit_tiers"] == fitted
+    assert load_bundle(bundle).meta.training.fit_tiers == fitted
     assert {t: m["held_out"] for t, m in metrics["tiers"].items()} == \
         {t: t not in fitted for t in ("train", "validation", "test")}
-    assert load_bundle(bundle).meta["metrics"]["validation"]["held_out"] is (not refit)
+    assert load_bundle(bundle).meta.metrics["validation"].held_out is (not refit)
     table = format_table(metrics)
     assert ("validation* " in table) is refit and "train* " in table and "test* " not in table
     val_logged = [r["val_loss"] for r in history(run)]

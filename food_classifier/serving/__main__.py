@@ -1,8 +1,6 @@
 """`python -m food_classifier.serving BUNDLE...`: the serve command without the main CLI."""
 
-import typer
-
-from food_classifier.serving.cli import serve
+from food_classifier.serving.cli import serve_command
 
 if __name__ == "__main__":
-    typer.run(serve)
+    serve_command()(prog_name="python -m food_classifier.serving")

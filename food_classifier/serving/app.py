@@ -3,44 +3,58 @@
     app = create_app(ServeSettings(bundles=[Path("models/food")]))
 
 Models load in the background after startup, so `/healthz` answers at once and `/readyz` turns green
-when every model is loaded and warmed. SIGHUP reloads every model (when running in the main thread).
+when every model is loaded and warmed. If loading fails (no valid version of a model), the real server
+exits with status 3 instead of staying alive and unready. SIGHUP reloads every model (when running in the main thread).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from food_classifier.serving import schemas
-from food_classifier.serving.errors import ServiceError
+from food_classifier.bundle import model_sources
+from food_classifier.serving import routes_feedback, schemas
+from food_classifier.serving.errors import NotReady, ServiceError
 from food_classifier.serving.inputs import read_image, read_images
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.middleware import ServingMiddleware
-from food_classifier.serving.registry import ModelRegistry, model_sources
+from food_classifier.serving.monitor import ServingMonitor
+from food_classifier.serving.registry import LoadedModel, ModelRegistry
 from food_classifier.serving.service import PredictionService
 from food_classifier.serving.settings import ServeSettings
 
 log = logging.getLogger("food_classifier.serving")
 STATIC = Path(__file__).parent / "static"
-TopK = Annotated[int | None, Query(ge=1, le=1000, description="How many classes to return in top_k.")]
-Threshold = Annotated[float | None, Query(ge=0.0, le=1.0, description="Abstain (label 'unsure') below this "
-                                                                       "confidence; default: the bundle's.")]
+EXIT_NO_MODEL = 3  # the server started but no model could be loaded (as uvicorn's own startup failure)
+TopK, Threshold = schemas.TopKQuery, schemas.ThresholdQuery
+MODEL_ERRORS = schemas.AUTH | schemas.errors({404: "Unknown model", 503: "Models still loading"})
 router = APIRouter()
 
 
 def _svc(request: Request) -> PredictionService:
     return request.app.state.service
+
+
+def _info(reg: ModelRegistry, model: LoadedModel) -> schemas.ModelInfo:
+    return schemas.ModelInfo.model_validate(model.info(model.name == reg.default_name))
+
+
+def _rid(request: Request) -> str | None:
+    """The request id the middleware gave this request (also its X-Request-ID header)."""
+    return getattr(request.state, "request_id", None)
 
 
 def _tag(request: Request, name: str | None) -> None:
@@ -52,96 +66,123 @@ def _tag(request: Request, name: str | None) -> None:
 
 
 @router.get("/healthz", tags=["ops"])
-async def healthz() -> dict:
+async def healthz() -> schemas.Health:
     """The process is alive (models may still be loading)."""
-    return {"status": "ok"}
+    return schemas.Health(status="ok")
 
 
-@router.get("/readyz", tags=["ops"], responses={503: {"model": schemas.Error}})
-async def readyz(request: Request) -> JSONResponse:
-    """Green only once every model is loaded and warmed up."""
+@router.get("/readyz", tags=["ops"], responses=schemas.errors({503: "Models still loading or failed"}),
+            response_model_exclude_none=True)
+async def readyz(request: Request) -> schemas.Ready:
+    """Green only once every model is loaded and warmed up. A failing cache does not make it red (requests
+    work without it): it shows as `cache.state: degraded`."""
     reg: ModelRegistry = request.app.state.registry
     if not reg.ready:
-        detail = f"models are {reg.state}" + (f": {reg.error}" if reg.error else "")
-        return JSONResponse({"error": "not_ready", "detail": detail}, status_code=503)
-    return JSONResponse({"status": "ready", "models": {m.name: m.version for m in reg.models()}})
+        raise NotReady(f"models are {reg.state}" + (f": {reg.error}" if reg.error else ""))
+    cache = _svc(request).cache
+    await asyncio.to_thread(cache.check)  # a ping (short timeout); skipped while the breaker is open
+    return schemas.Ready(status="ready", models={m.name: m.version for m in reg.models()},
+                         cache=schemas.CacheStatus.model_validate(cache.status()))
 
 
-@router.get("/v1/models", tags=["models"], response_model=schemas.ModelList)
-async def list_models(request: Request) -> JSONResponse:
+def _x_cache(response: Response, outcome: str) -> None:
+    """The cache outcome (hit-bytes, hit-pixels, miss, off) also in the X-Cache header."""
+    response.headers["X-Cache"] = outcome
+
+
+@router.get("/v1/models", tags=["models"], responses=schemas.AUTH)
+async def list_models(request: Request) -> schemas.ModelList:
     reg: ModelRegistry = request.app.state.registry
     models = reg.models() if reg.ready else []
-    return JSONResponse({"default": reg.default_name,
-                         "models": [m.info(m.name == reg.default_name) for m in models]})
+    return schemas.ModelList(default=reg.default_name, models=[_info(reg, m) for m in models])
 
 
-@router.get("/v1/models/{name}", tags=["models"], response_model=schemas.ModelInfo, responses=schemas.ERRORS)
-async def model_info(request: Request, name: str) -> JSONResponse:
+@router.get("/v1/models/{name}", tags=["models"], responses=MODEL_ERRORS)
+async def model_info(request: Request, name: str) -> schemas.ModelInfo:
     reg: ModelRegistry = request.app.state.registry
-    m = reg.get(name)
-    return JSONResponse(m.info(m.name == reg.default_name))
+    return _info(reg, reg.get(name))
 
 
-@router.post("/v1/models/{name}/predict", tags=["predict"], response_model=schemas.Prediction,
-             responses=schemas.ERRORS, openapi_extra=schemas.IMAGE_BODY)
-async def predict(request: Request, name: str, top_k: TopK = None, threshold: Threshold = None) -> JSONResponse:
+@router.post("/v1/models/{name}/predict", tags=["predict"], responses=schemas.ERRORS,
+             openapi_extra=schemas.IMAGE_BODY)
+async def predict(request: Request, response: Response, name: str, top_k: TopK = None,
+                  threshold: Threshold = None) -> schemas.Prediction:
     """Classify one image: multipart file, raw image body, or JSON `{"image": base64}`."""
     _tag(request, name)
     svc = _svc(request)
     svc.registry.get(name)  # 404/503 before reading the body
-    return JSONResponse(await svc.predict(name, await read_image(request), top_k, threshold))
+    body = schemas.Prediction.model_validate(await svc.predict(name, await read_image(request), top_k, threshold,
+                                                               _rid(request)))
+    _x_cache(response, body.cache)
+    return body
 
 
-@router.post("/predict", tags=["predict"], response_model=schemas.Prediction, responses=schemas.ERRORS,
-             openapi_extra=schemas.IMAGE_BODY)
-async def predict_default(request: Request, top_k: TopK = None, threshold: Threshold = None) -> JSONResponse:
+@router.post("/predict", tags=["predict"], responses=schemas.ERRORS, openapi_extra=schemas.IMAGE_BODY)
+async def predict_default(request: Request, response: Response, top_k: TopK = None,
+                          threshold: Threshold = None) -> schemas.Prediction:
     """Like `/v1/models/{name}/predict`, with the default model."""
     _tag(request, None)
     svc = _svc(request)
     svc.registry.get(None)
-    return JSONResponse(await svc.predict(None, await read_image(request), top_k, threshold))
+    body = schemas.Prediction.model_validate(await svc.predict(None, await read_image(request), top_k, threshold,
+                                                               _rid(request)))
+    _x_cache(response, body.cache)
+    return body
 
 
-@router.post("/v1/models/{name}/predict-batch", tags=["predict"], response_model=schemas.BatchPrediction,
-             responses=schemas.ERRORS, openapi_extra=schemas.BATCH_BODY)
-async def predict_batch(request: Request, name: str, top_k: TopK = None,
-                        threshold: Threshold = None) -> JSONResponse:
+@router.post("/v1/models/{name}/predict-batch", tags=["predict"], responses=schemas.ERRORS,
+             openapi_extra=schemas.BATCH_BODY)
+async def predict_batch(request: Request, response: Response, name: str, top_k: TopK = None,
+                        threshold: Threshold = None) -> schemas.BatchPrediction:
     """Many images (multipart files, any field name) -> results in the same order; bad images are
     error entries."""
     _tag(request, name)
     svc = _svc(request)
     svc.registry.get(name)
     images = await read_images(request, svc.settings.max_batch_images)
-    return JSONResponse(await svc.predict_batch(name, images, top_k, threshold))
+    body = schemas.BatchPrediction.model_validate(await svc.predict_batch(name, images, top_k, threshold,
+                                                                          _rid(request)))
+    outcomes = {r.cache for r in body.results if isinstance(r, schemas.BatchResult)}
+    if outcomes:  # one value when all answered images agree, else "mixed" (each result has its own `cache`)
+        _x_cache(response, outcomes.pop() if len(outcomes) == 1 else "mixed")
+    return body
 
 
-@router.post("/predict-batch", tags=["predict"], response_model=schemas.BatchPrediction,
-             responses=schemas.ERRORS, openapi_extra=schemas.BATCH_BODY)
-async def predict_batch_default(request: Request, top_k: TopK = None, threshold: Threshold = None) -> JSONResponse:
-    return await predict_batch(request, None, top_k, threshold)
+@router.post("/predict-batch", tags=["predict"], responses=schemas.ERRORS, openapi_extra=schemas.BATCH_BODY)
+async def predict_batch_default(request: Request, response: Response, top_k: TopK = None,
+                                threshold: Threshold = None) -> schemas.BatchPrediction:
+    return await predict_batch(request, response, None, top_k, threshold)
 
 
-@router.get("/predict", tags=["predict"], response_model=schemas.SeedPrediction,
-            responses={**schemas.ERRORS, 403: {"model": schemas.Error, "description": "Path outside the roots"}})
-async def predict_path(request: Request, image_path: Annotated[str, Query(min_length=1)],
-                       model_type: str | None = None) -> JSONResponse:
+@router.get("/predict", tags=["predict"],
+            responses=schemas.ERRORS | schemas.errors({403: "Path access off or outside the roots",
+                                                       404: "Unknown model or no such file"}))
+async def predict_path(request: Request, response: Response, image_path: Annotated[str, Query(min_length=1)],
+                       model_type: str | None = None) -> schemas.SeedPrediction:
     """The seed's call: classify a server-side file under `--allow-path-root` (403 otherwise)."""
     _tag(request, model_type)
-    return JSONResponse(await _svc(request).predict_path(model_type, image_path))
+    body = await _svc(request).predict_path(model_type, image_path, _rid(request))
+    _x_cache(response, body.pop("cache"))  # the body keeps the seed's shape
+    return schemas.SeedPrediction.model_validate(body)
 
 
-@router.post("/v1/models/{name}/reload", tags=["models"], response_model=schemas.Reloaded,
-             responses={**schemas.ERRORS, 409: {"model": schemas.Error, "description": "Reload failed"}})
-async def reload_model(request: Request, name: str) -> JSONResponse:
+@router.post("/v1/models/{name}/reload", tags=["models"],
+             responses=MODEL_ERRORS | schemas.errors({409: "Reload failed; the old version keeps serving"}))
+async def reload_model(request: Request, name: str) -> schemas.Reloaded:
     """Load the newest bundle version and swap it in; requests in flight finish on the old one."""
     _tag(request, name)
-    return JSONResponse(await request.app.state.registry.reload(name))
+    return schemas.Reloaded.model_validate(await request.app.state.registry.reload(name))
 
 
-@router.get("/metrics", tags=["ops"])
+@router.get("/metrics", tags=["ops"], response_class=PlainTextResponse, responses={401: {  # JSON, unlike the 200
+    "description": "API key missing or wrong",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}})
 async def metrics(request: Request) -> Response:
     m: ServingMetrics = request.app.state.metrics
     return Response(m.render(), media_type=m.content_type)
+
+
+router.include_router(routes_feedback.router)
 
 
 @router.get("/", include_in_schema=False)
@@ -150,7 +191,7 @@ async def index() -> FileResponse:
 
 
 def _error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+    return JSONResponse(schemas.error_body(code, detail), status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -184,38 +225,67 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     metrics = ServingMetrics()
     registry = ModelRegistry(model_sources(settings.bundles), settings, metrics)
-    service = PredictionService(registry, settings, metrics)
+    monitor = ServingMonitor(settings)
+    metrics.watch_monitor(monitor)
+    service = PredictionService(registry, settings, metrics, monitor=monitor)
+    if settings.grpc_port is not None:  # a missing grpc extra or a taken port fails here, before serving
+        from food_classifier.serving.grpc.server import check_port
+
+        check_port(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
-        loading = asyncio.create_task(registry.load_all(warm=service.warm_up))
-        loading.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged by load_all
-        hup = False
+        hup = False  # True when this app owns the process's main thread (the real server, not TestClient)
         try:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(registry.reload_all()))
             hup = True
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (e.g. TestClient)
             pass
+        fatal: list[str] = []
+
+        def loaded(task: asyncio.Task) -> None:
+            if task.cancelled() or task.exception() is None:
+                return  # (a failure is logged by load_all)
+            if hup:  # no model can be served: exit non-zero so an orchestrator restarts or alerts
+                fatal.append(registry.error or "model loading failed")
+                log.critical("cannot serve, shutting down with exit status %d: %s", EXIT_NO_MODEL, fatal[0])
+                signal.raise_signal(signal.SIGTERM)  # uvicorn's graceful shutdown, then the exit below
+
+        grpc_server = None
+        if settings.grpc_port is not None:  # gRPC on this same loop and service (serving/grpc/server.py)
+            from food_classifier.serving.grpc.server import GrpcServer
+
+            grpc_server = await GrpcServer.start(service, settings, metrics)
+            app.state.grpc_port = grpc_server.port
+        loading = asyncio.create_task(registry.load_all(warm=service.warm_up))
+        loading.add_done_callback(loaded)
+        if grpc_server is not None:  # health turns SERVING once every model is loaded and warm
+            loading.add_done_callback(lambda _: loop.create_task(grpc_server.serving(registry.ready)))
         try:
             yield
         finally:
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
             loading.cancel()
+            if grpc_server is not None:
+                await grpc_server.stop(grace=10.0)  # calls in flight finish on the service
             service.close()
             registry.close()
+            monitor.close()
+            if fatal:  # uvicorn would exit 0 after a shutdown; the lifespan is its last step
+                logging.shutdown()
+                sys.stderr.flush()
+                os._exit(EXIT_NO_MODEL)
 
     # /docs and /redoc with their JS/CSS served from the fastapi-offline package, not a CDN:
     # the service must be browsable on a machine without internet access
     app = FastAPIOffline(title="food-classifier", version="1", lifespan=lifespan, static_url="/docs-assets",
                          description="Classify food photos with ONNX Runtime model bundles.")
     app.state.settings, app.state.metrics = settings, metrics
-    app.state.registry, app.state.service = registry, service
+    app.state.registry, app.state.service, app.state.monitor = registry, service, monitor
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _install_error_handlers(app)
-    app.add_middleware(ServingMiddleware, metrics=metrics, api_key=settings.api_key_value(),
-                       max_body=settings.max_body_bytes, max_batch_body=settings.max_batch_body_bytes,
-                       routes=router.routes)
+    app.add_middleware(ServingMiddleware, metrics=metrics, settings=settings, routes=router.routes)
     return app

@@ -51,10 +51,6 @@ class MicroBatcher:
         self._workers = 0
         self._changed: asyncio.Event | None = None
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     async def predict(self, prepare: Awaitable[np.ndarray]) -> BatchResult:
         """Await `prepare` (the decode step), then run its array in the next batch."""
         self._incoming += 1

@@ -1,97 +1,162 @@
-"""`food-classifier serve`: the Typer command. Imports only typer at module level.
+"""`food-classifier serve`: a Typer command whose options are built from `ServeSettings`.
 
-The main CLI registers it with `app.command()(serve)`, so importing this module must stay cheap:
-FastAPI, uvicorn and ONNX Runtime are imported inside `serve` when the command actually runs.
-Flags left out fall back to `FOOD_CLASSIFIER_*` environment variables, then to the defaults.
+`ServeSettings` (settings.py) is the one declaration of each setting: every field becomes a flag
+`--kebab-name` (or the positional argument, for a field marked `Cli(positional=True)`), with the
+field's description as help, its default and its `FOOD_CLASSIFIER_<NAME>` env var shown, and a flag
+left out falls back to the env var, then to the default, because only the given flags are passed on.
+Adding a field adds the flag. Importing this module stays cheap (typer only): the command is built
+on first use, since pydantic-settings alone takes ~0.3 s to import, and FastAPI, uvicorn and ONNX
+Runtime are imported only when `serve` runs.
+
+    from food_classifier.serving.cli import serve        # the function, for typer.run / app.command
+    from food_classifier.serving.cli import serve_command   # a ready click command
 """
 
 from __future__ import annotations
 
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-_ENV = "env FOOD_CLASSIFIER_"
+MiB = 1024 * 1024
+SERVE_HELP = "Serve model bundles over HTTP (FastAPI + uvicorn, ONNX Runtime; no torch)."
 
 
-def _opt(help_text: str, env: str, *names: str) -> object:
-    return typer.Option(*names, help=f"{help_text} [{_ENV}{env}]", show_default=False)
+def _cli_type(annotation: Any) -> Any:
+    """The type Typer parses a field's flag as; pydantic does the real validation afterwards."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return _cli_type(rest[0]) if len(rest) == 1 else str
+    if origin is list:
+        return list[_cli_type(args[0])]
+    return annotation if annotation in (str, int, float, bool, Path) else str  # SecretStr, Literal...: text
 
 
-def serve(
-    bundles: Annotated[list[Path] | None, typer.Argument(
-        help="Bundle dir, model dir (serves its newest version) or dir of model dirs; several allowed. "
-             "The first model is the default. [env FOOD_CLASSIFIER_BUNDLES]", show_default=False)] = None,
-    host: Annotated[str | None, _opt("Interface to bind (default 0.0.0.0).", "HOST", "--host")] = None,
-    port: Annotated[int | None, _opt("Port (default 8383).", "PORT", "--port", "-p")] = None,
-    default_model: Annotated[str | None, _opt("Model behind /predict (default: the first).", "DEFAULT_MODEL",
-                                              "--default-model")] = None,
-    variant: Annotated[list[str] | None, _opt(
-        "Model variant: fp32 (default), int8, auto (int8 when the bundle has it), or NAME=VARIANT for one "
-        "model; repeatable.", "VARIANT", "--variant")] = None,
-    api_key: Annotated[str | None, _opt("Require this key (X-API-Key or Bearer) on all but /healthz, /readyz; "
-                                        "prefer the env var, flags show up in `ps`.", "API_KEY", "--api-key")] = None,
-    allow_path_root: Annotated[list[Path] | None, _opt(
-        "Enable the seed's GET /predict?image_path=... for files under this dir; repeatable.", "ALLOW_PATH_ROOT",
-        "--allow-path-root")] = None,
-    max_body_bytes: Annotated[int | None, _opt("Request body limit (default 10 MiB).", "MAX_BODY_BYTES",
-                                               "--max-body-bytes")] = None,
-    max_batch_body_bytes: Annotated[int | None, _opt("Body limit for predict-batch (default 64 MiB).",
-                                                     "MAX_BATCH_BODY_BYTES", "--max-batch-body-bytes")] = None,
-    max_batch_images: Annotated[int | None, _opt("Images per predict-batch request (default 64).",
-                                                 "MAX_BATCH_IMAGES", "--max-batch-images")] = None,
-    max_pixels: Annotated[int | None, _opt("Pixels per image (default 40M; more is a 413).", "MAX_PIXELS",
-                                           "--max-pixels")] = None,
-    top_k: Annotated[int | None, _opt("Default top-k length (default 5).", "TOP_K", "--top-k")] = None,
-    ort_threads: Annotated[int | None, _opt("ONNX Runtime intra-op threads.", "ORT_THREADS", "--ort-threads")] = None,
-    inference_workers: Annotated[int | None, _opt("Model calls that may run at once.", "INFERENCE_WORKERS",
-                                                  "--inference-workers")] = None,
-    decode_threads: Annotated[int | None, _opt("Image decode/preprocess threads.", "DECODE_THREADS",
-                                               "--decode-threads")] = None,
-    batch_max_size: Annotated[int | None, _opt("Micro-batch size limit.", "BATCH_MAX_SIZE",
-                                               "--batch-max-size")] = None,
-    batch_max_wait_ms: Annotated[float | None, _opt("Longest wait for images still decoding (ms); 0 = never wait.",
-                                                    "BATCH_MAX_WAIT_MS", "--batch-max-wait-ms")] = None,
-    warmup: Annotated[bool | None, _opt("Warm each model up before /readyz turns green (default on).", "WARMUP",
-                                        "--warmup/--no-warmup")] = None,
-    log_level: Annotated[str | None, _opt("debug, info, warning, error (default info).", "LOG_LEVEL",
-                                          "--log-level")] = None,
-    access_log: Annotated[bool | None, _opt("Log every request (default off: it costs throughput).",
-                                            "ACCESS_LOG", "--access-log/--no-access-log")] = None,
-) -> None:
-    """Serve model bundles over HTTP (FastAPI + uvicorn, ONNX Runtime; no torch)."""
-    import logging
+def _shown_default(field: Any) -> str | None:
+    """The default as help shows it; None when there is none to show (computed, empty or unset)."""
+    if field.default_factory is not None or field.default in (None, [], ()):
+        return None
+    value = field.default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int) and value >= MiB and value % MiB == 0:
+        return f"{value} = {value // MiB} MiB"
+    return str(value)
 
+
+def _metavar(annotation: Any, kind: Any) -> str:
+    """INT, PATH, a|b|c for a Literal..., for the help's option column."""
+    inner = typing.get_args(kind)[0] if typing.get_origin(kind) is list else kind
+    literal = [a for a in (annotation, *typing.get_args(annotation)) if typing.get_origin(a) is typing.Literal]
+    if literal:
+        return "|".join(map(str, typing.get_args(literal[0])))
+    return {int: "INT", float: "FLOAT", Path: "PATH"}.get(inner, "TEXT")
+
+
+def _field_param(name: str, field: Any, env_prefix: str) -> inspect.Parameter:
+    """One settings field as a keyword parameter carrying its Typer option (or argument)."""
+    from food_classifier.serving.settings import Cli
+
+    cli = next((m for m in field.metadata if isinstance(m, Cli)), Cli())
+    kind = _cli_type(field.annotation)
+    is_list = typing.get_origin(kind) is list
+    notes = [f"env var: {env_prefix}{name.upper()}" + ("=a,b" if is_list else "")]
+    if is_list and not cli.positional:
+        notes.insert(0, "repeatable")
+    default = _shown_default(field)
+    if default is not None:
+        notes.append(f"default: {default}")
+    help_text = f"{field.description or ''} [{'; '.join(notes)}]".strip()
+    if cli.positional:
+        info: Any = typer.Argument(help=help_text, show_default=False, metavar=name.upper())
+    elif kind is bool:
+        flag = name.replace("_", "-")
+        info = typer.Option(f"--{flag}/--no-{flag}", help=help_text, show_default=False)
+    else:
+        decls = ["--" + name.replace("_", "-"), *([cli.short] if cli.short else [])]
+        info = typer.Option(*decls, help=help_text, show_default=False, metavar=_metavar(field.annotation, kind))
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[kind | None, info])
+
+
+def command_for(settings_cls: type, run: Callable[[Any], None], doc: str) -> Callable[..., None]:
+    """A Typer command function whose parameters are `settings_cls`'s fields; it builds the settings
+    from the flags that were given (env vars and defaults fill the rest) and calls `run(settings)`."""
     from pydantic import ValidationError
 
-    from food_classifier.serving.settings import ServeSettings
+    prefix = settings_cls.model_config.get("env_prefix", "")
+    params = [_field_param(n, f, prefix) for n, f in settings_cls.model_fields.items()]
 
-    given = {k: v for k, v in locals().items() if k not in ("logging", "ValidationError", "ServeSettings")
-             and v not in (None, [])}
-    try:
-        settings = ServeSettings(**given)
-    except ValidationError as e:
-        first = e.errors()[0]
-        _fail(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}")
+    def command(**flags: Any) -> None:
+        given = {k: v for k, v in flags.items() if v is not None and v != []}
+        try:
+            settings = settings_cls(**given)
+        except ValidationError as e:
+            first = e.errors()[0]
+            _fail(f"invalid setting {'.'.join(map(str, first['loc'])) or '?'}: {first['msg']}")
+        run(settings)
+
+    command.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    command.__doc__ = doc
+    return command
+
+
+def run_server(settings: Any) -> None:
+    """Start uvicorn with the app for `settings` (the built-in bundle when none is given)."""
+    import logging
+
     if not settings.bundles:
         settings = settings.model_copy(update={"bundles": [_builtin_bundle()]})
 
     import uvicorn
 
     from food_classifier.bundle import BundleError
+    from food_classifier.cache import CacheError
     from food_classifier.serving import memory
     from food_classifier.serving.app import create_app
+    from food_classifier.v1 import GrpcMissing
 
     memory.limit_arenas(2)  # before any worker thread allocates: keeps RSS from creeping (memory.py)
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app(settings)
-    except BundleError as e:
+    except (BundleError, CacheError, GrpcMissing, OSError) as e:  # OSError: a taken gRPC port, an unwritable log dir
         _fail(str(e))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=settings.access_log, timeout_graceful_shutdown=10)
+
+
+@cache
+def _serve() -> Callable[..., None]:
+    from food_classifier.serving.settings import ServeSettings
+
+    fn = command_for(ServeSettings, run_server, SERVE_HELP)
+    fn.__name__ = fn.__qualname__ = "serve"
+    fn.__module__ = __name__
+    return fn
+
+
+def serve_command(name: str = "serve") -> Any:
+    """`serve` as a click command with plain help (rich's 80-column table cuts long flags and words)."""
+    app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+    app.command(name)(_serve())
+    return typer.main.get_command(app)
+
+
+def __getattr__(name: str) -> Any:
+    """`serve` is built on first access, so importing this module does not import pydantic."""
+    if name == "serve":
+        return _serve()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _builtin_bundle() -> Path:
@@ -102,8 +167,9 @@ def _builtin_bundle() -> Path:
     except Exception as e:  # missing module or no built-in model on this install
         _fail(f"no bundle given and no built-in model available ({e.__class__.__name__}: {e}); "
               "pass one, e.g. `food-classifier serve models/food`")
+    raise AssertionError  # unreachable: _fail exits
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> typing.NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)

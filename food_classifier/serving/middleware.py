@@ -1,4 +1,4 @@
-"""One pure-ASGI layer in front of the app: metrics, API key, body-size limit.
+"""One pure-ASGI layer in front of the app: metrics, API key, body-size limit, request id.
 
 Pure ASGI (not BaseHTTPMiddleware) because it runs on every request and must stay cheap. The body
 limit is enforced twice: a declared Content-Length over the limit is refused before a byte is read,
@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -19,6 +18,9 @@ from starlette.routing import BaseRoute, Match
 
 from food_classifier.serving.errors import BodyTooLarge, ServiceError, Unauthorized
 from food_classifier.serving.metrics import ServingMetrics
+from food_classifier.serving.schemas import Error
+from food_classifier.serving.service import new_request_id
+from food_classifier.serving.settings import ServeSettings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -28,13 +30,15 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 AUTH_CHALLENGE = 'Basic realm="food-classifier", charset="UTF-8"'
+AUTH_MESSAGE = "missing or wrong API key (send X-API-Key or Authorization: Bearer)"  # also the gRPC message
 
 
-async def send_json(send: Send, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(payload).encode()
+async def send_error(send: Send, exc: ServiceError, headers: dict[str, str] | None = None) -> None:
+    """The error as the app would send it (a validated `schemas.Error`), from outside the app."""
+    body = Error(error=exc.code, detail=exc.detail).model_dump_json().encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.start", "status": exc.status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -55,14 +59,17 @@ def presented_key(headers: dict[bytes, bytes]) -> str | None:
 
 
 class ServingMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ServingMetrics, api_key: str | None,
-                 max_body: int, max_batch_body: int, routes: list[BaseRoute] | None = None):
+    """Reads its limits and the API key from the same `ServeSettings` as the rest of the app."""
+
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics, settings: ServeSettings,
+                 routes: list[BaseRoute] | None = None):
         self.app = app
         self.routes = routes or []  # to name the endpoint of requests refused before routing (401, 413)
         self.metrics = metrics
-        self.api_key = api_key.encode() if api_key else None
-        self.max_body = max_body
-        self.max_batch_body = max_batch_body
+        key = settings.api_key_value()
+        self.api_key = key.encode() if key else None
+        self.max_body = settings.max_body_bytes
+        self.max_batch_body = settings.max_batch_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,11 +78,14 @@ class ServingMiddleware:
         start = time.perf_counter()
         status = 500
         started = False
+        request_id = new_request_id()  # every response carries it (X-Request-ID); predictions in their body too
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -84,7 +94,7 @@ class ServingMiddleware:
         except ServiceError as exc:  # raised by the counting receive after routing
             if started:
                 raise
-            await send_json(send_wrapper, exc.status, exc.to_dict(), exc.headers)
+            await send_error(send_wrapper, exc, exc.headers)
         finally:
             self.metrics.in_flight.dec()
             model = (scope.get("state") or {}).get("model", "-")
@@ -102,9 +112,8 @@ class ServingMiddleware:
         if self.api_key is not None and scope["path"] not in OPEN_PATHS:
             key = presented_key(headers)
             if key is None or not hmac.compare_digest(key.encode(), self.api_key):
-                exc = Unauthorized("missing or wrong API key (send X-API-Key or Authorization: Bearer)",
-                                   headers={"WWW-Authenticate": AUTH_CHALLENGE})
-                await send_json(send, exc.status, exc.to_dict(), exc.headers)
+                exc = Unauthorized(AUTH_MESSAGE, headers={"WWW-Authenticate": AUTH_CHALLENGE})
+                await send_error(send, exc, exc.headers)
                 return
         limit = self.max_batch_body if scope["path"].endswith("/predict-batch") else self.max_body
         declared = headers.get(b"content-length")
@@ -115,7 +124,7 @@ class ServingMiddleware:
                 too_big = False
             if too_big:
                 exc = BodyTooLarge(f"request body is {int(declared)} bytes, limit is {limit}")
-                await send_json(send, exc.status, exc.to_dict(), {"Connection": "close"})
+                await send_error(send, exc, {"Connection": "close"})
                 return
         received = 0
 

@@ -1,7 +1,8 @@
 """The model registry: named models, each a `Classifier` plus its micro-batcher, swappable live.
 
 A *source* is what the user passed: a bundle dir, a model dir (`<name>/<version>/`) or a dir of
-model dirs. A model is (re)loaded from `newest_bundle(source)`, warmed up, and only then put in the
+model dirs (`bundle.model_sources`). A model is (re)loaded from the newest version of its source that
+loads and warms up (broken versions are skipped, logged and counted), and only then put in the
 registry with one dict assignment, so requests that already hold the old `LoadedModel` finish on
 it and new requests get the new one: a reload never fails a request.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from food_classifier.bundle import META_FILE, BundleError, load_bundle, newest_bundle
+from food_classifier.bundle import BundleError, load_bundle, load_newest
 from food_classifier.inference import Classifier
 from food_classifier.serving import memory
 from food_classifier.serving.batching import MicroBatcher
@@ -28,27 +29,6 @@ from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.settings import VARIANT_AUTO, ServeSettings
 
 log = logging.getLogger("food_classifier.serving")
-
-
-def model_sources(paths: list[Path]) -> list[Path]:
-    """Expand user paths into model sources that `newest_bundle` accepts, refusing paths with none."""
-    sources: list[Path] = []
-    for path in paths:
-        path = Path(path)
-        if (path / META_FILE).is_file():
-            sources.append(path)
-            continue
-        if not path.is_dir():
-            raise BundleError(f"{path}: no such bundle or model directory")
-        children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if any((c / META_FILE).is_file() for c in children):
-            sources.append(path)  # a model dir: its children are versions
-            continue
-        found = [c for c in children if any((v / META_FILE).is_file() for v in c.iterdir() if v.is_dir())]
-        if not found:
-            raise BundleError(f"no model bundle found under {path}")
-        sources.extend(found)
-    return sources
 
 
 @dataclass
@@ -70,12 +50,12 @@ class LoadedModel:
 
     def info(self, default: bool = False) -> dict[str, Any]:
         b = self.classifier.bundle
+        m = b.meta
         return {"name": self.name, "version": self.version, "default": default, "variant": self.variant,
-                "variants": sorted(b.variants), "labels": self.labels, "arch": b.meta.get("arch"),
-                "created_at": b.meta.get("created_at"), "metrics": b.meta.get("metrics", {}),
+                "variants": sorted(b.variants), "labels": self.labels, "arch": m.arch,
+                "created_at": m.created_at, "metrics": m.to_json_dict().get("metrics", {}),
                 "preprocessing": b.preprocessing.to_dict(), "temperature": b.temperature,
-                "abstain_threshold": b.abstain_threshold, "builtin": bool(b.meta.get("builtin", False)),
-                "description": b.meta.get("description"),
+                "abstain_threshold": b.abstain_threshold, "builtin": m.builtin, "description": m.description,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))}
 
 
@@ -92,18 +72,33 @@ class ModelRegistry:
         self._reload_lock: asyncio.Lock | None = None
 
     # --- loading -------------------------------------------------------------------------------------
-    def _build(self, source: Path) -> tuple[Classifier, str]:
-        """Load and warm one model (blocking: run it in a thread)."""
-        bundle = load_bundle(newest_bundle(source))
+    def _build(self, source: Path) -> tuple[Classifier, str, list[str]]:
+        """Load and warm the newest version of `source` that works (blocking: run it in a thread);
+        also returns the newer versions skipped as broken."""
+        skipped: list[str] = []
+
+        def skip(path: Path, exc: BundleError) -> None:
+            skipped.append(f"{path.name} ({exc})")
+            if self.metrics:
+                self.metrics.skipped_versions.labels(str(source)).inc()
+
+        clf, variant = load_newest(source, self._open, on_skip=skip)
+        return clf, variant, skipped
+
+    def _open(self, version: Path) -> tuple[Classifier, str]:
+        bundle = load_bundle(version)
         variant = self.settings.variant_for(bundle.name)
-        if variant == VARIANT_AUTO:  # int8 when shipped, unless its own measurement advised against it
-            int8 = bundle.variants.get("int8")
-            variant = "int8" if int8 is not None and int8.get("recommended", True) is not False else "fp32"
+        if variant == VARIANT_AUTO:
+            variant = bundle.meta.recommended_variant()
         s = self.settings
         clf = Classifier(bundle, threads=s.ort_threads, variant=variant, top_k=s.top_k, max_pixels=s.max_pixels)
         if s.warmup:
-            for n in sorted({1, s.batch_max_size}):
-                clf.predict_proba(np.zeros((n, *clf.spec.input_shape), dtype=np.float32))
+            try:
+                for n in sorted({1, s.batch_max_size}):
+                    clf.predict_proba(np.zeros((n, *clf.spec.input_shape), dtype=np.float32))
+            except Exception as e:  # e.g. a graph whose input size is not the preprocessing crop
+                raise BundleError(f"{clf.bundle.model_file(variant)}: warm-up run failed: "
+                                  f"{str(e).strip().splitlines()[0]}") from None
         return clf, variant
 
     def _wrap(self, source: Path, clf: Classifier, variant: str) -> LoadedModel:
@@ -118,7 +113,7 @@ class ModelRegistry:
         """Load every source, then `warm` the loaded models (e.g. the decode path); then /readyz is green."""
         try:
             for source in self.sources:
-                clf, variant = await asyncio.to_thread(self._build, source)
+                clf, variant, _ = await asyncio.to_thread(self._build, source)
                 if clf.name in self._models:
                     raise BundleError(f"two sources provide a model named {clf.name!r}: "
                                       f"{self._models[clf.name].source} and {source}")
@@ -176,9 +171,11 @@ class ModelRegistry:
         async with self._reload_lock:
             old = self.get(name)
             try:
-                clf, variant = await asyncio.to_thread(self._build, old.source)
+                clf, variant, skipped = await asyncio.to_thread(self._build, old.source)
                 if clf.name != name:
                     raise BundleError(f"newest bundle under {old.source} is named {clf.name!r}, not {name!r}")
+                if skipped and clf.version == old.version:  # what was published is broken: say so
+                    raise BundleError(f"newer version(s) skipped as broken: {'; '.join(skipped)}")
             except Exception as exc:
                 if self.metrics:
                     self.metrics.reloads.labels(name, "failed").inc()

@@ -1,7 +1,9 @@
 """What an endpoint does, without HTTP: decode off the event loop, batch, decide, shape the answer.
 
 Decoding and preprocessing run in a thread pool (Pillow and numpy release the GIL), so the event
-loop only parses requests and hands arrays to the model's micro-batcher. Every decode failure
+loop only parses requests and hands arrays to the model's micro-batcher. The prediction cache is
+looked up in the same thread hop (bytes level, then decode, then pixel level): a hit never reaches the
+batcher, and every answer says which it was (`cache`). Every decode failure
 becomes a `ServiceError` (413/415), never an exception that escapes to the client as a 500.
 """
 
@@ -10,17 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from food_classifier.cache import Lookup, PredictionCache
 from food_classifier.serving.errors import ServiceError, image_error
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.paths import PathGuard
 from food_classifier.serving.registry import LoadedModel, ModelRegistry
 from food_classifier.serving.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from food_classifier.serving.monitor import ServingMonitor
 
 log = logging.getLogger("food_classifier.serving")
 
@@ -35,11 +42,30 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class _Answered(Exception):
+    """Raised by the decode step on a cache hit: the model has nothing to do for this image."""
+
+
+def cache_from_settings(s: ServeSettings) -> PredictionCache:
+    url = s.cache_url.get_secret_value() if s.cache_url else None
+    return PredictionCache(s.cache_bytes, url, s.cache_ttl, s.cache_timeout_ms / 1000, s.cache_breaker_s)
+
+
 class PredictionService:
-    def __init__(self, registry: ModelRegistry, settings: ServeSettings, metrics: ServingMetrics | None = None):
+    def __init__(self, registry: ModelRegistry, settings: ServeSettings, metrics: ServingMetrics | None = None,
+                 cache: PredictionCache | None = None, monitor: ServingMonitor | None = None):
         self.registry = registry
+        self.cache = cache if cache is not None else cache_from_settings(settings)
+        self._no_cache = PredictionCache(memory_bytes=0)  # for warm-up: no entries, no counts
         self.settings = settings
         self.metrics = metrics
+        if metrics:
+            metrics.watch_cache(self.cache)
+        self.monitor = monitor  # sees every answered image (drift windows, feedback, prediction log)
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="fc-decode")
         self.paths = PathGuard(settings.allow_path_root)
         # Backpressure: at most this many images decoded or decoding but not yet through the model. Without
@@ -49,18 +75,21 @@ class PredictionService:
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.cache.close()
 
     async def warm_up(self, models: list[LoadedModel]) -> None:
         """Start every decode thread and run a JPEG through each model's decode + batcher path once, so
-        the first request after /readyz does not pay for thread start-up (~20 ms measured). Best effort."""
+        the first request after /readyz does not pay for thread start-up (~20 ms measured). Best effort.
+        Also pings the cache's Redis, so /readyz reports an unreachable one as degraded from the start."""
+        await asyncio.to_thread(self.cache.check)
         if not self.settings.warmup:
             return
         side = max(1, min(512, int(self.settings.max_pixels ** 0.5)))
         photo = _warmup_jpeg(side)
 
         async def once(model: LoadedModel) -> None:
-            array, _ = await self._prepare(model, photo)
-            await model.batcher.predict_array(array)
+            look = await self._prepare(model, photo, self._no_cache)
+            await model.batcher.predict_array(look.array)
 
         for model in models:
             try:
@@ -68,60 +97,83 @@ class PredictionService:
             except Exception as exc:  # a warm-up problem must not keep a loadable model from serving
                 log.warning("warm-up of %s failed: %s", model.name, exc)
 
-    async def _prepare(self, model: LoadedModel, data: bytes) -> tuple[np.ndarray, float]:
+    async def _prepare(self, model: LoadedModel, data: bytes, cache: PredictionCache | None = None) -> Lookup:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.decode_pool, _timed_preprocess, model, data)
+            return await loop.run_in_executor(self.decode_pool, (cache or self.cache).lookup, model.classifier, data)
         except ServiceError:
             raise
         except Exception as exc:  # any decoder failure is the input's fault: never a 500
             raise image_error(exc) from None
 
     async def _classify(self, model: LoadedModel, data: bytes, top_k: int | None,
-                        threshold: float | None) -> dict[str, Any]:
+                        threshold: float | None, request_id: str | None = None) -> dict[str, Any]:
         start = time.perf_counter()
-        decode_ms = 0.0
+        look = Lookup("off")
+        res = None
 
         async def prepare() -> np.ndarray:
-            nonlocal decode_ms
-            array, decode_ms = await self._prepare(model, data)
-            return array
+            nonlocal look
+            look = await self._prepare(model, data)
+            if look.probs is not None:
+                raise _Answered
+            return look.array
 
         try:
             async with self._pending:
                 waited_ms = (time.perf_counter() - start) * 1000
-                res = await model.batcher.predict(prepare())
+                try:
+                    res = await model.batcher.predict(prepare())
+                except _Answered:
+                    pass
         except ServiceError:
             self._count(model, "rejected")
             raise
-        pred = model.classifier.decide(res.output[None], top_k, threshold)[0]
+        probs = look.probs if res is None else res.output
+        if res is not None and look.keys:
+            await self._store(look, probs)
+        pred = model.classifier.decide(probs[None], top_k, threshold)[0]
         self._count(model, "ok")
         # a plain dict, not dataclasses.asdict (its deepcopy costs more than the rest of this function)
-        return {"label": pred.label, "label_idx": pred.label_idx, "confidence": pred.confidence,
-                "top_k": pred.top_k, "abstained": pred.abstained, "model": model.name, "model_version": model.version,
-                "timing": {"total_ms": _ms(time.perf_counter() - start), "preprocess_ms": round(decode_ms, 3),
-                           "queue_ms": round(waited_ms + res.queue_ms, 3), "inference_ms": round(res.inference_ms, 3),
-                           "batch_size": res.batch_size}}
+        result = {"label": pred.label, "label_idx": pred.label_idx, "confidence": pred.confidence,
+                  "top_k": pred.top_k, "abstained": pred.abstained, "model": model.name,
+                  "model_version": model.version, "cache": look.outcome,
+                  "request_id": request_id or new_request_id(),
+                  "timing": {"total_ms": _ms(time.perf_counter() - start),
+                             "preprocess_ms": round(look.preprocess_ms, 3),
+                             "queue_ms": round(waited_ms + (res.queue_ms if res else 0.0), 3),
+                             "inference_ms": round(res.inference_ms, 3) if res else 0.0,
+                             "batch_size": res.batch_size if res else 0}}
+        if self.monitor is not None:
+            self.monitor.observe(model, probs, result, data)
+        return result
+
+    async def _store(self, look: Lookup, probs: np.ndarray) -> None:
+        if self.cache.redis is None:  # memory only: microseconds, no thread hop
+            self.cache.store(look, probs)
+        else:
+            await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.cache.store, look, probs)
 
     def _count(self, model: LoadedModel, outcome: str) -> None:
         if self.metrics:
             self.metrics.images.labels(model.name, outcome).inc()
 
     async def predict(self, name: str | None, image: ImageUpload, top_k: int | None = None,
-                      threshold: float | None = None) -> dict[str, Any]:
-        """One image through the model's micro-batcher."""
-        return await self._classify(self.registry.get(name), image.data, top_k, threshold)
+                      threshold: float | None = None, request_id: str | None = None) -> dict[str, Any]:
+        """One image through the model's micro-batcher (`request_id`: the transport's, else a new one)."""
+        return await self._classify(self.registry.get(name), image.data, top_k, threshold, request_id)
 
     async def predict_batch(self, name: str | None, images: list[ImageUpload], top_k: int | None = None,
-                            threshold: float | None = None) -> dict[str, Any]:
+                            threshold: float | None = None, request_id: str | None = None) -> dict[str, Any]:
         """Many images, answers in input order; a bad image is an error entry, not a failed batch."""
         start = time.perf_counter()
         model = self.registry.get(name)  # one model version for the whole batch, even during a reload
+        rid = request_id or new_request_id()
 
         async def one(i: int, img: ImageUpload) -> dict[str, Any]:
             head = {"index": i, "filename": img.filename}
             try:
-                res = await self._classify(model, img.data, top_k, threshold)
+                res = await self._classify(model, img.data, top_k, threshold, f"{rid}-{i}")
             except ServiceError as exc:
                 return {**head, **exc.to_dict(), "status": exc.status}
             res.pop("model")
@@ -130,16 +182,18 @@ class PredictionService:
 
         results = await asyncio.gather(*(one(i, img) for i, img in enumerate(images)))
         failed = sum(1 for r in results if "error" in r)
-        return {"model": model.name, "model_version": model.version, "count": len(results), "failed": failed,
-                "results": results, "timing": {"total_ms": _ms(time.perf_counter() - start)}}
+        return {"model": model.name, "model_version": model.version, "request_id": rid, "count": len(results),
+                "failed": failed, "results": results, "timing": {"total_ms": _ms(time.perf_counter() - start)}}
 
-    async def predict_path(self, model_type: str | None, image_path: str) -> dict[str, Any]:
+    async def predict_path(self, model_type: str | None, image_path: str,
+                           request_id: str | None = None) -> dict[str, Any]:
         """The seed's `GET /predict`: a server-side file, only under the allowed roots."""
         model = self.registry.get(model_type)
         path = self.paths.resolve(image_path)
         data = await asyncio.to_thread(self.paths.read, path, self.settings.max_body_bytes)
-        res = await self._classify(model, data, None, None)
-        return {"label": res["label"], "label_idx": res["label_idx"], "confidence": res["confidence"]}
+        res = await self._classify(model, data, None, None, request_id)
+        return {"label": res["label"], "label_idx": res["label_idx"], "confidence": res["confidence"],
+                "cache": res["cache"]}  # the route moves `cache` to the X-Cache header (seed shape)
 
 
 def _warmup_jpeg(side: int) -> bytes:
@@ -150,9 +204,3 @@ def _warmup_jpeg(side: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (side, side), (180, 120, 60)).save(buf, "JPEG")
     return buf.getvalue()
-
-
-def _timed_preprocess(model: LoadedModel, data: bytes) -> tuple[np.ndarray, float]:
-    t = time.perf_counter()
-    array = model.classifier.preprocess(data)
-    return array, (time.perf_counter() - t) * 1000

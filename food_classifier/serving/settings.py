@@ -1,22 +1,34 @@
-"""Server configuration: CLI flags and `FOOD_CLASSIFIER_*` environment variables, one model.
+"""Server configuration: the one declaration of every serve setting.
 
-Every field can be set as `FOOD_CLASSIFIER_<FIELD>` (e.g. `FOOD_CLASSIFIER_API_KEY`); list fields
-take comma-separated values. The CLI passes only the flags that were given, so flags win over the
-environment and the environment wins over the defaults below. The defaults for the thread counts and
-the micro-batcher come from measurements on a 2-core CPU (docs/SERVING.md).
+Each field is, at once: a `food-classifier serve` flag (`--kebab-name`, built from this class by
+`serving/cli.py`, its help from the `description`, its default shown from the field's default), an
+environment variable `FOOD_CLASSIFIER_<FIELD>` (list fields take comma-separated values) and what the
+app and the middleware read. Adding a field adds the flag. The CLI passes only the flags that were
+given, so flags win over the environment and the environment wins over the defaults below. The
+defaults for the thread counts and the micro-batcher come from measurements on a 2-core CPU
+(docs/SERVING.md).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
 VARIANT_AUTO = "auto"  # int8 when the bundle ships it (and did not mark it recommended: false), else fp32
+
+
+@dataclass(frozen=True)
+class Cli:
+    """How a field appears on the command line, beyond the default `--kebab-name` option."""
+
+    positional: bool = False  # the command's arguments instead of an option
+    short: str | None = None  # an extra short flag, e.g. "-p"
 
 
 def usable_cpus() -> int:
@@ -38,22 +50,29 @@ def _split(value: object) -> object:
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FOOD_CLASSIFIER_", extra="forbid", frozen=True)
 
-    bundles: Annotated[list[Path], NoDecode] = Field(
-        default_factory=list, description="Bundle dirs, model dirs (newest version) or dirs of model dirs.")
-    default_model: str | None = Field(None, description="Model served by /predict; default: the first one.")
+    bundles: Annotated[list[Path], NoDecode, Cli(positional=True)] = Field(
+        default_factory=list, description="Bundle dir, model dir (serves its newest version) or dir of model "
+                                          "dirs; several allowed. The first model is the default. None: the "
+                                          "built-in model.")
+    host: str = Field("0.0.0.0", description="Interface to bind.")
+    port: Annotated[int, Cli(short="-p")] = Field(8383, ge=0, le=65535, description="Port.")
+    default_model: str | None = Field(None, description="Model behind /predict (default: the first one).")
     variant: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Model variant: 'int8', 'fp32', 'auto' (int8 when present) for all models, or NAME=VARIANT.")
-    host: str = "0.0.0.0"
-    port: int = Field(8383, ge=0, le=65535)
-    api_key: SecretStr | None = Field(None, description="When set, required on every endpoint but /healthz, /readyz.")
+        description="Model variant: fp32 (default), int8, auto (int8 when the bundle ships it and did not advise "
+                    "against it) for all models, or NAME=VARIANT for one model.")
+    api_key: SecretStr | None = Field(None, description="Require this key (X-API-Key, Bearer, or Basic password) "
+                                                        "on every endpoint but /healthz and /readyz; prefer the "
+                                                        "env var, flags show up in `ps`.")
     allow_path_root: Annotated[list[Path], NoDecode] = Field(
-        default_factory=list, description="Roots the seed-compatible GET /predict may read from (off when empty).")
+        default_factory=list, description="Enable the seed's GET /predict?image_path=... for files under this "
+                                          "dir (off when none is given).")
 
-    max_body_bytes: int = Field(10 * MiB, ge=1024, description="Request body limit (413 above it).")
-    max_batch_body_bytes: int = Field(64 * MiB, ge=1024, description="Body limit for predict-batch requests.")
+    max_body_bytes: int = Field(10 * MiB, ge=1024, description="Request body limit in bytes (413 above it).")
+    max_batch_body_bytes: int = Field(64 * MiB, ge=1024, description="Body limit of predict-batch requests.")
     max_batch_images: int = Field(64, ge=1, description="Images per predict-batch request.")
-    max_pixels: int = Field(40_000_000, ge=1, description="Decoded pixels per image (decompression bombs: 413).")
+    max_pixels: int = Field(40_000_000, ge=1, description="Decoded pixels per image (more, e.g. a "
+                                                          "decompression bomb, is a 413).")
     top_k: int = Field(5, ge=1, description="Default number of top-k entries in responses.")
 
     # Measured on the 2-core machine (docs/SERVING.md): one ORT thread per call, one call per CPU, cost
@@ -67,14 +86,43 @@ class ServeSettings(BaseSettings):
     decode_threads: int = Field(default_factory=usable_cpus, ge=1,
                                 description="Threads that decode and preprocess images (default: one per CPU).")
     batch_max_size: int = Field(1, ge=1, description="Micro-batch size limit (1 = no batching).")
-    batch_max_wait_ms: float = Field(2.0, ge=0, description="Longest wait for images still decoding, when batching.")
-    warmup: bool = Field(True, description="Run the model once per batch shape before /readyz turns green.")
+    batch_max_wait_ms: float = Field(2.0, ge=0, description="Longest wait in ms for images still decoding, when "
+                                                            "batching (0 = never wait).")
+    warmup: bool = Field(True, description="Run each model once per batch shape before /readyz turns green.")
 
-    log_level: str = "info"
-    access_log: bool = False
+    # Prediction cache (food_classifier/cache.py, docs/SCALING.md): in-process LRU in front of optional Redis.
+    cache_bytes: int = Field(64 * MiB, ge=0, description="In-process prediction cache size in bytes (0 = off).")
+    cache_url: SecretStr | None = Field(
+        None, description="Redis URL (redis://host:6379/0) of a prediction cache shared by replicas; "
+                          "needs the 'cache' extra.")
+    cache_ttl: float = Field(24 * 3600.0, gt=0, description="Seconds a cached prediction lives (default one day).")
+    cache_timeout_ms: float = Field(100.0, gt=0, description="Redis connect and read timeout; past it the request "
+                                                             "goes on without the cache.")
+    cache_breaker_s: float = Field(5.0, ge=0, description="After a Redis error, skip Redis this long, then retry.")
+
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level.")
+    access_log: bool = Field(False, description="Log every request (costs throughput).")
+
+    # gRPC and monitoring (docs/SERVING.md)
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="Also serve gRPC on this port, same models "
+                                                                    "and limits (off by default; needs the grpc "
+                                                                    "extra).")
+    monitor_window: int = Field(1000, ge=1, description="Predictions per model in the drift window (cache hits "
+                                                        "are counted apart).")
+    feedback_memory: int = Field(50_000, ge=0, description="Recent predictions remembered for feedback by "
+                                                           "request_id or sha256.")
+    prediction_log: Path | None = Field(None, description="Write every prediction and feedback as JSON lines "
+                                                          "into this dir (off when not given).")
+    prediction_log_max_bytes: int = Field(64 * MiB, ge=1024, description="Rotate the prediction log at this "
+                                                                         "size.")
+    log_images_sample: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of images saved beside the "
+                                                                      "prediction log, for later labelling.")
 
     _split_lists = field_validator("bundles", "variant", "allow_path_root", mode="before")(
         classmethod(lambda cls, v: _split(v)))
+    _lower = field_validator("log_level", mode="before")(classmethod(lambda cls, v: v.lower()
+                                                                      if isinstance(v, str) else v))
 
     def variant_for(self, model: str) -> str:
         """The variant asked for `model`: a NAME=VARIANT entry, else a bare VARIANT entry, else fp32."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from food_classifier.bundle import BundleMeta
 from food_classifier.inference import Classifier, softmax
 from food_classifier.training.calibrate import expected_calibration_error
 from food_classifier.training.data import read_manifest
@@ -64,9 +65,9 @@ def tier_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> di
     return m
 
 
-def fitted_tiers(bundle_meta: dict) -> list[str]:
+def fitted_tiers(bundle_meta: BundleMeta | None) -> list[str]:
     """Tiers the bundle's model was fitted on (train, and validation for a refitted head)."""
-    return list(bundle_meta.get("training", {}).get("fit_tiers", ["train"]))
+    return bundle_meta.fit_tiers if bundle_meta is not None else ["train"]
 
 
 def per_tier(y: np.ndarray, probs: np.ndarray, tier: np.ndarray, labels: list[str], fit_tiers: list[str]) -> dict:

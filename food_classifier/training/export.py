@@ -91,13 +91,11 @@ def publish(bundle: str | Path, models_dir: str | Path = "models") -> Path:
     """Copy a finished bundle to `<models_dir>/<name>/<version>` in one rename (servers may be watching)."""
     b = load_bundle(bundle)
     target = Path(models_dir) / b.name / b.version
-    meta = json.loads((b.path / META_FILE).read_text())
-    meta.pop("format", None)
 
     def copy(d: Path) -> None:
         for f in b.path.iterdir():
-            if f.name not in (META_FILE, "labels.txt"):
+            if f.is_file() and f.name not in (META_FILE, "labels.txt"):  # not a killed step's .tmp-* dir
                 shutil.copy2(f, d / f.name)
 
-    return write_bundle(target, meta, copy)
+    return write_bundle(target, b.meta, copy)
 

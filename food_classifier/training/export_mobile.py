@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from food_classifier import runtime
-from food_classifier.bundle import BundleError, load_bundle, newest_bundle
+from food_classifier.bundle import Bundle, BundleError, load_newest
 from food_classifier.inference import Classifier
 from food_classifier.preprocessing import ImageError
 
@@ -39,10 +39,10 @@ class MobileExportError(BundleError):
     """The bundle cannot be converted, or its .ort files disagree with it."""
 
 
-def mobile_preprocessing(bundle) -> dict:
+def mobile_preprocessing(bundle: Bundle) -> dict:
     """Everything a phone needs to turn a photo into the model input, spelled out (no defaults)."""
     s = bundle.preprocessing
-    kind = (bundle.meta.get("output") or {}).get("kind", "logits")
+    kind = bundle.meta.output.kind if bundle.meta.output else "logits"
     return {
         "steps": ["decode, apply EXIF orientation, convert to RGB (transparency on white)",
                   f"resize the shorter side to {s.resize} px ({s.interpolation}) and take the centre "
@@ -51,7 +51,7 @@ def mobile_preprocessing(bundle) -> dict:
                   f"lay out as {s.layout}: [1, {', '.join(map(str, s.input_shape))}] float32"],
         "resize": s.resize, "crop": s.crop, "interpolation": s.interpolation,
         "mean": list(s.mean), "std": list(s.std), "scale": s.scale, "layout": s.layout, "channel_order": "RGB",
-        "input": {"name": bundle.meta.get("input", {}).get("name", "image"), "shape": ["N", *s.input_shape],
+        "input": {"name": bundle.meta.input_name, "shape": ["N", *s.input_shape],
                   "dtype": "float32"},
         "output": {"kind": kind, "classes": len(bundle.labels),
                    "to_probabilities": ("softmax(logits / temperature)" if kind == "logits"
@@ -61,7 +61,7 @@ def mobile_preprocessing(bundle) -> dict:
     }
 
 
-def check_images_from(folder: Path | None, bundle) -> list[Path]:
+def check_images_from(folder: Path | None, bundle: Bundle) -> list[Path]:
     """Up to N_IMAGES real photos spread over the folder (or the bundle's test tier when none is given)."""
     paths: list[Path] = []
     if folder is not None:
@@ -69,8 +69,8 @@ def check_images_from(folder: Path | None, bundle) -> list[Path]:
             raise MobileExportError(f"--check: no such folder: {folder}")
         paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     else:
-        manifest = Path((bundle.meta.get("dataset") or {}).get("manifest", ""))
-        if manifest.is_file():
+        manifest = Path(bundle.meta.dataset.manifest or "") if bundle.meta.dataset else None
+        if manifest and manifest.is_file():
             import csv
 
             with open(manifest, newline="") as f:
@@ -104,7 +104,7 @@ def convert(models: dict[str, Path], out_dir: Path) -> None:
     config.write_text("\n".join(lines) + "\n")
 
 
-def parity(bundle, variant: str, ort_file: Path, images: list[Path], threads: int = 2) -> dict:
+def parity(bundle: Bundle, variant: str, ort_file: Path, images: list[Path], threads: int = 2) -> dict:
     """Bundle ONNX vs .ort on the same preprocessed photos, both through the Classifier's own maths."""
     onnx_clf = Classifier(bundle, threads=threads, variant=variant)
     ort_clf = copy.copy(onnx_clf)
@@ -129,7 +129,7 @@ def export_mobile(model_dir: str | Path, out: str | Path, check_images: str | Pa
     """Write the phone files into `out` (only after the parity check passed); returns mobile.json."""
     import onnxruntime as ort
 
-    bundle = load_bundle(newest_bundle(model_dir))
+    bundle = load_newest(model_dir)
     variants = {v: bundle.model_file(v) for v in ORT_FILES if v in bundle.variants}
     images = check_images_from(Path(check_images) if check_images else None, bundle)
     out = Path(out)
@@ -151,16 +151,15 @@ def export_mobile(model_dir: str | Path, out: str | Path, check_images: str | Pa
                                     f"< {INT8_MIN_AGREEMENT:.0%} on {check['n_images']} photos")
                 ort_path.unlink()
                 continue
-            entry = bundle.variants[variant]
-            test = (bundle.meta.get("metrics") or {}).get("test") or {}
+            entry, test = bundle.variants[variant], bundle.meta.metrics.get("test")
             files[variant] = {"file": ORT_FILES[variant], "size_bytes": ort_path.stat().st_size,
                               "onnx_size_bytes": onnx_path.stat().st_size, "parity": check,
-                              "recommended": entry.get("recommended", variant == "fp32"),
-                              "test_accuracy": entry.get("test_accuracy", test.get("accuracy") if variant == "fp32"
-                                                         else None)}
+                              "recommended": variant == "fp32" if entry.recommended is None else entry.recommended,
+                              "test_accuracy": entry.test_accuracy if variant != "fp32" or test is None
+                              else test.accuracy}
         (stage / "labels.txt").write_text("\n".join(bundle.labels) + "\n")
         (stage / "preprocessing.json").write_text(json.dumps(mobile_preprocessing(bundle), indent=2) + "\n")
-        info = {"bundle": {"name": bundle.name, "version": bundle.version, "arch": bundle.meta.get("arch")},
+        info = {"bundle": {"name": bundle.name, "version": bundle.version, "arch": bundle.meta.arch},
                 "variants": files, **({"skipped": skipped} if skipped else {}),
                 "converter": f"onnxruntime {ort.__version__} convert_onnx_models_to_ort, optimization style Fixed, "
                              "target platform arm",

