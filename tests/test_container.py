@@ -206,6 +206,22 @@ def test_runs_as_non_root_without_torch_and_healthcheck_passes(container, podman
     assert podman(podman_env, "exec", name, "python", "-c", probe).stdout.strip() == "[]"
 
 
+def test_a_bundle_whose_model_changed_is_refused_at_start(serve_image, podman_env, tmp_path):
+    from food_classifier.bundle import file_sha256, update_meta
+
+    bundle = make_colour_bundle(tmp_path / "models" / "colour" / "20260101T000000-colour")
+    update_meta(bundle, {"variants": {"fp32": {"file": "model.onnx", "sha256": file_sha256(bundle / "model.onnx")}}})
+    with open(bundle / "model.onnx", "ab") as f:
+        f.write(b"\0")  # one byte more: the recorded sha256 no longer matches
+    for p in [tmp_path / "models", *(tmp_path / "models").rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    tmp_path.chmod(0o755)
+    out = podman(podman_env, "run", "--rm", "--read-only", "-v", f"{tmp_path / 'models'}:/models:ro", serve_image,
+                 timeout=120, check=False)
+    assert out.returncode not in (0, 137), out  # a clear refusal, not a crash loop or a kill
+    assert "sha256 does not match" in out.stdout + out.stderr and "Traceback" not in out.stdout + out.stderr
+
+
 def test_image_size(serve_image, podman_env):
     total, base = image_mb(podman_env, serve_image), image_mb(podman_env, BASE)
     stand_in = podman(podman_env, "image", "inspect", "--format", f"{{{{index .Labels \"{STAND_IN_LABEL}\"}}}}",
