@@ -116,10 +116,11 @@ def serve_image(podman_env) -> str:
 
 def remove_stale_layers(env: dict, build_log: str) -> None:
     """Untagged images on the stand-in base that this build did not use: earlier builds' layers."""
-    used = {line.split()[-1][:12] for line in build_log.splitlines() if line.startswith("--> ")}
+    used = {line.split()[-1][:11] for line in build_log.splitlines() if line.startswith("--> ")}  # 11 or 64 hex
     listed = podman(env, "images", "-a", "--filter", f"label={STAND_IN_LABEL}", "--format",
                     "{{.ID}} {{.Repository}}").stdout.split("\n")
-    stale = [line.split()[0] for line in listed if line.endswith(" <none>") and line[:12] not in used]
+    stale = [line.split()[0] for line in listed if line.endswith(" <none>") and line[:11] not in used]
+    assert len(used) > 5, "no layer ids in the build output: refusing to guess what is stale"
     for image in stale:  # newest first, so children go before their parents
         podman(env, "rmi", image, check=False)
 
