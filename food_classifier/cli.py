@@ -10,8 +10,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
+
+from food_classifier.training.config import DEFAULT_TARGET_PRECISION, TrainConfig
+from food_classifier.training.config import option as config_option
+from food_classifier.training.sources import DEFAULT_SOURCE
 
 
 class _Commands(typer.core.TyperGroup):
@@ -51,9 +56,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [BundleError, ImageError, FileNotFoundError]
     try:
-        from food_classifier.training.data import DataError
         from food_classifier.training.export import ExportError
         from food_classifier.training.models import ModelError
+        from food_classifier.training.sources import DataError
 
         errors += [DataError, ModelError, ExportError]
     except ImportError:  # serving-only install
@@ -74,18 +79,18 @@ def need_training_extras() -> None:
 @data_app.command("sources")
 def data_sources() -> None:
     """List the named remote datasets."""
-    from food_classifier.training.data import DEFAULT_SOURCE, SOURCES
+    from food_classifier.training.sources import SOURCES
 
     for name, s in SOURCES.items():
         typer.echo(f"{name}{' (default)' if name == DEFAULT_SOURCE else ''}: {s['description']}\n  {s['url']}")
 
 
 @data_app.command("fetch")
-def data_fetch(source: str = typer.Argument("pizza_steak_sushi", help="A name from `data sources`, or a URL."),
+def data_fetch(source: str = typer.Argument(DEFAULT_SOURCE, help="A name from `data sources`, or a URL."),
                dest: Path = typer.Option(Path("data/raw"), help="Where archives are downloaded and extracted."),
                sha256: str | None = typer.Option(None, help="Expected sha256 of the archive.")) -> None:
     """Download (resumable) and safely extract a dataset archive; prints the image folder."""
-    from food_classifier.training.data import fetch
+    from food_classifier.training.download import fetch
 
     typer.echo(fetch(source, dest, sha256=sha256))
 
@@ -96,7 +101,8 @@ def data_split(root: Path = typer.Argument(..., help="ImageFolder (one folder pe
                ratios: str = typer.Option("0.7,0.15,0.15", help="train,validation,test fractions."),
                seed: int = typer.Option(42)) -> None:
     """Validate images, group duplicates, split train/validation/test, write the manifest."""
-    from food_classifier.training.data import DataError, count_table, find_image_root, split
+    from food_classifier.training.data import count_table, find_image_root, split
+    from food_classifier.training.sources import DataError
 
     try:
         r = tuple(float(x) for x in ratios.split(","))
@@ -111,9 +117,9 @@ def data_split(root: Path = typer.Argument(..., help="ImageFolder (one folder pe
 
 @data_app.command("prepare")
 def data_prepare(manifest: Path = typer.Option(Path("data/manifest.csv")), seed: int = typer.Option(42),
-                 source: str = typer.Option("pizza_steak_sushi", help="Remote source when no local folder.")) -> None:
+                 source: str = typer.Option(DEFAULT_SOURCE, help="Remote source when no local folder.")) -> None:
     """Use $FOOD_CLASSIFIER_DATA (a local folder) when set, else download SOURCE; then split."""
-    from food_classifier.training.data import fetch
+    from food_classifier.training.download import fetch
 
     local = os.environ.get("FOOD_CLASSIFIER_DATA")
     root = Path(local) if local else fetch(source, manifest.parent / "raw")
@@ -132,33 +138,35 @@ def models_cmd() -> None:
     for name, desc in list_models().items():
         typer.echo(f"{name:<20} {desc}")
     typer.echo(f"{'a+b':<20} ensemble of pretrained backbones: one input, one linear head per member, "
-               "logits averaged (default: efficientnet_lite0+efficientnet_lite1)")
+               f"logits averaged (default: {TrainConfig.arch})")
+
+
+def _train_option(field: str, *decls: str, **kw) -> Any:
+    """A `train` option whose default and help come from TrainConfig (declared there, once)."""
+    default, help_text = config_option(field)
+    return typer.Option(default, *decls, help=help_text, **kw)
 
 
 @app.command()
 def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `data split`."),
-          arch: str = typer.Option("efficientnet_lite0+efficientnet_lite1",
-                                    help="Registered name, any timm architecture, or an ensemble a+b."),
-          weights: Path | None = typer.Option(None, help="Local checkpoint for a timm architecture."),
-          epochs: int = typer.Option(0, help="0 = default for the chosen path."),
-          lr: float = typer.Option(0.0, help="0 = default for the chosen path."),
-          batch_size: int = typer.Option(0, help="0 = default for the chosen path."),
-          fine_tune: bool = typer.Option(False, "--fine-tune", help="Also unfreeze the last blocks."),
-          aug_views: int = typer.Option(2, help="Extra views per training image beyond the plain one: "
-                                                       "its mirror image, then random augmentations."),
-          image_size: int = typer.Option(0, help="Input crop in px; 0 = the model's default (288 for Lite0)."),
-          refit: bool = typer.Option(True, "--refit/--no-refit",
-                                     help="Head path: fit the final head on train+validation (held-out numbers "
-                                          "then come from out-of-fold logits and the test tier)."),
-          label_smoothing: float = typer.Option(0.1),
-          patience: int = typer.Option(5, help="Early stopping patience (epochs)."),
-          seed: int = typer.Option(42),
+          arch: str = _train_option("arch"),
+          weights: Path | None = _train_option("weights"),
+          epochs: int = _train_option("epochs"),
+          lr: float = _train_option("lr"),
+          batch_size: int = _train_option("batch_size"),
+          fine_tune: bool = _train_option("fine_tune", "--fine-tune"),
+          aug_views: int = _train_option("aug_views"),
+          image_size: int = _train_option("image_size"),
+          refit: bool = _train_option("refit", "--refit/--no-refit"),
+          label_smoothing: float = _train_option("label_smoothing"),
+          patience: int = _train_option("patience"),
+          seed: int = _train_option("seed"),
           runs_dir: Path = typer.Option(Path("runs")),
           models_dir: Path = typer.Option(Path("models"), help="Bundles are published to MODELS_DIR/NAME/VERSION."),
           name: str = typer.Option("food", help="Model name in the bundle and the server."),
           resume: Path | None = typer.Option(None, help="Continue an interrupted run dir."),
           target_precision: float = typer.Option(
-              0.98, min=0.0, max=1.0,
+              DEFAULT_TARGET_PRECISION, min=0.0, max=1.0,
               help="Abstention: lowest threshold whose kept validation predictions reach this precision."),
           cv: int = typer.Option(0, "--cv", min=0, metavar="K",
                                  help="Also retrain on K folds of train+validation (test untouched) and report "
@@ -170,16 +178,16 @@ def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `d
     need_training_extras()
     if cv == 1:
         fail("--cv needs K >= 2 folds (0 = off)")
+    from food_classifier.training import runs
     from food_classifier.training.calibrate import format_calibration
     from food_classifier.training.evaluate import format_table
     from food_classifier.training.pipeline import train_and_publish
-    from food_classifier.training.train import TrainConfig
 
     if resume:
-        if not (resume / "config.json").is_file():
-            fail(f"{resume} is not a run dir (no config.json)")
-        saved = json.loads((resume / "config.json").read_text())
-        config, manifest = TrainConfig(**saved["config"]), Path(saved["manifest"])
+        if not runs.is_run(resume):
+            fail(f"{resume} is not a run dir (no {runs.CONFIG})")
+        saved = runs.read_meta(resume)
+        config, manifest = saved.config, Path(saved.manifest)
     else:
         config = TrainConfig(arch=arch, weights=str(weights) if weights else None, epochs=epochs, lr=lr,
                              batch_size=batch_size, fine_tune=fine_tune, aug_views=aug_views, refit=refit,
@@ -200,15 +208,18 @@ def train(manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `d
 def evaluate(run: Path = typer.Argument(..., help="A run dir (uses its bundle) or a bundle dir."),
              manifest: Path | None = typer.Option(None, help="Defaults to the run's manifest.")) -> None:
     """Per-tier accuracy, macro P/R/F1, per-class table and confusion matrix of the exported bundle."""
+    from food_classifier.training import runs
     from food_classifier.training.evaluate import format_table, score
 
-    bundle = run / "bundle" if (run / "bundle").is_dir() else run
-    if manifest is None:
-        cfg = run / "config.json"
-        if not cfg.is_file():
+    if not runs.is_run(run):  # a bundle or model dir
+        if manifest is None:
             fail(f"{run} is not a run dir; pass --manifest")
-        manifest = Path(json.loads(cfg.read_text())["manifest"])
-    metrics = score(bundle, manifest, out_dir=run if (run / "config.json").is_file() else None)
+        typer.echo(format_table(score(run, manifest)))
+        return
+    bundle = runs.bundle_dir(run)
+    if bundle is None:
+        fail(f"{run} has no bundle; run `food-classifier export {run}` first")
+    metrics = score(bundle, manifest or runs.read_meta(run).manifest, out_dir=run)
     typer.echo(format_table(metrics))
 
 
@@ -218,10 +229,11 @@ def report(run: Path = typer.Argument(..., help="A run dir from `train` (uses it
     """Write one self-contained HTML evaluation report (images embedded) plus its PNGs."""
     try:
         from food_classifier.training.report import build_report
+        from food_classifier.training.runs import LOGITS
     except ImportError as e:
         fail(f"the report needs the training extras (pip install 'food-classifier[train]'): {e}")
-    if not (run / "logits.npz").is_file():
-        fail(f"{run} has no logits.npz; run `food-classifier evaluate {run}` first")
+    if not (run / LOGITS).is_file():
+        fail(f"{run} has no {LOGITS}; run `food-classifier evaluate {run}` first")
     typer.echo(build_report(run, out))
 
 
@@ -231,8 +243,11 @@ def export(run: Path = typer.Argument(..., help="A run dir from `train`."),
            int8: bool = typer.Option(True, "--int8/--no-int8", help="Also add the quantized int8 variant.")) -> None:
     """Re-export a run's best checkpoint to a new bundle version, evaluate and publish it."""
     need_training_extras()
+    from food_classifier.training import runs
     from food_classifier.training.pipeline import finalize
 
+    if not runs.is_run(run):
+        fail(f"{run} is not a run dir (no {runs.CONFIG})")
     bundle, _ = finalize(run, models_dir=models_dir, name=name, int8=int8)
     typer.echo(bundle)
 

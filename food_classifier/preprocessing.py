@@ -18,7 +18,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image
 
 PIPELINE_VERSION = 2  # bump when the pixels change (feature caches are keyed by it)
-DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300x6300: larger is treated as a decompression bomb
+DEFAULT_MAX_PIXELS = 40_000_000  # decoded pixels, ~ 6300x6300: measured in docs/SERVING.md ("Large images")
+# Decoded on purpose, and nothing else (EPS would hand client bytes to Ghostscript; AVIF, JPEG 2000, PSD,
+# ICO... are parsers a food photo does not need). "JPEG" includes the multi-picture JPEGs (MPO) many
+# cameras and phones write.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ORIENTATION = 0x0112  # the EXIF tag
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 LAYOUTS = ("NCHW", "NHWC")
 
@@ -95,6 +100,12 @@ def open_image(src: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int
 
     `draft` lets the JPEG decoder downscale by 2/4/8 for free while both sides stay >= draft.
     """
+    return load_rgb(peek_image(src, max_pixels, draft))
+
+
+def peek_image(src: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
+    """Read only the header: an allowed format, at most `max_pixels` *decoded* pixels (after the JPEG
+    draft, so a 48 MP photo that decodes at 1/8 scale passes), pixels not decoded yet."""
     if isinstance(src, Image.Image):
         img = src
     else:
@@ -102,42 +113,84 @@ def open_image(src: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int
             if isinstance(src, (bytes, bytearray, memoryview)):
                 if len(src) == 0:
                     raise ImageDecodeError("empty image data")
-                img = Image.open(io.BytesIO(bytes(src)))
+                img = Image.open(io.BytesIO(bytes(src)), formats=ALLOWED_FORMATS)
             else:
                 path = Path(src)
                 if not path.is_file():
                     raise ImageDecodeError(f"no such image file: {path}")
-                img = Image.open(path)
+                img = Image.open(path, formats=ALLOWED_FORMATS)
         except ImageError:
             raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except Image.DecompressionBombError:  # Pillow's own hard limit, far above ours: quote ours
+            raise ImageTooLarge(f"image has more pixels than the limit of {max_pixels:,}") from None
+        except UnidentifiedImageError:
+            raise ImageDecodeError("not a readable image (or not one of the accepted formats: "
+                                   f"{', '.join(ALLOWED_FORMATS)})") from None
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any parser failure on client data is a bad image
             raise ImageDecodeError(f"not a readable image ({e.__class__.__name__})") from None
     w, h = img.size
-    if w * h > max_pixels:
-        raise ImageTooLarge(f"image has {w}x{h} = {w * h} pixels, limit is {max_pixels}")
-    if w < 1 or h < 1:
+    if draft:
+        img.draft("RGB", (draft, draft))  # JPEG only (a no-op elsewhere); `size` becomes the decoded size
+    dw, dh = img.size
+    if dw * dh > max_pixels:
+        scaled = f" (decoded at {dw}x{dh})" if (dw, dh) != (w, h) else ""
+        raise ImageTooLarge(f"image is {w}x{h}{scaled} = {dw * dh:,} pixels, limit is {max_pixels:,}")
+    if dw < 1 or dh < 1:
         raise ImageDecodeError("image has no pixels")
+    return img
+
+
+def decode_bytes(img: Image.Image) -> int:
+    """Estimated peak memory of `load_rgb` on a peeked image: Pillow keeps 1-bit, L and P images in 1
+    byte a pixel, 16-bit in 2, everything else (RGB too) in 4; converting adds the 4-byte RGB copy,
+    palette transparency an RGBA step, 16-bit/float an 8-bit step."""
+    w, h = img.size
+    mode = img.mode
+    per = {"1": 1, "L": 1, "P": 1}.get(mode, 2 if mode.startswith("I;16") else 4)
+    if mode != "RGB":
+        per += 4
+    if mode in ("P", "PA"):
+        per += 4
+    if mode.startswith("I") or mode == "F":
+        per += 6
+    return w * h * per
+
+
+def load_rgb(img: Image.Image) -> Image.Image:
+    """Decode a peeked image to RGB, turned upright by its EXIF orientation."""
     try:
-        if draft and img.format == "JPEG":
-            img.draft("RGB", (draft, draft))
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose would copy even an upright image
+            img = ImageOps.exif_transpose(img)
         if img.mode != "RGB":
             img = _to_rgb(img)
         img.load()
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt data fails in many ways inside the plugins
         raise ImageDecodeError(f"image data is corrupt or truncated ({e.__class__.__name__})") from None
     return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Composite transparency on white so PNG cut-outs do not turn black."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGB", rgba.size, (255, 255, 255))
-        bg.paste(rgba, mask=rgba.getchannel("A"))
+    """Composite transparency on white so PNG cut-outs do not turn black; 16-bit and float grey scaled
+    to 8 bits (Pillow's own conversion clips them, so a 16-bit photo came out white)."""
+    if img.mode == "PA" or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg.paste(img, (0, 0), img)  # the image is its own mask (its alpha band): no extra copy
         return bg
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img)
+        if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
+            a = np.clip(a, 0, 65535) / 257.0
+        elif img.mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
     return img.convert("RGB")
 
 
@@ -174,3 +227,9 @@ def preprocess(src: ImageInput, spec: PreprocessSpec, max_pixels: int = DEFAULT_
     """The full eval-time pipeline: any input -> float32 `spec.input_shape`, ready for the model."""
     img = open_image(src, max_pixels=max_pixels, draft=spec.resize)
     return normalize(resize_crop(img, spec), spec)
+
+
+def peek(src: ImageInput, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`preprocess`'s first step alone (header, format, pixel limit, the same JPEG draft), so a server can
+    weigh an image (`decode_bytes`) before spending memory on it; `preprocess` accepts the result."""
+    return peek_image(src, max_pixels, draft=spec.resize)

@@ -20,6 +20,7 @@ from jsonschema import Draft202012Validator, ValidationError
 from food_classifier.testing import ServerProcess
 
 KEY = "schema-test-key"
+ADMIN = {"X-API-Key": "schema-admin-key"}
 JPEG = {"content-type": "image/jpeg"}
 
 
@@ -72,7 +73,8 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(models):
-    srv = ServerProcess([models / "models" / "colour"], env={"FOOD_CLASSIFIER_API_KEY": KEY},
+    srv = ServerProcess([models / "models" / "colour"], env={"FOOD_CLASSIFIER_API_KEY": KEY,
+                                                        "FOOD_CLASSIFIER_ADMIN_KEY": ADMIN["X-API-Key"]},
                         args=["--allow-path-root", str(models / "photos"), "--max-body-bytes", "200000",
                               "--max-batch-images", "4", "--ort-threads", "1"])
     with srv, httpx.Client(base_url=srv.url, headers={"X-API-Key": KEY}, timeout=30) as client:
@@ -141,11 +143,12 @@ def test_live_responses_match_the_published_schema(live, models):
     check(c.post("/v1/models/nope/feedback", json={"request_id": pred["request_id"], "label": "red"}), 404)
 
     # reload: the same version again, then a broken newer one (409, the old one keeps serving)
-    assert check(c.post("/v1/models/colour/reload"), 200)["version"] == "v1"
+    assert check(c.post("/v1/models/colour/reload", headers=ADMIN), 200)["version"] == "v1"
+    check(c.post("/v1/models/colour/reload"), 401)  # the API key is not the admin key
     (models / "models" / "colour" / "v2").mkdir()
     (models / "models" / "colour" / "v2" / "bundle.json").write_text("{not json")
-    check(c.post("/v1/models/colour/reload"), 409)
-    check(c.post("/v1/models/nope/reload"), 404)
+    check(c.post("/v1/models/colour/reload", headers=ADMIN), 409)
+    check(c.post("/v1/models/nope/reload", headers=ADMIN), 404)
 
     json_ops = {(m, t) for t, ops in spec.spec["paths"].items() for m, op in ops.items()
                 if "application/json" in op["responses"].get("200", {}).get("content", {})}

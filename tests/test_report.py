@@ -12,16 +12,18 @@ import pytest
 from conftest import COLOURS, colour_image, make_imagefolder
 from PIL import Image
 
-from food_classifier.training.report import SECTIONS, bootstrap_macro_f1, build_report
+from food_classifier.training.report import bootstrap_macro_f1, build_report
 
+SECTIONS = ("summary", "tiers", "confusion", "per-class", "roc", "calibration", "abstention", "mistakes",
+            "history")
 PNGS = ("tiers", "confusion", "per_class", "roc", "reliability", "coverage", "mistakes", "history")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
+    from food_classifier.training.config import TrainConfig
     from food_classifier.training.data import split
     from food_classifier.training.pipeline import train_and_publish
-    from food_classifier.training.train import TrainConfig
 
     tmp = tmp_path_factory.mktemp("tiny")
     split(make_imagefolder(tmp / "photos"), tmp / "manifest.csv", progress=False)

@@ -54,7 +54,8 @@ def test_missing_variant_fails_loading_with_a_clear_reason(colour_bundle):
 def test_reload_swaps_to_newest_version_and_survives_a_broken_one(tmp_path):
     model_dir = tmp_path / "colour"
     make_colour_bundle(model_dir / "v1", version="v1", created_at="2026-01-01T00:00:00")
-    c = ready_client(ServeSettings(bundles=[model_dir]))
+    c = ready_client(ServeSettings(bundles=[model_dir], admin_key="admin-key"))
+    c.headers["X-API-Key"] = "admin-key"  # reload needs the admin key
     try:
         predict = lambda: c.post("/predict", content=jpg("red"), headers={"content-type": JPEG}).json()  # noqa: E731
         assert predict()["model_version"] == "v1"

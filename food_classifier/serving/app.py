@@ -3,8 +3,9 @@
     app = create_app(ServeSettings(bundles=[Path("models/food")]))
 
 Models load in the background after startup, so `/healthz` answers at once and `/readyz` turns green
-when every model is loaded and warmed. If loading fails (no valid version of a model), the real server
-exits with status 3 instead of staying alive and unready. SIGHUP reloads every model (when running in the main thread).
+when every model is loaded and warmed (both answer HEAD too: load balancers probe with it). If loading
+fails (no valid version of a model), the real server exits with status 3 instead of staying alive and
+unready. SIGHUP reloads every model (when running in the main thread); reload over HTTP needs the admin key.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from food_classifier.bundle import model_sources
 from food_classifier.serving import routes_feedback, schemas
@@ -66,6 +68,7 @@ def _tag(request: Request, name: str | None) -> None:
 
 
 @router.get("/healthz", tags=["ops"])
+@router.head("/healthz", include_in_schema=False)
 async def healthz() -> schemas.Health:
     """The process is alive (models may still be loading)."""
     return schemas.Health(status="ok")
@@ -73,6 +76,7 @@ async def healthz() -> schemas.Health:
 
 @router.get("/readyz", tags=["ops"], responses=schemas.errors({503: "Models still loading or failed"}),
             response_model_exclude_none=True)
+@router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> schemas.Ready:
     """Green only once every model is loaded and warmed up. A failing cache does not make it red (requests
     work without it): it shows as `cache.state: degraded`."""
@@ -157,7 +161,8 @@ async def predict_batch_default(request: Request, response: Response, top_k: Top
 @router.get("/predict", tags=["predict"],
             responses=schemas.ERRORS | schemas.errors({403: "Path access off or outside the roots",
                                                        404: "Unknown model or no such file"}))
-async def predict_path(request: Request, response: Response, image_path: Annotated[str, Query(min_length=1)],
+async def predict_path(request: Request, response: Response,
+                       image_path: Annotated[str, Query(min_length=1, pattern=r"^[^\x00]+$")],
                        model_type: str | None = None) -> schemas.SeedPrediction:
     """The seed's call: classify a server-side file under `--allow-path-root` (403 otherwise)."""
     _tag(request, model_type)
@@ -166,10 +171,13 @@ async def predict_path(request: Request, response: Response, image_path: Annotat
     return schemas.SeedPrediction.model_validate(body)
 
 
-@router.post("/v1/models/{name}/reload", tags=["models"],
-             responses=MODEL_ERRORS | schemas.errors({409: "Reload failed; the old version keeps serving"}))
+@router.post("/v1/models/{name}/reload", tags=["admin"],
+             responses=MODEL_ERRORS | schemas.errors({401: "Admin key missing or wrong",
+                                                      403: "No admin key configured: reload over HTTP is off",
+                                                      409: "Reload failed; the old version keeps serving"}))
 async def reload_model(request: Request, name: str) -> schemas.Reloaded:
-    """Load the newest bundle version and swap it in; requests in flight finish on the old one."""
+    """Load the newest bundle version and swap it in; requests in flight finish on the old one.
+    Needs the admin key (FOOD_CLASSIFIER_ADMIN_KEY); without one configured it answers 403."""
     _tag(request, name)
     return schemas.Reloaded.model_validate(await request.app.state.registry.reload(name))
 
@@ -194,6 +202,13 @@ def _error_response(status: int, code: str, detail: str, headers: dict[str, str]
     return JSONResponse(schemas.error_body(code, detail), status_code=status, headers=headers)
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (several routes may share it)."""
+    methods = {m for r in router.routes if getattr(r, "methods", None)
+               and r.matches(request.scope)[0] != Match.NONE for m in r.methods}
+    return sorted(methods)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     """Every error, ours or the framework's, as `{"error": code, "detail": message}`."""
 
@@ -210,9 +225,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(422, "invalid_request", "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette lists only the first route's methods: GET /predict hid POST
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return _error_response(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:

@@ -17,7 +17,8 @@ router = APIRouter()
 
 
 @router.post("/v1/models/{name}/feedback", tags=["monitoring"],
-             responses=schemas.AUTH | schemas.errors({404: "Unknown model, or no recent prediction with this "
+             responses=schemas.AUTH | schemas.errors({400: "Body is not parsable JSON",
+                                                      404: "Unknown model, or no recent prediction with this "
                                                            "request_id / sha256",
                                                       422: "Unknown label, or not exactly one of request_id "
                                                            "and sha256",
@@ -29,4 +30,5 @@ async def feedback(request: Request, name: str, body: schemas.FeedbackIn) -> sch
     reg.get(name)  # 404 unknown model, 503 still loading
     request.state.model = name
     monitor: ServingMonitor = request.app.state.monitor
-    return schemas.FeedbackOut.model_validate(monitor.feedback(name, body.label, body.request_id, body.sha256))
+    return schemas.FeedbackOut.model_validate(monitor.feedback(name, body.label, getattr(body, "request_id", None),
+                                                                getattr(body, "sha256", None)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Query
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 # query parameters of the predict endpoints; the gRPC transport validates its fields with them too
 TopKQuery = Annotated[int | None, Query(ge=1, le=1000, description="How many classes to return in top_k.")]
@@ -158,18 +158,21 @@ class Reloaded(Wire):
     variant: str
 
 
-class FeedbackIn(Wire):
-    """The true label of an earlier prediction, named by its request_id or by the image's sha256."""
+class FeedbackByRequest(Wire):
+    """The true label of an earlier prediction, named by the request_id it answered with."""
 
-    request_id: str | None = Field(None, min_length=1, max_length=200)
-    sha256: str | None = Field(None, pattern="^[0-9a-fA-F]{64}$")
+    request_id: str = Field(min_length=1, max_length=200)
     label: str = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _one_key(self) -> FeedbackIn:
-        if (self.request_id is None) == (self.sha256 is None):
-            raise ValueError("give exactly one of request_id and sha256")
-        return self
+
+class FeedbackBySha(Wire):
+    """The true label of the latest prediction of an image, named by the image's sha256."""
+
+    sha256: str = Field(pattern="^[0-9a-fA-F]{64}$")
+    label: str = Field(min_length=1)
+
+
+FeedbackIn = FeedbackByRequest | FeedbackBySha  # exactly one of request_id and sha256, in the schema too
 
 
 class FeedbackOut(Wire):
@@ -196,20 +199,26 @@ ERRORS = AUTH | errors({404: "Unknown model", 413: "Body or image too large",
                         415: "Not a readable image / unsupported content type",
                         422: "Missing image or invalid parameters", 503: "Models still loading"})
 
+# A single image is never empty (minLength 1: an empty one is a 422); in a batch, an empty or unreadable
+# image is an error entry of a 200, so batch items may be anything. That bytes decode as an image cannot
+# be said in JSON Schema: schema-valid bytes that are not an image get the documented 415.
+BINARY = {"type": "string", "format": "binary", "minLength": 1}
+BASE64 = {"type": "string", "format": "byte", "minLength": 1, "description": "base64 image"}
+ANY_BINARY = {"type": "string", "format": "binary"}
+ANY_BASE64 = {"type": "string", "format": "byte", "description": "base64 image"}
+
 IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
-    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-    "image/png": {"schema": {"type": "string", "format": "binary"}},
-    "image/webp": {"schema": {"type": "string", "format": "binary"}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    "application/json": {"schema": {"type": "object", "properties": {
-        "image": {"type": "string", "format": "byte", "description": "base64 image"}}, "required": ["image"]}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": BINARY}, "required": ["file"]}},
+    "image/jpeg": {"schema": BINARY},
+    "image/png": {"schema": BINARY},
+    "image/webp": {"schema": BINARY},
+    "application/octet-stream": {"schema": BINARY},
+    "application/json": {"schema": {"type": "object", "properties": {"image": BASE64}, "required": ["image"]}},
 }}}
 
 BATCH_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}, "required": ["files"]}},
+        "files": {"type": "array", "items": ANY_BINARY, "minItems": 1}}, "required": ["files"]}},
     "application/json": {"schema": {"type": "object", "properties": {
-        "images": {"type": "array", "items": {"type": "string", "format": "byte"}}}, "required": ["images"]}},
+        "images": {"type": "array", "items": ANY_BASE64, "minItems": 1}}, "required": ["images"]}},
 }}}

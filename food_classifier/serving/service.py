@@ -3,8 +3,9 @@
 Decoding and preprocessing run in a thread pool (Pillow and numpy release the GIL), so the event
 loop only parses requests and hands arrays to the model's micro-batcher. The prediction cache is
 looked up in the same thread hop (bytes level, then decode, then pixel level): a hit never reaches the
-batcher, and every answer says which it was (`cache`). Every decode failure
-becomes a `ServiceError` (413/415), never an exception that escapes to the client as a 500.
+batcher, and every answer says which it was (`cache`). Large images first wait for decode memory
+(admission.py). Every decode failure becomes a `ServiceError` (413/415), never an exception that
+escapes to the client as a 500.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from food_classifier.cache import Lookup, PredictionCache
-from food_classifier.serving.errors import ServiceError, image_error
+from food_classifier.serving.admission import DecodeBudget, LargeImage, decode_large, decode_small
+from food_classifier.serving.batching import BatchResult
+from food_classifier.serving.errors import MissingImage, ServiceError, image_error
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.paths import PathGuard
 from food_classifier.serving.registry import LoadedModel, ModelRegistry
@@ -72,6 +76,7 @@ class PredictionService:
         # it, decoding runs ahead of inference and a few big batch requests queue ~1 MB of floats per image.
         self.pending_limit = 2 * (settings.decode_threads + settings.inference_workers * settings.batch_max_size)
         self._pending = asyncio.Semaphore(self.pending_limit)
+        self.budget = DecodeBudget(settings.decode_memory_mb * 1024 * 1024, settings.decode_threads - 1)
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -88,7 +93,8 @@ class PredictionService:
         photo = _warmup_jpeg(side)
 
         async def once(model: LoadedModel) -> None:
-            look = await self._prepare(model, photo, self._no_cache)
+            look = await self._prepare(model, photo, partial(decode_small, small=self.budget.small),
+                                       self._no_cache)
             await model.batcher.predict_array(look.array)
 
         for model in models:
@@ -97,35 +103,69 @@ class PredictionService:
             except Exception as exc:  # a warm-up problem must not keep a loadable model from serving
                 log.warning("warm-up of %s failed: %s", model.name, exc)
 
-    async def _prepare(self, model: LoadedModel, data: bytes, cache: PredictionCache | None = None) -> Lookup:
+    async def _prepare(self, model: LoadedModel, data: bytes, decode: Any,
+                       cache: PredictionCache | None = None) -> Lookup:
+        """The cache lookup, decoding with `decode(classifier, image) -> (array, ms)` on a miss, in a decode thread."""
         loop = asyncio.get_running_loop()
+        step = partial((cache or self.cache).lookup, model.classifier, data, decode=partial(decode, model.classifier))
         try:
-            return await loop.run_in_executor(self.decode_pool, (cache or self.cache).lookup, model.classifier, data)
-        except ServiceError:
+            return await loop.run_in_executor(self.decode_pool, step)
+        except (ServiceError, LargeImage):
             raise
         except Exception as exc:  # any decoder failure is the input's fault: never a 500
             raise image_error(exc) from None
 
-    async def _classify(self, model: LoadedModel, data: bytes, top_k: int | None,
-                        threshold: float | None, request_id: str | None = None) -> dict[str, Any]:
-        start = time.perf_counter()
-        look = Lookup("off")
-        res = None
+    async def _infer(self, model: LoadedModel, data: bytes) -> tuple[Lookup, BatchResult | None, float]:
+        """Cache, decode, then the model: (lookup, model result or None on a cache hit, seconds waited for a
+        pending slot or decode memory). A large image waits for the budget outside the pending slots, so it
+        never blocks small ones."""
+        if not data:
+            raise MissingImage("the image is empty (0 bytes)")
+        start, look = time.perf_counter(), Lookup("off")
 
-        async def prepare() -> np.ndarray:
+        async def prepare(decode: Any, done: Any) -> np.ndarray:
             nonlocal look
-            look = await self._prepare(model, data)
+            try:
+                look = await self._prepare(model, data, decode)
+            finally:
+                done()
             if look.probs is not None:
                 raise _Answered
             return look.array
 
+        async def run(decode: Any, done: Any = lambda: None) -> BatchResult | None:
+            try:
+                return await model.batcher.predict(prepare(decode, done))
+            except _Answered:
+                return None
+
         try:
             async with self._pending:
-                waited_ms = (time.perf_counter() - start) * 1000
-                try:
-                    res = await model.batcher.predict(prepare())
-                except _Answered:
-                    pass
+                waited = time.perf_counter() - start
+                res = await run(partial(decode_small, small=self.budget.small))
+            return look, res, waited
+        except LargeImage as big:
+            large = big
+        start = time.perf_counter()
+        grant = await self.budget.acquire(large.cost)
+
+        def decode_peeked(classifier: Any, _: bytes) -> tuple[np.ndarray, float]:
+            array, ms = decode_large(classifier, large.image)
+            return array, ms + large.peek_ms
+
+        try:
+            async with self._pending:
+                waited += time.perf_counter() - start
+                res = await run(decode_peeked, grant.release)  # released once the pixels are freed
+            return look, res, waited
+        finally:
+            grant.release()
+
+    async def _classify(self, model: LoadedModel, data: bytes, top_k: int | None,
+                        threshold: float | None, request_id: str | None = None) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            look, res, waited = await self._infer(model, data)
         except ServiceError:
             self._count(model, "rejected")
             raise
@@ -141,7 +181,7 @@ class PredictionService:
                   "request_id": request_id or new_request_id(),
                   "timing": {"total_ms": _ms(time.perf_counter() - start),
                              "preprocess_ms": round(look.preprocess_ms, 3),
-                             "queue_ms": round(waited_ms + (res.queue_ms if res else 0.0), 3),
+                             "queue_ms": round(waited * 1000 + (res.queue_ms if res else 0.0), 3),
                              "inference_ms": round(res.inference_ms, 3) if res else 0.0,
                              "batch_size": res.batch_size if res else 0}}
         if self.monitor is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -64,6 +64,9 @@ class ServeSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="Require this key (X-API-Key, Bearer, or Basic password) "
                                                         "on every endpoint but /healthz and /readyz; prefer the "
                                                         "env var, flags show up in `ps`.")
+    admin_key: SecretStr | None = Field(None, description="Key for the management endpoints (reload), sent like "
+                                                          "the API key; it also passes where the API key does. "
+                                                          "None: reload over HTTP is off (SIGHUP still reloads).")
     allow_path_root: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Enable the seed's GET /predict?image_path=... for files under this "
                                           "dir (off when none is given).")
@@ -74,6 +77,24 @@ class ServeSettings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="Decoded pixels per image (more, e.g. a "
                                                           "decompression bomb, is a 413).")
     top_k: int = Field(5, ge=1, description="Default number of top-k entries in responses.")
+    # docs/SERVING.md, "Large images": a 6000x6000 PNG needs 144 MB decoded; with 256 MiB only one such
+    # image decodes at a time, and an image of --max-pixels still fits alone.
+    decode_memory_mb: int = Field(256, ge=16, description="Memory budget (MiB) shared by the images being "
+                                                          "decoded; larger images wait their turn (not an "
+                                                          "error), small ones (<= 1/16 of it) never wait.")
+
+    # Connection limits, enforced by uvicorn and serving/protocol.py (docs/SERVING.md, "Limits").
+    limit_concurrency: int = Field(512, ge=1, description="Open connections + requests in progress; above it "
+                                                          "uvicorn answers 503 (plain text).")
+    header_timeout: float = Field(10.0, gt=0, description="Seconds for a client to send the request line and "
+                                                          "headers (then 408 and close).")
+    body_timeout: float = Field(30.0, gt=0, description="Seconds to wait for the next part of a request body "
+                                                        "(then 408).")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="Request line + headers limit in bytes "
+                                                                  "(then 431).")
+    shutdown_timeout: float = Field(10.0, ge=0, description="On SIGTERM, seconds requests in progress may take "
+                                                            "to finish; those still running then get 503.")
 
     # Measured on the 2-core machine (docs/SERVING.md): one ORT thread per call, one call per CPU, cost
     # 20 ms CPU per 288 px image, two threads per call 30-38 ms (the idle thread spins); with one thread
@@ -124,6 +145,24 @@ class ServeSettings(BaseSettings):
     _lower = field_validator("log_level", mode="before")(classmethod(lambda cls, v: v.lower()
                                                                       if isinstance(v, str) else v))
 
+    @field_validator("api_key", "admin_key")
+    @classmethod
+    def _sendable(cls, v: SecretStr | None) -> SecretStr | None:
+        """A key must survive an HTTP header: no control characters, no edge spaces (Bearer strips them).
+        Non-ASCII is fine: every way of sending it is compared as UTF-8 bytes (middleware.py)."""
+        if v is None:
+            return v
+        raw = v.get_secret_value()
+        if not raw or raw != raw.strip() or any(ord(c) < 32 or ord(c) == 127 for c in raw):
+            raise ValueError("must be non-empty, without control characters or leading/trailing spaces")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> ServeSettings:
+        if self.admin_key is not None and self.admin_key == self.api_key:
+            raise ValueError("admin_key must differ from api_key (every client holds the API key)")
+        return self
+
     def variant_for(self, model: str) -> str:
         """The variant asked for `model`: a NAME=VARIANT entry, else a bare VARIANT entry, else fp32."""
         default = "fp32"
@@ -137,3 +176,6 @@ class ServeSettings(BaseSettings):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
+
+    def admin_key_value(self) -> str | None:
+        return self.admin_key.get_secret_value() if self.admin_key else None

@@ -3,7 +3,7 @@
 A dataset is an ImageFolder (one folder per class) or a train/test(/valid) layout of ImageFolders.
 `split` writes a manifest CSV (path,label,tier,sha256) that the trainer reads; duplicate and
 near-duplicate photos are grouped first so that no group straddles train/validation/test.
-Download and archive extraction live in download.py.
+Download and archive extraction live in download.py; the named sources and `DataError` in sources.py.
 """
 
 from __future__ import annotations
@@ -23,33 +23,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from food_classifier.preprocessing import ImageError, open_image
+from food_classifier.training.sources import DataError
 
-SOURCES: dict[str, dict] = {
-    "pizza_steak_sushi": {
-        "url": "https://github.com/mrdbourke/pytorch-deep-learning/raw/main/data/pizza_steak_sushi.zip",
-        "sha256": None,
-        "description": "Food-101 subset: pizza, steak, sushi; ~300 photos in train/ and test/ (~16 MB)",
-    },
-    "sushi_or_sandwich": {
-        "url": "http://research.us-east-1.s3.amazonaws.com/public/sushi_or_sandwich_photos.zip",
-        "sha256": None,
-        "description": "Cookpad sushi vs sandwich photos, one folder per class (~100 MB)",
-    },
-}
-DEFAULT_SOURCE = "pizza_steak_sushi"
 TIERS = ("train", "validation", "test")
 TIER_DIRS = {"train": "train", "test": "test", "valid": "validation", "validation": "validation", "val": "validation"}
-
-
-class DataError(Exception):
-    """A problem with the user's data, phrased as one sentence they can act on."""
-
-
-def fetch(source: str, dest: str | Path, sha256: str | None = None, progress: bool = True) -> Path:
-    """Download (resumably) and safely extract a SOURCES name or URL; return its image root."""
-    from food_classifier.training.download import fetch as _fetch  # lazy: download.py imports this module
-
-    return _fetch(source, dest, sha256=sha256, progress=progress)
 
 
 # ----------------------------------------------------------------------------- finding the root

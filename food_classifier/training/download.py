@@ -22,7 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from food_classifier.training.data import SOURCES, DataError, find_image_root
+from food_classifier.training.data import find_image_root
+from food_classifier.training.sources import SOURCES, DataError
 
 CHUNK = 1 << 16
 TIMEOUT = 30  # seconds without data before a download counts as failed

@@ -8,23 +8,17 @@ i.e. exactly the probabilities the server returns.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from food_classifier.bundle import META_FILE, read_meta
+from food_classifier.bundle import BundleMeta, read_meta
 from food_classifier.inference import softmax
 from food_classifier.training import report_html as H
-from food_classifier.training.calibrate import (
-    abstention_stats,
-    coverage_curve,
-    expected_calibration_error,
-    load_logits,
-    reliability_bins,
-)
-from food_classifier.training.evaluate import fitted_tiers, per_tier
+from food_classifier.training import runs
+from food_classifier.training.calibrate import abstention_stats, coverage_curve
+from food_classifier.training.metrics import expected_calibration_error, per_tier, reliability_bins
 from food_classifier.training.report_plots import (
     plot_confusion,
     plot_coverage,
@@ -37,9 +31,6 @@ from food_classifier.training.report_plots import (
     roc_data,
     thumbnail,
 )
-
-SECTIONS = ("summary", "tiers", "confusion", "per-class", "roc", "calibration", "abstention", "mistakes",
-            "history")
 
 
 def bootstrap_macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int, n_boot: int = 1000,
@@ -59,9 +50,9 @@ def bootstrap_macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int, n_boot: 
     return float(lo), float(hi)
 
 
-
-def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _bundle_meta(run: Path) -> BundleMeta | None:
+    bundle = runs.bundle_dir(run)
+    return read_meta(bundle) if bundle else None
 
 
 def _ci(lo_hi) -> str:
@@ -73,15 +64,15 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
     run = Path(run)
     out = Path(out_dir) if out_dir else run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    d = load_logits(run)
-    logits, y, tier, paths = d["logits"], d["y"], d["tier"], d["path"]
-    labels = [str(x) for x in d["labels"]]
-    meta = read_meta(run / "bundle") if (run / "bundle" / META_FILE).is_file() else None
-    detail, config, cv = _json(run / "calibration.json"), _json(run / "config.json") or {}, _json(run / "cv.json")
+    d = runs.read_scores(run)
+    logits, y, tier, paths, labels = d.logits, d.y, d.tier, d.path, d.labels
+    meta = _bundle_meta(run)
+    detail, cv = runs.read_json(run, runs.CALIBRATION), runs.read_json(run, runs.CV)
+    config = runs.read_meta(run) if runs.is_run(run) else None
     temperature = meta.temperature if meta else 1.0
     threshold = meta.abstain_threshold if meta else None
     raw, cal = softmax(logits, 1.0), softmax(logits, temperature)
-    metrics = per_tier(y, cal, tier, labels, fitted_tiers(meta))
+    metrics = per_tier(y, cal, tier, labels, meta.fit_tiers if meta else ["train"])
     ev = "test" if "test" in metrics else "validation"
     m = tier == ev
     f1_ci = {t: bootstrap_macro_f1(y[tier == t], cal[tier == t].argmax(1), len(labels)) for t in metrics}
@@ -95,14 +86,16 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
     held_out = [(f"accuracy on {fit['fitted_on']} (held out, n={fit['n_fit']})", f"{fit['accuracy_fit']:.4f}")] \
         if "accuracy_fit" in fit else []
     add("summary", "Summary", H.key_values([
-        ("model", name), ("architecture", meta.arch if meta else config.get("arch", "?")), ("run", str(run.resolve())),
+        ("model", name), ("architecture", (meta and meta.arch) or (config and config.arch) or "?"),
+        ("run", str(run.resolve())),
         ("labels", ", ".join(labels)), ("images per tier", ", ".join(f"{t} {v['n']}" for t, v in metrics.items())),
         ("evaluation tier",
          f"{ev} (accuracy {metrics[ev]['accuracy']:.4f}, 95% CI {_ci(metrics[ev]['accuracy_ci95'])})"),
         ("calibration temperature", f"{temperature:.4f}" + ("" if meta and meta.calibration.fitted
                                                           else " (not fitted)")),
         ("abstention threshold", "none" if threshold is None else f"{threshold:.4f}"),
-        ("training time", f"{config.get('train_seconds', '?')} s")] + held_out))
+        ("training time", f"{config.train_seconds if config and config.train_seconds is not None else '?'} s")]
+        + held_out))
 
     rows = [(t if v["held_out"] else f"{t}*", v["n"], f"{v['accuracy']:.4f}", _ci(v["accuracy_ci95"]),
              f"{v['macro_f1']:.4f}", _ci(f1_ci[t]), f"{v['nll']:.4f}", f"{v['ece']:.4f}") for t, v in metrics.items()]
@@ -130,7 +123,7 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
                 [("macro average", f"{macro_auc:.4f}")]) + H.figure(plot_roc(roc, ev, out / "roc.png"), "ROC"))
 
     ece = (expected_calibration_error(raw[m], y[m]), expected_calibration_error(cal[m], y[m]))
-    c = (detail or {}).get("calibration", meta.calibration.model_dump(exclude_none=True) if meta else {})
+    c = (detail or {}).get("calibration") or (meta.calibration.model_dump(exclude_none=True) if meta else {})
     kv = [("temperature", f"{temperature:.4f}"),
           (f"ECE on {ev} (15 bins), before -> after", f"{ece[0]:.4f} -> {ece[1]:.4f}")]
     if "ece_test_floor" in c:
@@ -175,7 +168,7 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
         f"The {len(items)} wrong {ev} predictions with the highest calibrated confidence "
         f"(of {int((m & (cal.argmax(1) != y)).sum())} mistakes). Also saved as mistakes.png.")
 
-    hist = plot_history(run / "history.csv", out / "history.png")
+    hist = plot_history(run / runs.HISTORY, out / runs.HISTORY_PNG)
     add("history", "Training history", H.figure(hist, "history") if hist else "<p>No history.csv in this run.</p>")
 
     if cv:

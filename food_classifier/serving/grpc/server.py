@@ -12,7 +12,6 @@ the HTTP error code and status travel as trailing metadata `fc-error` and `fc-st
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import socket
 import time
@@ -24,7 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 from food_classifier.serving import schemas
 from food_classifier.serving.errors import BodyTooLarge, InvalidInput, MissingImage, ServiceError
 from food_classifier.serving.metrics import ServingMetrics
-from food_classifier.serving.middleware import AUTH_MESSAGE, presented_key
+from food_classifier.serving.middleware import AUTH_MESSAGE, key_matches, presented_key
 from food_classifier.serving.service import ImageUpload, PredictionService
 from food_classifier.serving.settings import ServeSettings
 from food_classifier.v1 import load_stubs
@@ -182,10 +181,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_PREFIX):
             return handler
-        headers = {k.encode(): v.encode("latin-1") for k, v in (details.invocation_metadata or ())
-                   if isinstance(v, str)}
-        key = presented_key(headers)
-        if key is not None and hmac.compare_digest(key.encode(), self.key):
+        headers = {k.encode(): v.encode() for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        if key_matches(presented_key(headers), self.key):
             return handler
         return _denied(handler)
 
