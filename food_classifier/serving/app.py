@@ -26,7 +26,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from food_classifier.bundle import model_sources
-from food_classifier.serving import routes_feedback, schemas
+from food_classifier.serving import routes_feedback, routes_oip, schemas
 from food_classifier.serving.errors import NotReady, ServiceError
 from food_classifier.serving.inputs import read_image, read_images
 from food_classifier.serving.metrics import ServingMetrics
@@ -183,6 +183,7 @@ async def metrics(request: Request) -> Response:
 
 
 router.include_router(routes_feedback.router)
+router.include_router(routes_oip.router)  # the Open Inference Protocol (/v2), same core
 
 
 @router.get("/", include_in_schema=False)

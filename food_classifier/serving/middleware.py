@@ -28,7 +28,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})  # probes need no key
 AUTH_CHALLENGE = 'Basic realm="food-classifier", charset="UTF-8"'
 AUTH_MESSAGE = "missing or wrong API key (send X-API-Key or Authorization: Bearer)"  # also the gRPC message
 
