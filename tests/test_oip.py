@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
 import subprocess
 import sys
 
@@ -267,3 +268,45 @@ def test_a_real_photo_through_the_builtin_model():
     assert r.as_numpy("label").tolist() == [want.label.encode()]
     assert [float(s.split(b":")[0]) for s in r.as_numpy("probabilities")[0]] == pytest.approx(
         [t["probability"] for t in want.top_k], abs=1e-5)
+
+
+KSERVE_CLIENT = """
+import asyncio, base64, json, sys
+import numpy as np
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+url, photos = sys.argv[1], [bytes.fromhex(h) for h in json.load(sys.stdin)]
+
+async def main():
+    c = InferenceRESTClient(RESTConfig(protocol="v2", timeout=60))
+    out = {"ready": await c.is_server_ready(url)}
+    for binary in (False, True):
+        inp = InferInput("image", [len(photos)], "BYTES")
+        inp.set_data_from_numpy(np.array(photos if binary else [base64.b64encode(p) for p in photos], dtype=object),
+                                binary_data=binary)
+        res = await c.infer(url, InferRequest(model_name="colour", infer_inputs=[inp], request_id="k",
+                                              parameters={"top_k": 2}), model_name="colour")
+        out[str(binary)] = {"id": res.id, **{o.name: [x.decode() if isinstance(x, bytes) else x
+                                                      for x in o.as_numpy().reshape(-1).tolist()] for o in res.outputs}}
+    await c.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_the_kserve_rest_client(colour_bundle, clf):
+    """kserve cannot install beside our pins (it wants protobuf<7): point FOOD_CLASSIFIER_KSERVE_PYTHON at
+    the python of a venv that has it (`python3.11 -m venv v && v/bin/pip install kserve`)."""
+    python = os.environ.get("FOOD_CLASSIFIER_KSERVE_PYTHON")
+    if not python:
+        pytest.skip("set FOOD_CLASSIFIER_KSERVE_PYTHON to a python with the kserve SDK")
+    photos = [jpg(c, seed=80 + i) for i, c in enumerate(COLOURS)]
+    with ServerProcess([colour_bundle], args=["--ort-threads", "1"]) as srv:
+        run = subprocess.run([python, "-c", KSERVE_CLIENT, srv.url], input=json.dumps([p.hex() for p in photos]),
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    labels, idx, _, top = expected(clf, photos, k=2)
+    assert got["ready"] is True
+    for form in ("False", "True"):  # the JSON form, then binary data
+        assert got[form] == {"id": "k", "label": labels, "label_idx": idx, "probabilities": sum(top, [])}
