@@ -303,13 +303,17 @@ async def bench(running: list[tuple[Server, int]], model: str, photos, levels: l
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], cpus: int) -> str:
+    """Also derived: `cores_used` (CPU the server got per second of the run: on a shared machine img/s is
+    this share divided by the CPU per image) and `cpu_bound_img_s` (what `cpus` idle cores would allow)."""
     ours = {r["concurrency"]: r["img_per_s"] for r in rows if r["server"] == "ours"}
     cols = ["server", "input", "concurrency", "img_per_s", "vs_ours", "p50_ms", "p99_ms", "server_cpu_ms_img",
-            "peak_rss_mb", "peak_pss_mb", "mean_batch", "errors", "agree"]
+            "cores_used", "cpu_bound_img_s", "peak_rss_mb", "peak_pss_mb", "mean_batch", "errors", "agree"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         r["vs_ours"] = f"{r['img_per_s'] / ours[r['concurrency']]:.2f}x" if ours.get(r["concurrency"]) else "-"
+        r["cores_used"] = round(r["img_per_s"] * r["server_cpu_ms_img"] / 1000, 2)
+        r["cpu_bound_img_s"] = round(cpus * 1000 / r["server_cpu_ms_img"], 1) if r["server_cpu_ms_img"] else "-"
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines)
 
@@ -327,7 +331,13 @@ def main() -> None:
                    help="peers' venvs, configs and logs")
     p.add_argument("--peers", nargs="+", default=["ours-oip", "bentoml", "mlserver"])
     p.add_argument("--out", type=Path, help="also write the rows as JSON")
+    p.add_argument("--table", type=Path, help="only print the table of a run saved with --out")
     args = p.parse_args()
+    cpus = len(os.sched_getaffinity(0))
+    if args.table:
+        saved = json.loads(args.table.read_text())
+        print(table(saved["rows"], saved.get("cpus", cpus)))
+        return
     if args.bundle is None:
         from food_classifier.builtin import builtin_bundle_path
 
@@ -340,7 +350,7 @@ def main() -> None:
                                   "labels": b.labels, "temperature": b.temperature, "threads": args.threads}))
     photos = [(data, clf.predict(data).label) for _, data in load_images(args.photos, args.images)]
     print(f"bundle {b.name} {b.version} ({b.meta.arch}, {b.preprocessing.crop} px), {len(photos)} photos; "
-          f"CPU: {os.cpu_count()} cores", flush=True)
+          f"CPU: {cpus} cores", flush=True)
     notes: list[str] = []
     running: list[tuple[Server, int]] = []
     procs: dict[str, subprocess.Popen] = {}  # by command line: ours and ours-oip share one process
@@ -362,11 +372,11 @@ def main() -> None:
     finally:
         for proc in procs.values():
             stop(proc)
-    print(table(rows))
+    print(table(rows, cpus))
     for note in notes:
         print("-", note)
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "notes": notes}, indent=1))
+        args.out.write_text(json.dumps({"rows": rows, "notes": notes, "cpus": cpus}, indent=1))
 
 
 if __name__ == "__main__":
