@@ -41,6 +41,6 @@ bench: install
 clean:
 	rm -rf runs models data/manifest.csv data/manifest.report.json
 
-# gRPC stubs from food_classifier/v1/classifier.proto (grpcio-tools, pinned in the dev extra); tests check they are fresh
+# gRPC stubs from food_classifier/v1/*.proto (ours + the OIP's; grpcio-tools, pinned in the dev extra); tests check they are fresh
 proto: install
 	$(BIN)/python -m food_classifier.v1.codegen
