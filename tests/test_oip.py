@@ -246,7 +246,8 @@ def test_grpc_answers_equal_the_classifier(served, clf):
     assert got["errors"] == [["StatusCode.UNAUTHENTICATED", "missing or wrong API key (send X-API-Key or "
                                                              "Authorization: Bearer)"],
                              ["StatusCode.NOT_FOUND", "no model named 'nope'; available: colour"],
-                             ["StatusCode.INVALID_ARGUMENT", "not a readable image (UnidentifiedImageError)"]]
+                             ["StatusCode.INVALID_ARGUMENT", "not a readable image (or not one of the accepted "
+                                                             "formats: JPEG, PNG, WEBP, GIF, BMP, TIFF)"]]
     metrics = http.get("/metrics").text
     assert 'food_classifier_grpc_requests_total{code="OK",method="ModelInfer"}' in metrics
 
