@@ -2,11 +2,18 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Offline machines: point this at a local ImageFolder, e.g. ../shared/datasets/food101_mini3
+# Your own photos instead of the download (offline too): `make demo DATA=~/my_photos`, a folder with
+# one subfolder per class, or train/ and test/ each with one subfolder per class (README: Your photos).
+DATA ?=
+ifneq ($(strip $(DATA)),)
+FOOD_CLASSIFIER_DATA := $(DATA)
+endif
 FOOD_CLASSIFIER_DATA ?=
 export FOOD_CLASSIFIER_DATA
+MODEL ?= models/food
+MANIFEST ?= data/manifest.csv
 
-.PHONY: demo test install lint bench clean proto
+.PHONY: demo example test install lint bench clean proto
 
 $(BIN)/food-classifier: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +26,14 @@ install: $(BIN)/food-classifier
 demo: install
 	$(BIN)/food-classifier data prepare --manifest data/manifest.csv
 	$(BIN)/food-classifier train --manifest data/manifest.csv --models-dir models --name food
+	@$(MAKE) --no-print-directory example
+
+# One prediction on the manifest's first test photo. The path is read with the csv module and quoted
+# (photos may live under paths with spaces or commas); a failed prediction fails make.
+example:
 	@echo "--- example prediction ---"
-	$(BIN)/food-classifier predict --model models/food $$(grep -m1 ',test,' data/manifest.csv | cut -d, -f1)
+	@img="$$($(BIN)/python -c 'import csv, sys; print(next(r["path"] for r in csv.DictReader(open(sys.argv[1], newline="")) if r["tier"] == "test"))' "$(MANIFEST)")" \
+	  && $(BIN)/food-classifier predict --model "$(MODEL)" "$$img"
 
 test: install
 	$(BIN)/ruff check food_classifier tests bench

@@ -64,6 +64,25 @@ def test_report_has_every_section_and_readable_pngs(tiny_run, report_html):
             assert np.asarray(im.convert("L")).std() > 5, name
 
 
+def test_report_shows_time_per_stage_and_the_int8_variant(tiny_run, report_html):
+    """Issue 16: the stage times of the run and the int8 section (accuracy, agreement, speed-up)."""
+    times = json.loads((tiny_run / "timings.json").read_text())
+    assert list(times) == ["fit", "export", "evaluate", "calibrate", "int8", "publish"]
+    section = report_html[report_html.index('data-section="times"'):]
+    section = section[:section.index("</section>")]
+    for stage, seconds in times.items():
+        assert f"<td>{stage}</td><td>{seconds:.1f}</td>" in section
+    assert f"<td>total</td><td>{sum(times.values()):.1f}</td>" in section
+    int8 = json.loads((tiny_run / "bundle" / "bundle.json").read_text())["variants"]["int8"]
+    section = report_html[report_html.index('data-section="int8"'):]
+    section = section[:section.index("</section>")]
+    assert f"<td>{int8['fp32_test_accuracy']:.4f}</td><td>{int8['test_accuracy']:.4f}</td>" in section
+    assert f"<td>top-1 agreement with fp32 (test)</td><td></td><td>{int8['top1_agreement']['test']:.4f}</td>" in (
+        section)
+    assert f"x{int8['speedup']['batch32']:.2f}" in section and int8["method"] in section
+    assert ("recommended: `serve` uses it by default" if int8["recommended"] else "not recommended") in section
+
+
 def test_report_is_self_contained(report_html):
     html = report_html
     assert not re.search(r'(src|href)="(https?:)?//', html)

@@ -105,7 +105,7 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert s.bundles == [tmp_path / "a", tmp_path / "b"] and s.port == 9000 and s.api_key_value() == "k"
     assert s.variant_for("food") == "int8" and s.variant_for("other") == "auto"
     assert ServeSettings(port=1234).port == 1234  # explicit (CLI) values win over the environment
-    assert ServeSettings(variant=[]).variant_for("x") == "fp32"
+    assert ServeSettings(variant=[]).variant_for("x") == "auto"  # issue 16: the recommended variant by default
 
 
 def test_model_sources(tmp_path):

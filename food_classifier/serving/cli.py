@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import typer
 
 MiB = 1024 * 1024
-SERVE_HELP = "Serve model bundles over HTTP (FastAPI + uvicorn, ONNX Runtime; no torch)."
+SERVE_HELP = "Serve bundles over HTTP (FastAPI + ONNX Runtime; no torch). Opens a web page at /."
 
 
 def _cli_type(annotation: Any) -> Any:

@@ -51,16 +51,17 @@ class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FOOD_CLASSIFIER_", extra="forbid", frozen=True)
 
     bundles: Annotated[list[Path], NoDecode, Cli(positional=True)] = Field(
-        default_factory=list, description="Bundle dir, model dir (serves its newest version) or dir of model "
-                                          "dirs; several allowed. The first model is the default. None: the "
-                                          "built-in model.")
+        default_factory=list, description="Bundle dir, model dir (serves its promoted, else newest version) or "
+                                          "dir of model dirs; several allowed. The first model is the default. "
+                                          "None: the built-in model.")
     host: str = Field("0.0.0.0", description="Interface to bind.")
     port: Annotated[int, Cli(short="-p")] = Field(8383, ge=0, le=65535, description="Port.")
     default_model: str | None = Field(None, description="Model behind /predict (default: the first one).")
     variant: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Model variant: fp32 (default), int8, auto (int8 when the bundle ships it and did not advise "
-                    "against it) for all models, or NAME=VARIANT for one model.")
+        description="Model variant: auto (default: the bundle's recommended one, int8 when it ships one that "
+                    "its own measurement did not advise against, else fp32), fp32 or int8, for all models, or "
+                    "NAME=VARIANT for one model.")
     api_key: SecretStr | None = Field(None, description="Require this key (X-API-Key, Bearer, or Basic password) "
                                                         "on every endpoint but /healthz and /readyz; prefer the "
                                                         "env var, flags show up in `ps`.")
@@ -164,8 +165,8 @@ class ServeSettings(BaseSettings):
         return self
 
     def variant_for(self, model: str) -> str:
-        """The variant asked for `model`: a NAME=VARIANT entry, else a bare VARIANT entry, else fp32."""
-        default = "fp32"
+        """The variant asked for `model`: a NAME=VARIANT entry, else a bare VARIANT entry, else auto."""
+        default = VARIANT_AUTO
         for item in self.variant:
             name, sep, var = item.partition("=")
             if sep and name.strip() == model:

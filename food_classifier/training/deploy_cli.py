@@ -40,7 +40,9 @@ def import_onnx_cmd(
         check_images: Path | None = typer.Option(None, help="Folder of class folders: print accuracy on them."),
         min_accuracy: float = typer.Option(0.0, min=0.0, max=1.0, help="Refuse to publish below this accuracy."),
         models_dir: Path = typer.Option(Path("models"))) -> None:
-    """Wrap an ONNX image classifier into a bundle that serve, predict and every other command accept."""
+    """Wrap any ONNX image classifier into a bundle.
+
+    The bundle works with serve, predict and every other command."""
     from food_classifier.bundle import BundleError
     from food_classifier.training.import_onnx import import_onnx, read_labels
 
@@ -65,7 +67,9 @@ def export_mobile_cmd(model: Path = typer.Argument(..., help="Bundle dir or mode
                       check: Path | None = typer.Option(
                           None, help="Photos for the .ort parity check (default: the test tier of the bundle's "
                                      "manifest).")) -> None:
-    """ONNX Runtime Mobile files (.ort fp32 + int8), required_operators.config, labels, preprocessing.json."""
+    """Export a bundle for phones (ONNX Runtime Mobile).
+
+    Writes .ort fp32 + int8, required_operators.config, labels, preprocessing.json."""
     from food_classifier.bundle import BundleError
     from food_classifier.training.export_mobile import export_mobile, format_sizes
 

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from food_classifier import runtime
 from food_classifier.bundle import Bundle, load_bundle, newest_bundle
@@ -20,11 +19,12 @@ from food_classifier.inference import Classifier, softmax
 from food_classifier.training import runs
 from food_classifier.training.data import Row, read_manifest
 from food_classifier.training.metrics import per_tier
+from food_classifier.training.progress import progress_bar
 from food_classifier.training.runs import Scores
 
 
 def compute_logits(clf: Classifier, paths: list[Path], batch_size: int = 32) -> np.ndarray:
-    with tqdm(total=len(paths), desc="evaluate", unit="img", leave=False) as bar:
+    with progress_bar(total=len(paths), desc="evaluate", unit="img", leave=False) as bar:
         out = runtime.map_batched(paths, clf.preprocess, clf.logits, batch_size, progress=bar.update)
     return np.concatenate(out) if out else np.zeros((0, len(clf.labels)), np.float32)
 

@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 from food_classifier import runtime
 from food_classifier.preprocessing import PreprocessSpec, normalize, open_image, resize_crop
+from food_classifier.training.progress import progress_bar
 
 
 def cache_dir() -> Path:
@@ -119,7 +119,7 @@ def extract(rows: list, model: nn.Module, backbone_key: str, spec: PreprocessSpe
         sess = backbone_session(model, backbone_key, spec)
         aug = augmenter(spec, aug_strength) if views > 1 else None
         jobs = [(i, v) for i in todo for v in range(views)]
-        with tqdm(total=len(jobs), desc=f"features ({aug_key})", unit="img", leave=False) as bar:
+        with progress_bar(total=len(jobs), desc=f"features ({aug_key})", unit="img", leave=False) as bar:
             vecs = np.concatenate(runtime.map_batched(
                 jobs, lambda iv: load_view(rows[iv[0]].path, spec, iv[1], aug, seed),
                 lambda x: runtime.run(sess, x), batch_size, progress=bar.update))

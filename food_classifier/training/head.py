@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from food_classifier.bundle import file_sha256
 from food_classifier.preprocessing import PreprocessSpec
@@ -25,6 +24,7 @@ from food_classifier.training import features as F
 from food_classifier.training.config import TrainConfig
 from food_classifier.training.data import Row
 from food_classifier.training.models import LITE_SHA256, is_pretrained, members
+from food_classifier.training.progress import progress_bar
 from food_classifier.training.runs import HeldOut, History, save_checkpoint
 
 
@@ -92,7 +92,7 @@ def fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], s
     # L2 term. Early stopping on validation loss stopped after 2-3 epochs and cost the ensemble
     # 0.7 points in 3x5-fold CV (0.9585 vs 0.9654 converged); single backbones did not care.
     hist = History(run, "head", patience=epochs)
-    bar = tqdm(range(epochs), desc="train head", unit="epoch")
+    bar = progress_bar(range(epochs), desc="train head", unit="epoch")
     previous = math.inf
     for epoch in bar:
         t0 = time.time()

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from food_classifier.preprocessing import PreprocessSpec
 from food_classifier.training import features as F
 from food_classifier.training.config import TrainConfig
 from food_classifier.training.data import Row
+from food_classifier.training.progress import progress_bar
 from food_classifier.training.runs import History, load_checkpoint_state, save_checkpoint
 
 
@@ -99,7 +99,7 @@ def fit_end_to_end(model: nn.Module, tiers: dict[str, list[Row]], labels: list[s
         t0 = time.time()
         _set_train_mode(model, fine_tune)
         tot, correct, n = 0.0, 0, 0
-        for x, y in tqdm(train_dl, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="batch", leave=False):
+        for x, y in progress_bar(train_dl, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="batch", leave=False):
             logits = model(x.contiguous(memory_format=torch.channels_last))
             loss = loss_fn(logits, y)
             opt.zero_grad()

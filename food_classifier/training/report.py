@@ -68,6 +68,7 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
     logits, y, tier, paths, labels = d.logits, d.y, d.tier, d.path, d.labels
     meta = _bundle_meta(run)
     detail, cv = runs.read_json(run, runs.CALIBRATION), runs.read_json(run, runs.CV)
+    times = runs.read_json(run, runs.TIMES) or {}
     config = runs.read_meta(run) if runs.is_run(run) else None
     temperature = meta.temperature if meta else 1.0
     threshold = meta.abstain_threshold if meta else None
@@ -94,8 +95,19 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
         ("calibration temperature", f"{temperature:.4f}" + ("" if meta and meta.calibration.fitted
                                                           else " (not fitted)")),
         ("abstention threshold", "none" if threshold is None else f"{threshold:.4f}"),
-        ("training time", f"{config.train_seconds if config and config.train_seconds is not None else '?'} s")]
+        ("fit time (features + head)",
+         f"{config.train_seconds if config and config.train_seconds is not None else '?'} s"),
+        ("`train` wall time, all stages", f"{sum(times.values()):.1f} s (per stage below)" if times else "?")]
         + held_out))
+    if times:
+        total = sum(times.values())
+        add("times", "Time per stage", H.table(["stage", "seconds", "share"],
+                                               [(k, f"{v:.1f}", f"{100 * v / total:.0f} %") for k, v in times.items()]
+                                               + [("total", f"{total:.1f}", "100 %")]),
+            "Wall time of each stage of `train` on this machine (timings.json in the run); the fit is the "
+            "feature extraction and the head, the rest is the bundle: export, scoring every tier, calibration, "
+            "the int8 variant, publishing.")
+    add("int8", "int8 variant", _int8_section(meta))
 
     rows = [(t if v["held_out"] else f"{t}*", v["n"], f"{v['accuracy']:.4f}", _ci(v["accuracy_ci95"]),
              f"{v['macro_f1']:.4f}", _ci(f1_ci[t]), f"{v['nll']:.4f}", f"{v['ece']:.4f}") for t, v in metrics.items()]
@@ -191,3 +203,32 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
 def _cov_row(s: dict) -> tuple:
     acc = "-" if s["accuracy_covered"] is None else f"{s['accuracy_covered']:.4f}"
     return (f"{s['coverage']:.3f}", acc, f"{s['kept']} / {s['n']}")
+
+
+def _int8_section(meta: BundleMeta | None) -> str:
+    """The quantized variant against fp32, as training measured it (bundle.json's variants.int8)."""
+    v = meta.variants.get("int8") if meta else None
+    if v is None:
+        return "<p>No int8 variant in this bundle (trained with --no-int8, or the graph could not be quantized).</p>"
+    speed = v.speedup or {}
+    verdict = "recommended: `serve` uses it by default" if v.recommended is not False else (
+        "not recommended (" + "; ".join(v.not_recommended_because or []) + "): `serve` uses fp32")
+    rows = [("accuracy on " + (v.accuracy_tier or "test") + f" (n={v.n_test})",
+             f"{v.fp32_test_accuracy:.4f}" if v.fp32_test_accuracy is not None else "-",
+             f"{v.test_accuracy:.4f}" if v.test_accuracy is not None else "-",
+             f"{v.accuracy_delta_points:+.2f} points" if v.accuracy_delta_points is not None else "-")]
+    rows += [(f"top-1 agreement with fp32 ({tier})", "", f"{a:.4f}", "")
+             for tier, a in (v.top1_agreement or {}).items()]
+    for bs in (1, 32):
+        fp32, int8 = getattr(v, f"fp32_ms_per_image_batch{bs}"), getattr(v, f"ms_per_image_batch{bs}")
+        if fp32 is not None and int8 is not None:
+            rows.append((f"ms per image, batch {bs}", f"{fp32:g}", f"{int8:g}", f"x{speed.get(f'batch{bs}', 0):.2f}"))
+    fp32_size = meta.variants["fp32"].size_bytes if meta else None
+    if v.size_bytes:
+        rows.append(("file size", f"{fp32_size / 1e6:.1f} MB" if fp32_size else "-", f"{v.size_bytes / 1e6:.1f} MB",
+                     ""))
+    threads = (v.speed_measured or {}).get("threads")
+    return (H.key_values([("method", v.method or "?"), ("verdict", verdict)])
+            + H.table(["", "fp32", "int8", "int8 vs fp32"], rows)
+            + f"<p>Speed: median of interleaved fp32/int8 runs in one process on the training machine"
+            f"{f', {threads} threads' if threads else ''}; a ratio, not an absolute figure.</p>")

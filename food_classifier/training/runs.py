@@ -16,6 +16,7 @@ behind, read back only by the commands that start from a finished run (`evaluate
     calibration.json   temperature, abstention, reliability bins, coverage curves
     cv.json            `train --cv K`
     bundle_path.txt    where the run's bundle was published
+    timings.json       wall seconds per stage of `train` (prepare, fit, export, evaluate, ...; pipeline.py)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ METRICS = "metrics.json"
 CALIBRATION = "calibration.json"
 CV = "cv.json"
 BUNDLE_PATH = "bundle_path.txt"
+TIMES = "timings.json"
 BUNDLE_DIR = "bundle"  # the publish target when there is no models dir
 
 
