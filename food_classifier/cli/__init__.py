@@ -45,7 +45,7 @@ LAZY: dict[str, Callable[[], Any]] = {
     "export-mobile": lambda: _single(import_module("food_classifier.training.deploy_cli").export_mobile_cmd,
                                      "export-mobile"),
 }
-ORDER = ["data", "train", "evaluate", "report", "export", "models", "predict", "builtin", "import-onnx",
+ORDER = ["data", "train", "evaluate", "report", "export", "models", "predict", "predict-dir", "builtin", "import-onnx",
          "export-mobile", "serve", "worker", "monitor"]
 
 
@@ -74,6 +74,7 @@ app.command()(runs.export)
 app.command()(predict.predict)
 app.command()(predict.monitor)
 app.command("builtin")(predict.builtin_cmd)
+app.command("predict-dir")(predict.predict_dir_cmd)
 app.add_typer(models_app, name="models")
 
 
