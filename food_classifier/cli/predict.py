@@ -85,7 +85,9 @@ def predict_dir_cmd(
             None, "--format", help="Default: jsonl for an --out ending in .jsonl, else parquet."),
         threads: int = typer.Option(0, min=0, help="Local engine: decode and ONNX Runtime threads (0 = all "
                                                    "usable CPUs, at most 4).")) -> None:
-    """Score every image of a folder, manifest or path list into a Parquet or JSONL file, one row per image."""
+    """Score a folder of photos into a results file.
+
+    Every image of a folder, manifest or path list becomes one row of a Parquet or JSONL file."""
     from food_classifier.batch import BatchError, local_engine, predict_dir
     from food_classifier.bundle import BundleError
     from food_classifier.ray_env import MissingExtra

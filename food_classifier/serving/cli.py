@@ -25,8 +25,8 @@ from typing import Annotated, Any
 import typer
 
 MiB = 1024 * 1024
-SERVE_HELP = ("Serve bundles over HTTP (FastAPI + ONNX Runtime; no torch), or the same app on Ray Serve "
-              "(--engine ray). Opens a web page at /.")
+SERVE_HELP = ("Serve bundles over HTTP (FastAPI + ONNX Runtime; no torch).\n\nThe same app runs on Ray Serve "
+              "with --engine ray. Opens a web page at /.")
 
 
 def _cli_type(annotation: Any) -> Any:

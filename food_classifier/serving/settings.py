@@ -128,8 +128,8 @@ class ServeSettings(BaseSettings):
     ray_address: str | None = Field(None, description="With --engine ray: the cluster to join (auto, "
                                                       "ray://HOST:10001); none: start a local Ray on loopback.")
     replicas: str = Field("1", pattern=r"^(auto|[1-9][0-9]*)$",
-                          description="With --engine ray: N replicas, or auto (Ray autoscaling between "
-                                      "--min-replicas and --max-replicas).")
+                          description="With --engine ray: N replicas, or auto (Ray autoscaling between the "
+                                      "min and max replicas below).")
     min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest replicas (0 = scale to zero when idle).")
     max_replicas: int = Field(default_factory=usable_cpus, ge=1, description="Autoscaling: most replicas "
                                                                              "(default: one per CPU here).")
