@@ -120,12 +120,13 @@ MODEL_ERRORS = schemas.AUTH | _errors({404: "Unknown model or version", 503: "Mo
 INFER_ERRORS = MODEL_ERRORS | _errors({400: "Invalid tensors or parameters", 413: "Body, image or batch too large",
                                        415: "Not a readable image / unsupported content encoding"})
 _TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
-    "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+    "name": {"type": "string", "enum": ["image", "pixels"]}, "shape": {"type": "array", "items": {"type": "integer"}},
     "datatype": {"type": "string"}, "parameters": {"type": "object"}, "data": {"type": "array"}}}
 INFER_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
         "id": {"type": "string"}, "parameters": {"type": "object", "description": "top_k, threshold"},
-        "inputs": {"type": "array", "items": _TENSOR, "description": "image (BYTES, base64 in JSON) or pixels"},
+        "inputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1,
+                   "description": "image (BYTES, base64 in JSON) or pixels"},
         "outputs": {"type": "array", "items": {"type": "object", "properties": {
             "name": {"type": "string"}, "parameters": {"type": "object"}}}}}}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
