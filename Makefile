@@ -15,10 +15,10 @@ MANIFEST ?= data/manifest.csv
 
 .PHONY: demo example test install lint bench clean proto
 
-$(BIN)/food-classifier: pyproject.toml
+$(BIN)/food-classifier: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[serve,train,dev]"
+	$(BIN)/pip install --quiet -e ".[serve,train,dev,cache,kafka,grpc,parquet]"
 	touch $@
 
 install: $(BIN)/food-classifier
