@@ -11,7 +11,8 @@ The same bundle and photos (`--photos` 512 px Food-101 JPEGs) uploaded by `--con
 - ray, 2 replicas: 1 inference worker and 1 decode thread each
 
 Server CPU per image: the uvicorn process; for Ray every Ray process (GCS, raylet, controller, proxy,
-replicas; this script is the driver and is not counted). Peak RSS likewise.
+replicas; this script is the driver and is not counted). Peak RSS likewise. Ray runs for the whole
+benchmark, and the contenders take turns for `--rounds` rounds (the medians are printed).
 
     python bench/bench_ray_serve.py [--bundle DIR] [--photos 300] [--concurrency 8]
 """
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import os
 import random
+import statistics
 import sys
 import threading
 import time
@@ -123,6 +125,7 @@ def main() -> None:
     ap.add_argument("--bundle", help="Bundle or model dir (default: the built-in model).")
     ap.add_argument("--photos", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     if args.bundle:
         bundle = args.bundle
@@ -135,44 +138,47 @@ def main() -> None:
     uploads = photos[:args.photos]
     print(f"CPU: {cpu_flags()}; load average {os.getloadavg()[0]:.1f}; bundle {bundle}; {len(uploads)} uploads, "
           f"{args.concurrency} clients, cache off")
-    rows: list[tuple[str, dict, float]] = []
-    for name, extra in [("plain", []), ("plain, micro-batch 8", ["--batch-max-size", "8"])]:
-        with ServerProcess([bundle], args=extra, env={"FOOD_CLASSIFIER_CACHE_BYTES": "0"}) as srv:
-            watch = Watch(srv.pid)
-            rows.append((name, asyncio.run(load(srv.url, uploads, args.concurrency, watch.total)), watch.peak))
-            watch.close()
-        print(name, rows[-1], flush=True)
-
     from ray import serve
 
     from food_classifier import ray_env
 
-    ray_env.connect(None)
+    ray_env.connect(None)  # up for the whole run: its idle processes cost every contender alike
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = {"bundles": [Path(bundle)], "host": "127.0.0.1", "port": port, "cache_bytes": 0,
             "max_ongoing_requests": args.concurrency}
-    configs = [("ray", {}, FoodClassifierIngress),
-               ("ray, micro-batch 8", {"batch_max_size": 8}, FoodClassifierIngress),
-               ("ray, @serve.batch 8", {}, ServeBatchIngress),
-               ("ray, 2 replicas", {"replicas": "2", "inference_workers": 1, "decode_threads": 1},
-                FoodClassifierIngress)]
+    configs: list[tuple[str, Any, Any]] = [
+        ("plain", [], None), ("plain, micro-batch 8", ["--batch-max-size", "8"], None),
+        ("ray", {}, FoodClassifierIngress), ("ray, micro-batch 8", {"batch_max_size": 8}, FoodClassifierIngress),
+        ("ray, @serve.batch 8", {}, ServeBatchIngress),
+        ("ray, 2 replicas", {"replicas": "2", "inference_workers": 1, "decode_threads": 1}, FoodClassifierIngress)]
+    runs: dict[str, list[tuple[dict, float]]] = {name: [] for name, _, _ in configs}
     try:
-        for name, over, cls in configs:
-            serve.run(application(ServeSettings(**base, **over), cls), name=APP_NAME, route_prefix="/")
-            watch = Watch(os.getpid(), skip_root=True)
-            rows.append((name, asyncio.run(load(f"http://127.0.0.1:{port}", uploads, args.concurrency,
-                                                watch.total)), watch.peak))
-            watch.close()
-            serve.delete(APP_NAME)
-            print(name, rows[-1], flush=True)
+        for _ in range(args.rounds):  # interleaved: the machine's other load drifts between minutes
+            for name, over, cls in configs:
+                if cls is None:
+                    with ServerProcess([bundle], args=over, env={"FOOD_CLASSIFIER_CACHE_BYTES": "0"}) as srv:
+                        watch = Watch(srv.pid)
+                        result = asyncio.run(load(srv.url, uploads, args.concurrency, watch.total))
+                else:
+                    serve.run(application(ServeSettings(**base, **over), cls), name=APP_NAME, route_prefix="/")
+                    watch = Watch(os.getpid(), skip_root=True)
+                    result = asyncio.run(load(f"http://127.0.0.1:{port}", uploads, args.concurrency, watch.total))
+                    serve.delete(APP_NAME)
+                watch.close()
+                runs[name].append((result, watch.peak))
+                print(name, {k: round(v, 1) for k, v in result.items()}, f"peak RSS {watch.peak:.0f} MiB",
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         serve.shutdown()
         import ray
 
         ray.shutdown()
+    rows = [(name, {k: statistics.median(r[k] for r, _ in rs) for k in ("img_s", "p50", "cpu_ms")},
+             max(p for _, p in rs)) for name, rs in runs.items()]
     plain = rows[0][1]
-    print("\n| server | img/s | p50 ms | server CPU ms/img | peak RSS MiB | img/s vs plain | CPU/img vs plain |\n"
+    print(f"\nmedian of {args.rounds} interleaved rounds (peak RSS: the highest)")
+    print("| server | img/s | p50 ms | server CPU ms/img | peak RSS MiB | img/s vs plain | CPU/img vs plain |\n"
           "|---|---|---|---|---|---|---|")
     for name, r, peak in rows:
         print(f"| {name} | {r['img_s']:.1f} | {r['p50']:.0f} | {r['cpu_ms']:.1f} | {peak:.0f} | "

@@ -61,6 +61,8 @@ def deployment_options(s: ServeSettings) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": s.replica_cpus},
         "user_config": {},  # any config makes Ray call `reconfigure`, which waits for the models
         "graceful_shutdown_timeout_s": 10,
+        # like uvicorn's: one line per request only with --access-log (it costs CPU per request)
+        "logging_config": {"enable_access_log": s.access_log, "log_level": s.log_level.upper()},
     }
     if s.replicas == "auto":
         opts["autoscaling_config"] = {"min_replicas": s.min_replicas, "max_replicas": max(s.max_replicas, 1),
