@@ -15,10 +15,10 @@ MANIFEST ?= data/manifest.csv
 
 .PHONY: demo example test install lint bench clean proto
 
-$(BIN)/food-classifier: pyproject.toml
+$(BIN)/food-classifier: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[serve,train,dev]"
+	$(BIN)/pip install --quiet -e ".[serve,train,dev,cache,kafka,grpc,parquet]"
 	touch $@
 
 install: $(BIN)/food-classifier
@@ -54,6 +54,6 @@ bench: install
 clean:
 	rm -rf runs models data/manifest.csv data/manifest.report.json
 
-# gRPC stubs from food_classifier/v1/classifier.proto (grpcio-tools, pinned in the dev extra); tests check they are fresh
+# gRPC stubs from food_classifier/v1/*.proto (ours + the OIP's; grpcio-tools, pinned in the dev extra); tests check they are fresh
 proto: install
 	$(BIN)/python -m food_classifier.v1.codegen

@@ -9,7 +9,7 @@ fields without the reserved sections, so a /1 bundle validates as is. Only pydan
 from __future__ import annotations
 
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -174,6 +174,7 @@ class InputSpec(Section):
 class OutputSpec(Section):
     name: str = "logits"
     softmax: str | None = None
+    kind: Literal["logits", "probs"] = "logits"  # probs: the graph ends in a softmax (import-onnx)
 
 
 class Cascade(Section):

@@ -72,6 +72,8 @@ class Classifier:
         self.labels = self.bundle.labels
         self.spec = self.bundle.preprocessing
         self.cache = cache
+        # Imported models may end in a softmax (`import-onnx --outputs probs`): their log is a logit.
+        self.outputs_probs = self.bundle.meta.output is not None and self.bundle.meta.output.kind == "probs"
 
     @property
     def name(self) -> str:
@@ -85,10 +87,11 @@ class Classifier:
         return preprocess(image, self.spec, max_pixels=self.max_pixels)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return runtime.run(self.session, batch)
+        out = runtime.run(self.session, batch)
+        return np.log(np.maximum(out, 1e-30)) if self.outputs_probs else out
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities for a preprocessed [N,3,H,W] batch."""
+        """Calibrated class probabilities for a preprocessed batch ([N, *spec.input_shape])."""
         return softmax(self.logits(batch), self.bundle.temperature)
 
     def decide(self, probs: np.ndarray, top_k: int | None = None,

@@ -1,8 +1,9 @@
 """The one preprocessing definition shared by training and serving.
 
-Decode -> RGB -> resize shorter side -> centre crop -> normalize. The numbers live in a
-`PreprocessSpec` that is stored in every bundle, so serving never guesses them. Only numpy and
-Pillow are imported here: the serving side depends on this module.
+Decode -> RGB -> resize shorter side -> centre crop -> normalize -> layout. The numbers live in a
+`PreprocessSpec` that is stored in every bundle, so serving never guesses them; `layout` and `scale`
+let imported models (Keras: NHWC, raw 0-255 pixels) say what they expect. Only numpy and Pillow are
+imported here: the serving side depends on this module.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ DEFAULT_MAX_PIXELS = 40_000_000  # decoded pixels, ~ 6300x6300: measured in docs
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 ORIENTATION = 0x0112  # the EXIF tag
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+LAYOUTS = ("NCHW", "NHWC")
 
 
 class ImageError(ValueError):
@@ -42,28 +44,55 @@ class ImageTooLarge(ImageError):
 
 @dataclass(frozen=True)
 class PreprocessSpec:
+    """x = (pixel / 255 * scale - mean) / std, laid out as `layout` (without the batch axis).
+
+    `scale` is the input range the model was trained on: 1.0 (pixels in [0, 1], every trained bundle)
+    or 255.0 (raw pixels, e.g. a Keras model that rescales inside); mean and std are in that range.
+    """
+
     resize: int = 256
     crop: int = 224
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: str = "bicubic"
+    layout: str = "NCHW"
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"preprocessing layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if not self.scale > 0:
+            raise ValueError(f"preprocessing scale must be positive, got {self.scale!r}")
 
     def to_dict(self) -> dict:
+        """The bundle's `preprocessing` section; layout and scale only when not the defaults, so
+        bundles that do not need them are written exactly as before."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        for k in ("layout", "scale"):
+            if d[k] == getattr(PreprocessSpec, k):
+                del d[k]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessSpec:
-        known = {k: d[k] for k in ("resize", "crop", "interpolation") if k in d}
+        known = {k: d[k] for k in ("resize", "crop", "interpolation", "layout") if k in d}
+        if "scale" in d:
+            known["scale"] = float(d["scale"])
         return cls(mean=tuple(d.get("mean", cls.mean)), std=tuple(d.get("std", cls.std)), **known)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One image's tensor shape (the model input without its batch axis)."""
+        return (3, self.crop, self.crop) if self.layout == "NCHW" else (self.crop, self.crop, 3)
 
     @property
     def key(self) -> str:
         """Stable text id, used in feature-cache keys."""
         m = ",".join(f"{v:g}" for v in self.mean)
         s = ",".join(f"{v:g}" for v in self.std)
-        return f"p{PIPELINE_VERSION}-r{self.resize}-c{self.crop}-{self.interpolation}-m{m}-s{s}"
+        extra = "" if (self.layout, self.scale) == ("NCHW", 1.0) else f"-{self.layout}-x{self.scale:g}"
+        return f"p{PIPELINE_VERSION}-r{self.resize}-c{self.crop}-{self.interpolation}-m{m}-s{s}{extra}"
 
 
 def open_image(src: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
@@ -179,18 +208,23 @@ def resize_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
 
 
 def normalize(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """HWC uint8 image -> CHW float32 (x/255 - mean)/std, in one conversion and in-place ops (2.5x faster)."""
+    """HWC uint8 image -> CHW (or HWC) float32 (x/255*scale - mean)/std, in one conversion and
+    in-place ops (2.5x faster)."""
     std = np.asarray(spec.std, dtype=np.float32)
-    scale = (1.0 / (std * 255.0))[:, None, None]
-    bias = (-np.asarray(spec.mean, dtype=np.float32) / std)[:, None, None]
-    x = np.asarray(img).transpose(2, 0, 1).astype(np.float32, order="C")
+    scale = spec.scale / (std * 255.0)
+    bias = -np.asarray(spec.mean, dtype=np.float32) / std
+    if spec.layout == "NHWC":
+        x = np.asarray(img).astype(np.float32, order="C")
+    else:
+        x = np.asarray(img).transpose(2, 0, 1).astype(np.float32, order="C")
+        scale, bias = scale[:, None, None], bias[:, None, None]
     x *= scale
     x += bias
     return x
 
 
 def preprocess(src: ImageInput, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """The full eval-time pipeline: any input -> CHW float32 ready for the model."""
+    """The full eval-time pipeline: any input -> float32 `spec.input_shape`, ready for the model."""
     img = open_image(src, max_pixels=max_pixels, draft=spec.resize)
     return normalize(resize_crop(img, spec), spec)
 

@@ -54,26 +54,40 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[i:i + size]
 
 
-def map_batched(items: Sequence[T], prepare: Callable[[T], np.ndarray], compute: Callable[[np.ndarray], np.ndarray],
-                batch_size: int = 32, threads: int | None = None,
-                progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+def iter_batched(items: Sequence[T], prepare: Callable[[T], np.ndarray | None],
+                 compute: Callable[[np.ndarray], np.ndarray], batch_size: int = 32,
+                 threads: int | None = None) -> Iterator[np.ndarray | None]:
     """Prepare items in a thread pool (Pillow and numpy release the GIL), `compute` stacked chunks of
-    `batch_size`; returns one output array per chunk, in order. `progress(n)` is told each chunk's size.
-    Decoding of the next chunk overlaps the model run of the current one."""
+    `batch_size`; yields one output per chunk, in order, as soon as it is computed (a caller can write it
+    away before the next one). Decoding of the next chunk overlaps the model run of the current one.
+    `prepare` may return None for an item that needs no model run (it failed, or its answer is known):
+    it is left out of the stack, and a chunk of only such items yields None without calling `compute`."""
     if not items:
-        return []
-    out: list[np.ndarray] = []
+        return
     with ThreadPoolExecutor(max_workers=threads or default_threads()) as pool:
         pending = None
         for chunk in chunks(items, batch_size):
             arrays = pool.map(prepare, chunk)  # submitted now, decoded while the previous chunk computes
             if pending is not None:
-                out.append(compute(np.stack(list(pending[0]))))
-                if progress:
-                    progress(pending[1])
-            pending = (arrays, len(chunk))
+                yield _compute(compute, pending)
+            pending = arrays
         if pending is not None:
-            out.append(compute(np.stack(list(pending[0]))))
-            if progress:
-                progress(pending[1])
+            yield _compute(compute, pending)
+
+
+def _compute(compute: Callable[[np.ndarray], np.ndarray], arrays: Iterator[np.ndarray | None]) -> np.ndarray | None:
+    ready = [a for a in arrays if a is not None]
+    return compute(np.stack(ready)) if ready else None
+
+
+def map_batched(items: Sequence[T], prepare: Callable[[T], np.ndarray], compute: Callable[[np.ndarray], np.ndarray],
+                batch_size: int = 32, threads: int | None = None,
+                progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """`iter_batched` collected: one output array per chunk, in order. `progress(n)` is told each chunk's size."""
+    out: list[np.ndarray] = []
+    for chunk, result in zip(chunks(items, batch_size), iter_batched(items, prepare, compute, batch_size, threads),
+                             strict=True):
+        out.append(result)  # type: ignore[arg-type]  # prepare never returns None here
+        if progress:
+            progress(len(chunk))
     return out

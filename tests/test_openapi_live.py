@@ -150,6 +150,29 @@ def test_live_responses_match_the_published_schema(live, models):
     check(c.post("/v1/models/colour/reload", headers=ADMIN), 409)
     check(c.post("/v1/models/nope/reload", headers=ADMIN), 404)
 
+    # the Open Inference Protocol (/v2): its own bodies and its error form {"error": message}
+    assert check(c.get("/v2"), 200)["name"] == "food-classifier"
+    assert check(c.get("/v2/health/live"), 200) == {"live": True}
+    assert check(c.get("/v2/health/ready"), 200) == {"ready": True}
+    assert check(c.get("/v2/models/colour"), 200)["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert check(c.get("/v2/models/colour/versions/v1"), 200)["versions"] == ["v1"]
+    assert check(c.get("/v2/models/colour/ready"), 200) == {"name": "colour", "ready": True}
+    assert check(c.get("/v2/models/colour/versions/v1/ready"), 200)["ready"] is True
+    check(c.get("/v2/models/nope"), 404)
+    check(c.get("/v2/models/colour/versions/v0/ready"), 404)
+    tensor = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(jpg("blue")).decode()]}
+    infer = check(c.post("/v2/models/colour/infer", json={"inputs": [tensor], "id": "x"}), 200)
+    assert infer["id"] == "x" and infer["outputs"][0] == {"name": "label", "datatype": "BYTES", "shape": [1],
+                                                          "data": ["blue"]}
+    assert check(c.post("/v2/models/colour/versions/v1/infer", json={"inputs": [tensor]}), 200)["model_version"] == "v1"
+    for bad, status in [(c.post("/v2/models/colour/infer", json={"inputs": []}), 400),
+                        (c.post("/v2/models/colour/infer", json={"inputs": [{**tensor, "data": ["eA=="]}]}), 415),
+                        (c.post("/v2/models/nope/infer", json={"inputs": [tensor]}), 404),
+                        (c.post("/v2/models/colour/infer", json={"inputs": [{**tensor, "shape": [5],
+                                                                               "data": tensor["data"] * 5}]}), 413)]:
+        assert set(check(bad, status)) == {"error"}
+    check(httpx.get(f"{c.base_url}/v2"), 401)
+
     json_ops = {(m, t) for t, ops in spec.spec["paths"].items() for m, op in ops.items()
                 if "application/json" in op["responses"].get("200", {}).get("content", {})}
     assert json_ops - spec.seen == set(), "operations the test does not call yet"

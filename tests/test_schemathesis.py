@@ -6,7 +6,8 @@ header...), a few examples per operation so `make test` stays around a minute. O
 allowance: on the image operations a 415 answers schema-valid bytes that are not a decodable image.
 That an upload is an image cannot be written in JSON Schema; the 415 is documented on each of them.
 Likewise feedback answers 422 `unknown_label` to a label the model does not have (the labels are each
-model's own, not the schema's).
+model's own, not the schema's), and the Open Inference Protocol's infer answers 400 to a tensor whose
+data does not fit its shape and datatype (the protocol's own error; JSON Schema cannot relate them).
 FC_SCHEMATHESIS_EXAMPLES=200 runs deeper. The run reports its seed; `schemathesis run URL --seed N`
 with this config replays it.
 """
@@ -34,6 +35,11 @@ enabled = true
 [[operations]]
 include-tag = "predict"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "415", "429", "5xx"]
+
+[[operations]]
+include-path-regex = "^/v2/models/.*/infer$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "409", "415", "429",
+                                                    "5xx"]
 
 [[operations]]
 include-path = "/v1/models/{{name}}/feedback"

@@ -40,9 +40,13 @@ LAZY: dict[str, Callable[[], Any]] = {
     "data": lambda: typer.main.get_command(import_module("food_classifier.cli.data").data_app),
     "train": lambda: _single(import_module("food_classifier.cli.train").train, "train"),
     "serve": _serve,
+    # bring your own ONNX, phone-ready export (training/deploy_cli.py)
+    "import-onnx": lambda: _single(import_module("food_classifier.training.deploy_cli").import_onnx_cmd, "import-onnx"),
+    "export-mobile": lambda: _single(import_module("food_classifier.training.deploy_cli").export_mobile_cmd,
+                                     "export-mobile"),
 }
-ORDER = ["data", "train", "evaluate", "report", "export", "models", "predict", "builtin", "serve", "worker",
-         "monitor"]
+ORDER = ["data", "train", "evaluate", "report", "export", "models", "predict", "predict-dir", "builtin", "import-onnx",
+         "export-mobile", "serve", "worker", "monitor"]
 
 
 class _Commands(typer.core.TyperGroup):
@@ -70,6 +74,7 @@ app.command()(runs.export)
 app.command()(predict.predict)
 app.command()(predict.monitor)
 app.command("builtin")(predict.builtin_cmd)
+app.command("predict-dir")(predict.predict_dir_cmd)
 app.add_typer(models_app, name="models")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -66,3 +67,41 @@ def builtin_cmd(labels: bool = typer.Option(False, "--labels", help="Also list i
     if labels:
         for index, label in FOOD_CLASSES:
             typer.echo(f"{index:>4}  {label}")
+
+
+def predict_dir_cmd(
+        source: Path = typer.Argument(..., help="A folder (searched recursively for images; subfolders = classes), "
+                                                "a manifest CSV (a 'path' column, optional 'label') or a text file "
+                                                "of paths."),
+        model: Path = typer.Option(Path("models/food"), help="Bundle dir or model dir (newest version)."),
+        out: Path = typer.Option(..., help="Results file; a rerun resumes it (skips images already scored by "
+                                           "this model version)."),
+        engine: Literal["local", "ray"] = typer.Option(
+            "local", help="local: this process; ray: a Ray Data actor pool (the 'ray' extra)."),
+        ray_address: str | None = typer.Option(None, help="With --engine ray: auto (the Ray that `ray start` runs "
+                                                          "here) or ray://HOST:10001; default: a local Ray."),
+        batch_size: int = typer.Option(64, min=1, help="Images per model call."),
+        fmt: Literal["parquet", "jsonl"] | None = typer.Option(
+            None, "--format", help="Default: jsonl for an --out ending in .jsonl, else parquet."),
+        threads: int = typer.Option(0, min=0, help="Local engine: decode and ONNX Runtime threads (0 = all "
+                                                   "usable CPUs, at most 4).")) -> None:
+    """Score a folder of photos into a results file.
+
+    Every image of a folder, manifest or path list becomes one row of a Parquet or JSONL file."""
+    from food_classifier.batch import BatchError, local_engine, predict_dir
+    from food_classifier.bundle import BundleError
+    from food_classifier.ray_env import MissingExtra
+
+    if engine == "ray":
+        from food_classifier.ray_batch import RayEngine
+
+        runner = RayEngine(ray_address)
+    else:
+        runner = local_engine(threads or None)
+    try:
+        summary = predict_dir(source, model, out, fmt, batch_size, runner)
+    except (BatchError, BundleError, MissingExtra) as e:  # here, not in main(): its check imports torch
+        fail(str(e))
+    if summary.accuracy:
+        typer.echo(summary.accuracy)
+    typer.echo(summary.text())

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from food_classifier.bundle import model_sources
-from food_classifier.serving import routes_feedback, schemas
+from food_classifier.serving import routes_feedback, routes_oip, schemas
 from food_classifier.serving.errors import NotReady, ServiceError
 from food_classifier.serving.inputs import read_image, read_images
 from food_classifier.serving.metrics import ServingMetrics
@@ -191,6 +191,7 @@ async def metrics(request: Request) -> Response:
 
 
 router.include_router(routes_feedback.router)
+router.include_router(routes_oip.router)  # the Open Inference Protocol (/v2), same core
 
 
 @router.get("/", include_in_schema=False)

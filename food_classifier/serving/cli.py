@@ -25,7 +25,8 @@ from typing import Annotated, Any
 import typer
 
 MiB = 1024 * 1024
-SERVE_HELP = "Serve bundles over HTTP (FastAPI + ONNX Runtime; no torch). Opens a web page at /."
+SERVE_HELP = ("Serve bundles over HTTP (FastAPI + ONNX Runtime; no torch).\n\nThe same app runs on Ray Serve "
+              "with --engine ray. Opens a web page at /.")
 
 
 def _cli_type(annotation: Any) -> Any:
@@ -129,6 +130,8 @@ def run_server(settings: Any) -> None:
     memory.mmap_large_blocks()  # decoded large images go back to the OS when freed (memory.py)
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.engine == "ray":
+        _run_ray(settings)
     try:
         app = create_app(settings)
     except (BundleError, CacheError, GrpcMissing, OSError) as e:  # OSError: a taken gRPC port, an unwritable log dir
@@ -139,6 +142,21 @@ def run_server(settings: Any) -> None:
                 h11_max_incomplete_event_size=s.max_header_bytes,
                 limit_concurrency=s.limit_concurrency, timeout_keep_alive=s.keep_alive_timeout,
                 timeout_graceful_shutdown=s.shutdown_timeout)
+
+
+def _run_ray(settings: Any) -> typing.NoReturn:
+    """`--engine ray`: the same app in Ray Serve replicas (serving/ray_serve.py); exits with its status."""
+    from food_classifier.bundle import BundleError, model_sources
+    from food_classifier.ray_env import MissingExtra
+    from food_classifier.serving.ray_serve import run
+
+    try:
+        model_sources(settings.bundles)  # a wrong path fails here, not in every replica
+        code = run(settings.model_copy(update={"bundles": [p.absolute() for p in settings.bundles],
+                                               "allow_path_root": [p.absolute() for p in settings.allow_path_root]}))
+    except (BundleError, MissingExtra) as e:
+        _fail(str(e))
+    raise typer.Exit(code)
 
 
 @cache

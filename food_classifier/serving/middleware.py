@@ -46,7 +46,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("food_classifier.serving")
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})  # probes need no key
 ADMIN_TAG = "admin"  # routes tagged so need the admin key
 AUTH_CHALLENGE = 'Basic realm="food-classifier", charset="UTF-8"'
 AUTH_MESSAGE = "missing or wrong API key (send X-API-Key or Authorization: Bearer)"  # also the gRPC message

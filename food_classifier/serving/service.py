@@ -24,13 +24,14 @@ import numpy as np
 from food_classifier.cache import Lookup, PredictionCache
 from food_classifier.serving.admission import DecodeBudget, LargeImage, decode_large, decode_small
 from food_classifier.serving.batching import BatchResult
-from food_classifier.serving.errors import MissingImage, ServiceError, image_error
+from food_classifier.serving.errors import InvalidInput, MissingImage, ServiceError, image_error
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.paths import PathGuard
 from food_classifier.serving.registry import LoadedModel, ModelRegistry
 from food_classifier.serving.settings import ServeSettings
 
 if TYPE_CHECKING:
+    from food_classifier.inference import Classifier
     from food_classifier.serving.monitor import ServingMonitor
 
 log = logging.getLogger("food_classifier.serving")
@@ -52,6 +53,29 @@ def new_request_id() -> str:
 
 class _Answered(Exception):
     """Raised by the decode step on a cache hit: the model has nothing to do for this image."""
+
+
+class _Crop:
+    """A model as the cache sees it for an already preprocessed crop (`pixels` of the Open Inference
+    Protocol): "preprocessing" is a check of shape and values, so the crop gets the pixel-level cache,
+    the batcher and the model like a decoded image, and a bad tensor is a 422, not a model error."""
+
+    def __init__(self, clf: Classifier):
+        self.clf, self.spec, self.labels = clf, clf.spec, clf.labels
+        self.name, self.version, self.variant = clf.name, clf.version, clf.variant
+
+    def preprocess(self, array: np.ndarray) -> np.ndarray:
+        want = (3, self.spec.crop, self.spec.crop)
+        if array.shape != want:
+            raise InvalidInput(f"pixels: each image must be float32 {list(want)} (the bundle's crop), "
+                               f"got {list(array.shape)}")
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise InvalidInput("pixels: NaN or infinite values")
+        return array
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        return self.clf.predict_proba(batch)
 
 
 def cache_from_settings(s: ServeSettings) -> PredictionCache:
@@ -103,11 +127,16 @@ class PredictionService:
             except Exception as exc:  # a warm-up problem must not keep a loadable model from serving
                 log.warning("warm-up of %s failed: %s", model.name, exc)
 
-    async def _prepare(self, model: LoadedModel, data: bytes, decode: Any,
+    async def _prepare(self, model: LoadedModel, data: bytes | np.ndarray, decode: Any = None,
                        cache: PredictionCache | None = None) -> Lookup:
-        """The cache lookup, decoding with `decode(classifier, image) -> (array, ms)` on a miss, in a decode thread."""
+        """The cache lookup in a decode thread, decoding with `decode(classifier, image) -> (array, ms)` on a
+        miss; a preprocessed crop (np.ndarray, tensor protocols) is only checked (`_Crop`)."""
         loop = asyncio.get_running_loop()
-        step = partial((cache or self.cache).lookup, model.classifier, data, decode=partial(decode, model.classifier))
+        if isinstance(data, np.ndarray):
+            clf, step_decode = _Crop(model.classifier), None
+        else:
+            clf, step_decode = model.classifier, partial(decode, model.classifier)
+        step = partial((cache or self.cache).lookup, clf, data, decode=step_decode)
         try:
             return await loop.run_in_executor(self.decode_pool, step)
         except (ServiceError, LargeImage):
@@ -115,11 +144,11 @@ class PredictionService:
         except Exception as exc:  # any decoder failure is the input's fault: never a 500
             raise image_error(exc) from None
 
-    async def _infer(self, model: LoadedModel, data: bytes) -> tuple[Lookup, BatchResult | None, float]:
+    async def _infer(self, model: LoadedModel, data: bytes | np.ndarray) -> tuple[Lookup, BatchResult | None, float]:
         """Cache, decode, then the model: (lookup, model result or None on a cache hit, seconds waited for a
         pending slot or decode memory). A large image waits for the budget outside the pending slots, so it
         never blocks small ones."""
-        if not data:
+        if isinstance(data, bytes) and not data:
             raise MissingImage("the image is empty (0 bytes)")
         start, look = time.perf_counter(), Lookup("off")
 
@@ -161,8 +190,9 @@ class PredictionService:
         finally:
             grant.release()
 
-    async def _classify(self, model: LoadedModel, data: bytes, top_k: int | None,
-                        threshold: float | None, request_id: str | None = None) -> dict[str, Any]:
+    async def _classify(self, model: LoadedModel, data: bytes | np.ndarray, top_k: int | None,
+                        threshold: float | None, request_id: str | None = None,
+                        probabilities: bool = False) -> dict[str, Any]:
         start = time.perf_counter()
         try:
             look, res, waited = await self._infer(model, data)
@@ -185,7 +215,9 @@ class PredictionService:
                              "inference_ms": round(res.inference_ms, 3) if res else 0.0,
                              "batch_size": res.batch_size if res else 0}}
         if self.monitor is not None:
-            self.monitor.observe(model, probs, result, data)
+            self.monitor.observe(model, probs, result, data.tobytes() if isinstance(data, np.ndarray) else data)
+        if probabilities:  # the whole calibrated row, for tensor protocols
+            result["probabilities"] = probs
         return result
 
     async def _store(self, look: Lookup, probs: np.ndarray) -> None:
@@ -224,6 +256,23 @@ class PredictionService:
         failed = sum(1 for r in results if "error" in r)
         return {"model": model.name, "model_version": model.version, "request_id": rid, "count": len(results),
                 "failed": failed, "results": results, "timing": {"total_ms": _ms(time.perf_counter() - start)}}
+
+    async def predict_tensors(self, name: str | None, items: list[bytes | np.ndarray], top_k: int | None = None,
+                              threshold: float | None = None,
+                              request_id: str | None = None) -> tuple[LoadedModel, list[dict[str, Any]]]:
+        """For tensor protocols (Open Inference Protocol): encoded images (bytes) or preprocessed crops
+        (float32 [3, crop, crop], no decoding), all through the same cache, batcher and model. All or
+        nothing: the first error fails the request. Each answer also has its `probabilities` row."""
+        model = self.registry.get(name)
+        rid = request_id or new_request_id()
+        tasks = [asyncio.ensure_future(self._classify(model, item, top_k, threshold,
+                                                      rid if len(items) == 1 else f"{rid}-{i}", probabilities=True))
+                 for i, item in enumerate(items)]
+        try:
+            return model, list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()  # after a failure: the others are not needed any more
 
     async def predict_path(self, model_type: str | None, image_path: str,
                            request_id: str | None = None) -> dict[str, Any]:

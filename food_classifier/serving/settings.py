@@ -122,6 +122,23 @@ class ServeSettings(BaseSettings):
                                                              "goes on without the cache.")
     cache_breaker_s: float = Field(5.0, ge=0, description="After a Redis error, skip Redis this long, then retry.")
 
+    # Ray Serve (serving/ray_serve.py, docs/SCALING.md): the same app in Ray replicas; needs the 'ray' extra.
+    engine: Literal["uvicorn", "ray"] = Field("uvicorn", description="uvicorn: serve from this process; ray: a Ray "
+                                                                     "Serve deployment of the same app.")
+    ray_address: str | None = Field(None, description="With --engine ray: the cluster to join (auto, "
+                                                      "ray://HOST:10001); none: start a local Ray on loopback.")
+    replicas: str = Field("1", pattern=r"^(auto|[1-9][0-9]*)$",
+                          description="With --engine ray: N replicas, or auto (Ray autoscaling between the "
+                                      "min and max replicas below).")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest replicas (0 = scale to zero when idle).")
+    max_replicas: int = Field(default_factory=usable_cpus, ge=1, description="Autoscaling: most replicas "
+                                                                             "(default: one per CPU here).")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Autoscaling: requests in flight per replica "
+                                                                  "that Ray aims for.")
+    max_ongoing_requests: int = Field(8, ge=1, description="With --engine ray: requests a replica takes at once; "
+                                                           "more wait in Ray's queue.")
+    replica_cpus: float = Field(1.0, gt=0, description="With --engine ray: CPUs Ray reserves per replica.")
+
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level.")
     access_log: bool = Field(False, description="Log every request (costs throughput).")

@@ -1,4 +1,7 @@
-"""Regenerate the stubs from classifier.proto: `make proto` (= `python -m food_classifier.v1.codegen [OUT]`).
+"""Regenerate the stubs from the protos: `make proto` (= `python -m food_classifier.v1.codegen [OUT]`).
+
+Two protos: classifier.proto (our task-level service) and grpc_predict_v2.proto (the Open Inference
+Protocol's GRPCInferenceService, package `inference`).
 
 Needs grpcio-tools (the dev extra), pinned to the version that generated the checked-in stubs, so that
 regenerating them changes nothing (tests/test_grpc.py regenerates into a temp dir and compares).
@@ -11,8 +14,8 @@ from importlib.resources import files
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the proto's import root
-PROTO = "food_classifier/v1/classifier.proto"
-GENERATED = ("classifier_pb2.py", "classifier_pb2.pyi", "classifier_pb2_grpc.py")
+PROTOS = ("food_classifier/v1/classifier.proto", "food_classifier/v1/grpc_predict_v2.proto")
+GENERATED = tuple(f"{Path(p).stem}{suffix}" for p in PROTOS for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
 
 
 def generate(out: str | Path = ROOT) -> list[Path]:
@@ -20,9 +23,9 @@ def generate(out: str | Path = ROOT) -> list[Path]:
     from grpc_tools import protoc
 
     args = ["protoc", f"-I{ROOT}", f"-I{files('grpc_tools') / '_proto'}",  # the well-known types (struct.proto)
-            f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", str(ROOT / PROTO)]
+            f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *(str(ROOT / p) for p in PROTOS)]
     if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed on {PROTO}")
+        raise RuntimeError(f"protoc failed on {', '.join(PROTOS)}")
     return [Path(out) / "food_classifier" / "v1" / name for name in GENERATED]
 
 

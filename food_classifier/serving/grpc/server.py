@@ -1,4 +1,5 @@
-"""The gRPC transport: `food_classifier.v1.Classifier`, health and reflection, on the HTTP server's loop.
+"""The gRPC transport: `food_classifier.v1.Classifier`, the Open Inference Protocol's
+`inference.GRPCInferenceService` (grpc/oip.py), health and reflection, on the HTTP server's loop.
 
 A thin adapter: it turns a `ClassifyRequest` into a `PredictionService` call and the answer into a
 `ClassifyResponse`. It never decodes an image or runs a model, so gRPC shares the models, batcher,
@@ -33,6 +34,8 @@ import grpc  # noqa: E402  (after load_stubs: a missing extra is one clear error
 from google.protobuf.struct_pb2 import Struct  # noqa: E402
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection  # noqa: E402
+
+from food_classifier.serving.grpc import oip  # noqa: E402
 
 log = logging.getLogger("food_classifier.serving")
 SERVICE = pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
@@ -179,7 +182,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_PREFIX):
+        if handler is None or details.method.startswith(OPEN_PREFIX) or details.method in oip.OPEN_METHODS:
             return handler
         headers = {k.encode(): v.encode() for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
         if key_matches(presented_key(headers), self.key):
@@ -219,9 +222,12 @@ class GrpcServer:
                    ("grpc.so_reuseport", 0)]  # a port in use is an error, not a second silent listener
         server = grpc.aio.server(interceptors=[ApiKeyInterceptor(key)] if key else [], options=options)
         pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(service, metrics), server)
+        oip.pb2_grpc.add_GRPCInferenceServiceServicer_to_server(  # the Open Inference Protocol, same core
+            oip.OipServicer(service, STATUS_CODES, _trailer, metrics), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        reflection.enable_server_reflection([SERVICE, oip.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME],
+                                            server)
         try:
             port = server.add_insecure_port(_address(settings))
         except RuntimeError as e:  # taken since check_port

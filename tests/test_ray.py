@@ -1,0 +1,198 @@
+"""The Ray engines on a real local Ray: predict-dir over Ray Data, and Ray Serve over the same app.
+
+One Ray session for the module (the CLI test before it starts and stops its own). Everything listens
+on 127.0.0.1 only: the variables below are set before Ray is imported (ray_env.py says why).
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import colour_image, image_bytes
+from test_batch import make_photos, read_rows
+
+from food_classifier.ray_env import LOCAL_ENV
+
+os.environ.update(LOCAL_ENV)
+ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed (pip install 'food-classifier[ray]')")
+
+from food_classifier.batch import predict_dir, read_source  # noqa: E402
+from food_classifier.ray_batch import RayEngine  # noqa: E402
+from food_classifier.serving.ray_serve import APP_NAME, application, deployment_options  # noqa: E402
+from food_classifier.serving.settings import ServeSettings  # noqa: E402
+from food_classifier.testing import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside Ray (pydantic, Ray Data)
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        found.add(p)
+        todo += children.get(p, [])
+    return found
+
+
+def _listening(pids: set[int]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Addresses of the TCP sockets these processes listen on (from /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                raw = cols[1].split(":")[0]
+                words = [bytes.fromhex(raw[i:i + 8])[::-1] for i in range(0, len(raw), 8)]  # host-order words
+                found.append(ipaddress.ip_address(b"".join(words)))
+    return found
+
+
+def _loopback(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def test_serve_engine_ray_from_the_cli_listens_on_loopback_only_and_drains_on_sigterm(colour_bundle):
+    port = free_port()
+    cmd = [sys.executable, "-m", "food_classifier.cli", "serve", str(colour_bundle), "--engine", "ray", "--host",
+           "127.0.0.1", "--port", str(port), "--ort-threads", "1", "--max-ongoing-requests", "4"]
+    env = {k: v for k, v in os.environ.items() if k not in LOCAL_ENV}  # the CLI must set them itself
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, ready = time.monotonic() + 180, False
+        while time.monotonic() < deadline and not ready and proc.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert ready, f"not ready (exit status {proc.poll()})"
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", content=image_bytes(colour_image("blue")), timeout=30)
+        assert r.status_code == 200 and r.json()["label"] == "blue"
+        tree = _descendants(proc.pid)
+        addresses = _listening(tree)
+        assert len(tree) > 5 and len(addresses) > 5  # GCS, raylet, workers, Serve proxy and replica
+        assert all(_loopback(a) for a in addresses), addresses
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0
+        time.sleep(1)
+        assert not [p for p in tree if Path(f"/proc/{p}").exists()
+                    and "zombie" not in Path(f"/proc/{p}/status").read_text()], "Ray processes left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2)
+    try:
+        yield ray
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _same(a: list[dict], b: list[dict]) -> None:
+    """Equal rows; probabilities to float32 precision (another batch split may round differently)."""
+    assert len(a) == len(b)
+    for x, y in zip(sorted(a, key=lambda r: r["path"]), sorted(b, key=lambda r: r["path"]), strict=True):
+        assert {**x, "confidence": 0, "top_k": None} == {**y, "confidence": 0, "top_k": None}
+        assert (x["confidence"] is None) == (y["confidence"] is None)
+        if x["top_k"] is not None:
+            assert [t["label"] for t in x["top_k"]] == [t["label"] for t in y["top_k"]]
+            assert [t["probability"] for t in x["top_k"]] == pytest.approx([t["probability"] for t in y["top_k"]],
+                                                                          abs=1e-6)
+
+
+def test_predict_dir_on_ray_gives_the_local_rows_and_resumes(tmp_path, colour_bundle, ray_session):
+    photos = make_photos(tmp_path / "photos", per_class=6)
+    (photos / "green" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    local = predict_dir(photos, colour_bundle, tmp_path / "local.jsonl", batch_size=4, progress=io.StringIO())
+    on_ray = predict_dir(photos, colour_bundle, tmp_path / "ray.parquet", batch_size=4,
+                         engine=RayEngine(actors=2), progress=io.StringIO())
+    assert (on_ray.scored, on_ray.errors, on_ray.rows) == (local.scored, local.errors, local.rows) == (18, 1, 19)
+    assert on_ray.accuracy == local.accuracy and "100.0%" in on_ray.accuracy
+    _same(read_rows(tmp_path / "local.jsonl"), read_rows(tmp_path / "ray.parquet"))
+
+    half = read_source(photos).paths[:10]
+    (tmp_path / "half.txt").write_text("\n".join(half))
+    predict_dir(tmp_path / "half.txt", colour_bundle, tmp_path / "resumed.jsonl", progress=io.StringIO())
+    resumed = predict_dir(photos, colour_bundle, tmp_path / "resumed.jsonl", batch_size=4, engine=RayEngine(),
+                          progress=io.StringIO())
+    assert (resumed.skipped, resumed.scored + resumed.errors, resumed.rows) == (10, 9, 19)
+    _same(read_rows(tmp_path / "local.jsonl"), read_rows(tmp_path / "resumed.jsonl"))
+
+
+def test_ray_serve_answers_like_the_plain_server(colour_bundle, ray_session, server):
+    from ray import serve
+
+    port = free_port()
+    settings = ServeSettings(bundles=[colour_bundle], host="127.0.0.1", port=port, ort_threads=1,
+                             max_ongoing_requests=4)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(application(settings), name=APP_NAME, route_prefix="/")
+    ray_url = f"http://127.0.0.1:{port}"
+    assert httpx.get(ray_url + "/readyz", timeout=10).json()["status"] == "ready"  # ready when serve.run returns
+    good, bad = image_bytes(colour_image("green", seed=3)), b"GIF89a not an image"
+    with httpx.Client(timeout=30) as client:
+        for path, kwargs in [("/predict", {"content": good}), ("/v1/models/colour/predict", {"files": {"f": good}}),
+                             ("/predict", {"content": bad}), ("/v1/models/nope/predict", {"content": good}),
+                             ("/predict?top_k=0", {"content": good}),
+                             ("/predict-batch", {"files": [("a", good), ("b", bad)]})]:
+            plain, on_ray = (client.post(base + path, **kwargs) for base in (server.url, ray_url))
+            assert on_ray.status_code == plain.status_code, path
+            assert on_ray.headers.get("x-cache") == plain.headers.get("x-cache"), path
+            assert _untimed(on_ray.json()) == _untimed(plain.json()), path
+        assert client.get(ray_url + "/predict", params={"image_path": "x.jpg"}).json()["error"] == (
+            "path_access_disabled")
+        assert client.get(ray_url + "/v1/models").json()["default"] == "colour"
+
+
+def _untimed(body: dict) -> dict:
+    body.pop("timing", None)
+    for r in body.get("results", []):
+        r.pop("timing", None)
+    return body
+
+
+def test_deployment_options_expose_ray_autoscaling():
+    fixed = deployment_options(ServeSettings(replicas="3", max_ongoing_requests=6, replica_cpus=0.5))
+    assert (fixed["num_replicas"], fixed["max_ongoing_requests"], fixed["ray_actor_options"]) == (
+        3, 6, {"num_cpus": 0.5})
+    auto = deployment_options(ServeSettings(replicas="auto", min_replicas=0, max_replicas=4,
+                                            target_ongoing_requests=3))
+    assert "num_replicas" not in auto and auto["autoscaling_config"] == {
+        "min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 3.0}
+    with pytest.raises(ValueError, match="replicas"):
+        ServeSettings(replicas="many")
