@@ -54,7 +54,8 @@ def connect(address: str | None, num_cpus: int | None = None, object_store_mb: i
     if ray.is_initialized():
         return False
     if address in LOCAL_ADDRESSES:
-        ray.init(num_cpus=num_cpus or _usable_cpus(), include_dashboard=False,
+        ray.init(address="local",  # a new one: never join a Ray that `ray start` left here (or its stale file)
+                 num_cpus=num_cpus or _usable_cpus(), include_dashboard=False,
                  object_store_memory=object_store_mb * MiB, logging_level=logging.WARNING)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
