@@ -2,16 +2,23 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Offline machines: point this at a local ImageFolder, e.g. ../shared/datasets/food101_mini3
+# Your own photos instead of the download (offline too): `make demo DATA=~/my_photos`, a folder with
+# one subfolder per class, or train/ and test/ each with one subfolder per class (README: Your photos).
+DATA ?=
+ifneq ($(strip $(DATA)),)
+FOOD_CLASSIFIER_DATA := $(DATA)
+endif
 FOOD_CLASSIFIER_DATA ?=
 export FOOD_CLASSIFIER_DATA
+MODEL ?= models/food
+MANIFEST ?= data/manifest.csv
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo example test install lint bench clean proto
 
-$(BIN)/food-classifier: pyproject.toml
+$(BIN)/food-classifier: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[serve,train,dev]"
+	$(BIN)/pip install --quiet -e ".[serve,train,dev,cache,kafka,grpc,parquet]"
 	touch $@
 
 install: $(BIN)/food-classifier
@@ -19,8 +26,14 @@ install: $(BIN)/food-classifier
 demo: install
 	$(BIN)/food-classifier data prepare --manifest data/manifest.csv
 	$(BIN)/food-classifier train --manifest data/manifest.csv --models-dir models --name food
+	@$(MAKE) --no-print-directory example
+
+# One prediction on the manifest's first test photo. The path is read with the csv module and quoted
+# (photos may live under paths with spaces or commas); a failed prediction fails make.
+example:
 	@echo "--- example prediction ---"
-	$(BIN)/food-classifier predict --model models/food $$(grep -m1 ',test,' data/manifest.csv | cut -d, -f1)
+	@img="$$($(BIN)/python -c 'import csv, sys; print(next(r["path"] for r in csv.DictReader(open(sys.argv[1], newline="")) if r["tier"] == "test"))' "$(MANIFEST)")" \
+	  && $(BIN)/food-classifier predict --model "$(MODEL)" "$$img"
 
 test: install
 	$(BIN)/ruff check food_classifier tests bench
@@ -40,3 +53,7 @@ bench: install
 
 clean:
 	rm -rf runs models data/manifest.csv data/manifest.report.json
+
+# gRPC stubs from food_classifier/v1/*.proto (ours + the OIP's; grpcio-tools, pinned in the dev extra); tests check they are fresh
+proto: install
+	$(BIN)/python -m food_classifier.v1.codegen

@@ -24,16 +24,15 @@ from torchvision import transforms
 
 def load(run: Path) -> tuple[torch.nn.Module, list[str], transforms.Compose]:
     """The run's best checkpoint (the model its bundle was exported from) and its preprocessing."""
-    from food_classifier.preprocessing import PreprocessSpec
     from food_classifier.training.train import load_checkpoint
 
     model, meta = load_checkpoint(run)
-    spec = PreprocessSpec.from_dict(meta["preprocessing"])
+    spec = meta.preprocessing
     interp = {"bicubic": transforms.InterpolationMode.BICUBIC,
               "bilinear": transforms.InterpolationMode.BILINEAR}[spec.interpolation]
     tf = transforms.Compose([transforms.Resize(spec.resize, interpolation=interp), transforms.CenterCrop(spec.crop),
                              transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
-    return model.eval(), list(meta["labels"]), tf
+    return model.eval(), list(meta.labels), tf
 
 
 def create_app(model: torch.nn.Module, labels: list[str], tf: transforms.Compose) -> Flask:

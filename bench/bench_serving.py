@@ -252,6 +252,9 @@ def main() -> None:
         sweep(args, images)
         return
     with ServerProcess([args.bundle], args=args.server_arg, ready_timeout=120) as srv:
+        models = httpx.get(srv.url + "/v1/models", timeout=30).json()["models"]  # serve's default: recommended
+        served = {m["name"]: m["variant"] for m in models}
+        print(f"service variant: {served} (--server-arg=--variant=fp32 to force fp32)", flush=True)
         rows = asyncio.run(bench_service(srv.url, srv.pid, images, args.levels, args.requests,
                                          args.batch_requests, args.batch_size))
         idle_rss = round(rss_mb(srv.pid), 1)

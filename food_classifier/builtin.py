@@ -10,8 +10,10 @@ the `train` extra the first time: that is checked up front, with a clear error w
 
 The graph is Lite0 with its 1000-class ImageNet head cut down to the rows of the food classes
 below, so its logits are exactly ImageNet's logits at those indices and a softmax over them is the
-ImageNet distribution renormalized over foods. It is zero-shot: never trained or evaluated on a
-food dataset, and it always answers with a food (there is no "not food" class).
+ImageNet distribution renormalized over foods. It is zero-shot: never trained on a food dataset,
+and it has no "not food" class; below `ABSTAIN_THRESHOLD` it answers "unsure" instead of guessing
+(a beet salad, which it has no class for, came out "hot dog 0.26" before). The threshold was chosen
+on photos by `bench/builtin_threshold.py`: `ABSTENTION` records what it measured.
 
 Which classes (ImageNet-1k indices 924-969 and 987, 44 in all):
   * kept: dishes (guacamole ... burrito), bread, fruit and vegetables, mushroom (n07734744 is the
@@ -38,7 +40,7 @@ ARCH = "efficientnet_lite0"
 # Bump when the class list, labels, graph or weights change: a new version dir gets built. The weights
 # themselves are the training side's business: it checks their full sha256 when building and records it
 # (with the package version) under `source` in bundle.json, so serving holds no copy of the hash.
-RECIPE = 1
+RECIPE = 2  # 2: abstention threshold
 VERSION = f"builtin{RECIPE}-{ARCH}"
 
 # (ImageNet-1k index, label). Labels are plain English, not ImageNet's synonym lists.
@@ -54,6 +56,21 @@ FOOD_CLASSES: list[tuple[int, str]] = [
     (964, "pot pie"), (965, "burrito"), (967, "espresso"), (969, "eggnog"), (987, "corn"),
 ]
 EXCLUDED = {923: "plate", 958: "hay", 966: "red wine", 968: "cup"}
+# Youden's J between Food-101 burrito photos answered "burrito" (kept) and the 25 non-food photos
+# scikit-image and scikit-learn ship (abstained), on a 0.01 grid: bench/builtin_threshold.py.
+ABSTAIN_THRESHOLD = 0.34
+ABSTENTION = {
+    "threshold": ABSTAIN_THRESHOLD,
+    "chosen_on": "bench/builtin_threshold.py: Food-101 breakfast_burrito photos answered 'burrito' (should "
+                 "answer) vs 25 non-food photos shipped by scikit-image/scikit-learn (should abstain)",
+    "method": "max Youden's J (correct kept + non-food abstained - 1), 0.01 grid",
+    "correct_kept": 0.967,
+    "non_food_abstained": 0.96,
+    "shared_food_answered": 0.756,
+    "n_correct": 307,
+    "n_non_food": 25,
+    "n_shared_food": 1123,
+}
 # The weights' own ImageNet evaluation pipeline (FACTS.md), whatever size `train` uses for Lite0.
 PREPROCESSING = {"resize": 256, "crop": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
                  "interpolation": "bicubic"}

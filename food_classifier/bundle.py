@@ -10,7 +10,11 @@ A bundle is a directory:
 Bundles are versioned: `<models_dir>/<name>/<version>/`. They are written into a hidden `.tmp-*`
 directory beside the target and renamed into place, so a reader never sees half a bundle; hidden
 directories are never versions. Loading checks what would otherwise fail at request time (schema,
-preprocessing numbers, files and their sha256), and a model dir serves its newest version that loads.
+preprocessing numbers, files and their sha256), and a model dir serves its newest version that loads,
+unless a version is promoted: a `PROMOTED` file in the model dir (one line, the version's dir name,
+replaced atomically) pins what every loader (`serve`, reload, `Classifier`) takes, so a new training
+run does not replace what is served until it is promoted. A promoted version is taken strictly: if it
+is gone or broken, loading fails with that error instead of falling back to some other version.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ from pydantic import ValidationError
 from food_classifier.bundle_schema import FORMAT, READABLE_FORMATS, BundleMeta, Variant
 from food_classifier.preprocessing import PreprocessSpec
 
-__all__ = ["FORMAT", "META_FILE", "Bundle", "BundleError", "BundleMeta", "Variant", "file_sha256", "load_bundle",
-           "load_newest", "model_sources", "newest_bundle", "read_meta", "update_meta", "write_bundle"]
+__all__ = ["FORMAT", "META_FILE", "PROMOTED_FILE", "Bundle", "BundleError", "BundleMeta", "Variant", "file_sha256",
+           "load_bundle", "load_newest", "model_sources", "newest_bundle", "promoted_version", "published_versions",
+           "read_meta", "set_promoted", "update_meta", "write_bundle"]
 
 META_FILE = "bundle.json"
+PROMOTED_FILE = "PROMOTED"
 TMP_PREFIX = ".tmp-"
 # A `.tmp-*` dir beside a target untouched this long is a crashed publish: writing one takes seconds.
 # Age, not "is its writer alive": the models dir may be shared by hosts or containers whose pids we cannot see.
@@ -176,13 +182,47 @@ def _created_at(p: Path) -> str:
         return datetime.fromtimestamp((p / META_FILE).stat().st_mtime, UTC).isoformat()
 
 
+def published_versions(path: str | Path) -> list[Path]:
+    """Every published version dir of a model dir, newest first (valid or not)."""
+    path = Path(path)
+    found = [p for p in path.iterdir() if _is_version(p)] if path.is_dir() else []
+    return sorted(found, key=lambda p: (_created_at(p), p.name), reverse=True)
+
+
+def promoted_version(model_dir: str | Path) -> str | None:
+    """The version named by `model_dir/PROMOTED`, or None when nothing is promoted."""
+    try:
+        name = (Path(model_dir) / PROMOTED_FILE).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return name or None
+
+
+def set_promoted(model_dir: str | Path, version: str | None) -> None:
+    """Promote `version` of `model_dir` (checked to load first), or clear the promotion with None.
+    Written to a temporary file and renamed, so a loader reads the old or the new name, never half."""
+    model_dir = Path(model_dir)
+    marker = model_dir / PROMOTED_FILE
+    if version is None:
+        marker.unlink(missing_ok=True)
+        return
+    target = model_dir / version
+    if version.startswith(".") or "/" in version or not _is_version(target):
+        raise BundleError(f"{target} is not a published version of {model_dir}")
+    load_bundle(target)  # never promote what cannot be served
+    tmp = model_dir / f"{TMP_PREFIX}{PROMOTED_FILE}-{os.getpid()}"
+    tmp.write_text(version + "\n")
+    os.replace(tmp, marker)
+
+
 def versions(path: str | Path) -> list[Path]:
-    """Candidates, newest first: a bundle dir is itself; a model dir gives its published versions."""
+    """Candidates in the order loaders try them: a bundle dir is itself; a model dir gives its promoted
+    version alone when one is promoted, else its published versions, newest first."""
     path = Path(path)
     if (path / META_FILE).is_file():
         return [path]
-    found = [p for p in path.iterdir() if _is_version(p)] if path.is_dir() else []
-    return sorted(found, key=lambda p: (_created_at(p), p.name), reverse=True)
+    promoted = promoted_version(path) if path.is_dir() else None
+    return [path / promoted] if promoted else published_versions(path)
 
 
 def model_sources(paths: list[Path]) -> list[Path]:
@@ -211,6 +251,14 @@ def load_newest(path: str | Path, build: Callable[[Path], T] = load_bundle,
     candidates = versions(path)
     if not candidates:
         raise BundleError(f"no model bundle found under {path}")
+    promoted = promoted_version(path) if (Path(path) / PROMOTED_FILE).is_file() else None
+    if promoted:  # strict: never silently serve another version than the one the user pinned
+        try:
+            return build(candidates[0])
+        except BundleError as e:
+            raise BundleError(f"promoted version {promoted} of {path} (named in {PROMOTED_FILE}) cannot be "
+                              f"loaded: {e}; promote another (`food-classifier models promote NAME VERSION`) "
+                              "or clear it (`food-classifier models unpromote NAME`)") from None
     errors: list[str] = []
     for p in candidates:
         try:

@@ -9,7 +9,7 @@ fields without the reserved sections, so a /1 bundle validates as is. Only pydan
 from __future__ import annotations
 
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -174,12 +174,39 @@ class InputSpec(Section):
 class OutputSpec(Section):
     name: str = "logits"
     softmax: str | None = None
+    kind: Literal["logits", "probs"] = "logits"  # probs: the graph ends in a softmax (import-onnx)
 
 
 class Cascade(Section):
     """Reserved (model cascade issue): ordered stages, each naming a variant and when to stop."""
 
     stages: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Histogram(Section):
+    edges: list[float] = Field(min_length=2)
+    counts: list[int]
+
+    @model_validator(mode="after")
+    def _sizes(self) -> Histogram:
+        if len(self.counts) != len(self.edges) - 1:
+            raise ValueError(f"a histogram needs one count per bin: {len(self.edges)} edges, {len(self.counts)} counts")
+        return self
+
+
+class Reference(Section):
+    """Held-out predictions the server compares live traffic with (`monitoring.reference_stats`)."""
+
+    source: str | None = None
+    n: int = Field(gt=0)
+    class_counts: list[int]
+    class_fractions: list[float] | None = None
+    confidence_hist: Histogram
+    entropy_hist: Histogram
+    abstain_threshold: float | None = None
+    abstention_rate: float = 0.0
+    mean_confidence: float | None = None
+    accuracy: float | None = None
 
 
 class Mobile(Section):
@@ -215,7 +242,7 @@ class BundleMeta(BaseModel):
     source: dict[str, Any] | None = None  # where a built-in model's weights and classes came from
     build_seconds: float | None = None
     cascade: Cascade | None = None
-    reference: dict[str, Any] | None = None  # reserved (monitoring issue): reference statistics for drift
+    reference: Reference | None = None  # drift monitoring: statistics of held-out predictions
     mobile: Mobile | None = None
 
     @model_validator(mode="before")
@@ -231,6 +258,9 @@ class BundleMeta(BaseModel):
             raise ValueError(f"variants must include fp32 (has: {', '.join(sorted(self.variants))})")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
+        if self.reference is not None and len(self.reference.class_counts) != len(self.labels):
+            raise ValueError(f"reference.class_counts has {len(self.reference.class_counts)} entries for "
+                             f"{len(self.labels)} labels")
         return self
 
     @property

@@ -13,8 +13,8 @@ both namespaced by model name + version + variant (a reload never serves the old
 
 Backends: an in-process LRU bounded in bytes and, optionally, Redis (the `cache` extra); with both, the
 LRU sits in front of Redis. Redis errors fail open: the request goes on without the cache, a circuit
-breaker skips Redis for a few seconds, and the error is counted. No web framework here: `Classifier`,
-the HTTP service and the stream worker share this module.
+breaker skips Redis for a few seconds, and the error is counted. No web framework: `Classifier`, the HTTP
+service and the stream worker share this module.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -243,11 +243,14 @@ class PredictionCache:
         return self.memory is not None or self.redis is not None
 
     # --- the two levels ------------------------------------------------------------------------------
-    def lookup(self, model: CacheableModel, image: ImageInput) -> Lookup:
+    def lookup(self, model: CacheableModel, image: ImageInput,
+               decode: Callable[[Any], tuple[np.ndarray, float]] | None = None) -> Lookup:
         """Bytes level; on a miss decode and try the pixel level; on a miss return the array to run.
-        Blocking (hashing, decoding, Redis): call it from a worker thread."""
+        `decode(image) -> (array, ms)` defaults to the model's preprocess (the server passes its
+        memory-budgeted decoder). Blocking (hashing, decoding, Redis): call it from a worker thread."""
+        decode = decode or partial(_timed, model.preprocess)
         if not self.enabled:
-            array, ms = _timed(model.preprocess, image)
+            array, ms = decode(image)
             return Lookup(OFF, array=array, preprocess_ms=ms)
         ns = namespace(model)
         data = _as_bytes(image)
@@ -259,7 +262,7 @@ class PredictionCache:
             if probs is not None:
                 return Lookup(HIT_BYTES, probs=probs)
             keys[bkey] = b""
-        array, ms = _timed(model.preprocess, data if data is not None else image)
+        array, ms = decode(data if data is not None else image)
         view = pixel_view(array, model.spec)
         if view is not None:
             pkeys, fingerprint = view
@@ -394,5 +397,4 @@ def _verified(value: bytes | None, fingerprint: bytes, n: int) -> np.ndarray | N
 
 def _timed(fn: Any, arg: Any) -> tuple[Any, float]:
     t = time.perf_counter()
-    out = fn(arg)
-    return out, (time.perf_counter() - t) * 1000
+    return fn(arg), (time.perf_counter() - t) * 1000

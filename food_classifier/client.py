@@ -1,4 +1,4 @@
-"""A small HTTP client for the prediction service (httpx), sync and async.
+"""Small clients for the prediction service: HTTP (httpx, sync and async) and gRPC (`GrpcClient`).
 
     from food_classifier.client import Client
     with Client("http://127.0.0.1:8383") as c:
@@ -6,9 +6,13 @@
         [r.get("label") for r in c.predict_batch(["a.jpg", b"...jpeg bytes..."])]
 
     food_classifier.client.predict("pie.jpg")          # one-off, default URL
+    with GrpcClient("127.0.0.1:8384") as g:            # the same calls and answers over gRPC
+        g.predict("pie.jpg")["label"]
 
-Errors from the server raise `PredictionError` carrying its `status`, `error` code and `detail`;
-in `predict_batch` a bad image is an entry with an "error" key, as the server sends it.
+Errors from the server raise `PredictionError` carrying its `status`, `error` code and `detail`
+(the HTTP status and code also over gRPC); in `predict_batch` a bad image is an entry with an
+"error" key, as the server sends it. `GrpcClient` needs the `grpc` extra and imports it only when
+one is created, so importing this module never imports grpc.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import mimetypes
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +171,140 @@ def predict_batch(images: Sequence[ImageSource], url: str = DEFAULT_URL, **kwarg
     api_key = kwargs.pop("api_key", None)
     with Client(url, api_key=api_key) as c:
         return c.predict_batch(images, **kwargs)
+
+
+
+# --- gRPC ------------------------------------------------------------------------------------------------
+
+DEFAULT_TARGET = os.environ.get("FOOD_CLASSIFIER_GRPC", "127.0.0.1:8384")
+MiB = 1024 * 1024
+# HTTP status of errors raised by gRPC itself (no fc-status trailer), e.g. an oversized message
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+               "RESOURCE_EXHAUSTED": 413, "UNIMPLEMENTED": 501, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+
+
+def _prediction(r: Any) -> dict[str, Any]:
+    out = {"label": r.label, "label_idx": r.label_idx, "confidence": r.confidence,
+           "top_k": [{"label": t.label, "probability": t.probability} for t in r.top_k], "abstained": r.abstained,
+           "model": r.model, "model_version": r.model_version, "request_id": r.request_id,
+           "timing": {"total_ms": r.timing.total_ms, "preprocess_ms": r.timing.preprocess_ms,
+                      "queue_ms": r.timing.queue_ms, "inference_ms": r.timing.inference_ms,
+                      "batch_size": r.timing.batch_size}}
+    if r.cache:  # a server with a prediction cache says how it answered; without one the field stays empty
+        out["cache"] = r.cache
+    return out
+
+
+def _model(m: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    def opt(field: str) -> Any:
+        return getattr(m, field) if m.HasField(field) else None
+
+    return {"name": m.name, "version": m.version, "default": m.is_default, "variant": m.variant,
+            "variants": list(m.variants), "labels": list(m.labels), "arch": opt("arch"),
+            "created_at": opt("created_at"), "metrics": MessageToDict(m.metrics),
+            "preprocessing": MessageToDict(m.preprocessing), "temperature": m.temperature,
+            "abstain_threshold": opt("abstain_threshold"), "builtin": m.builtin, "description": opt("description"),
+            "loaded_at": m.loaded_at}
+
+
+class GrpcClient:
+    """Blocking client over one channel (use as a context manager or call `close`)."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, api_key: str | None = None, model: str | None = None,
+                 timeout: float = 30.0, max_message_bytes: int = 64 * MiB):
+        from food_classifier.v1 import load_stubs
+
+        self.pb2, pb2_grpc = load_stubs()
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        self._grpc, self._health_pb2 = grpc, health_pb2
+        self.target, self.model, self.timeout = target, model, timeout
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", max_message_bytes),
+                                                              ("grpc.max_receive_message_length", max_message_bytes)])
+        self.stub = pb2_grpc.ClassifierStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    def _request(self, data: bytes, model: str | None, top_k: int | None, threshold: float | None) -> Any:
+        return self.pb2.ClassifyRequest(model=model or self.model or "", image=data, top_k=top_k, threshold=threshold)
+
+    def _error(self, e: Any) -> PredictionError:
+        trailer = dict(e.trailing_metadata() or ())
+        code = e.code().name
+        status = int(trailer["fc-status"]) if "fc-status" in trailer else HTTP_STATUS.get(code, 500)
+        err = PredictionError(status, trailer.get("fc-error", code.lower()), e.details() or "")
+        err.grpc_code = e.code()
+        return err
+
+    def predict(self, image: ImageSource, *, model: str | None = None, top_k: int | None = None,
+                threshold: float | None = None, raw: bool = False) -> dict[str, Any]:
+        """Classify one image (a path or bytes) with one Classify call (`raw` is accepted for the HTTP
+        client's signature: gRPC always sends the bare bytes)."""
+        _, data, _ = _file(image)
+        try:
+            r = self.stub.Classify(self._request(data, model, top_k, threshold), metadata=self.metadata,
+                                   timeout=self.timeout)
+        except self._grpc.RpcError as e:
+            raise self._error(e) from None
+        return _prediction(r)
+
+    def predict_batch(self, images: Sequence[ImageSource], *, model: str | None = None, top_k: int | None = None,
+                      threshold: float | None = None) -> list[dict[str, Any]]:
+        """Classify many images on one ClassifyStream; results in input order, bad images as error entries."""
+        names: list[str | None] = []
+
+        def requests() -> Iterator[Any]:
+            for i, image in enumerate(images):
+                name, data, _ = _file(image, i)
+                names.append(name)
+                yield self._request(data, model, top_k, threshold)
+
+        results = []
+        try:
+            for i, r in enumerate(self.stub.ClassifyStream(requests(), metadata=self.metadata,
+                                                           timeout=self.timeout * max(1, len(images)))):
+                head = {"index": i, "filename": names[i]}
+                if r.HasField("error"):
+                    results.append({**head, "error": r.error.error, "detail": r.error.detail,
+                                    "status": r.error.status})
+                else:
+                    body = _prediction(r)
+                    del body["model"], body["model_version"]
+                    results.append({**head, **body})
+        except self._grpc.RpcError as e:
+            raise self._error(e) from None
+        return results
+
+    def models(self) -> list[dict[str, Any]]:
+        try:
+            answer = self.stub.ListModels(self.pb2.ListModelsRequest(), metadata=self.metadata, timeout=self.timeout)
+        except self._grpc.RpcError as e:
+            raise self._error(e) from None
+        return [_model(m) for m in answer.models]
+
+    def ready(self) -> bool:
+        """The standard health service says SERVING (every model loaded and warm)."""
+        try:
+            r = self.health.Check(self._health_pb2.HealthCheckRequest(service=""), timeout=min(self.timeout, 5.0))
+        except self._grpc.RpcError:
+            return False
+        return r.status == self._health_pb2.HealthCheckResponse.SERVING
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.target} not ready after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> GrpcClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

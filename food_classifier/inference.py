@@ -1,6 +1,6 @@
 """Prediction with ONNX Runtime from a model bundle. No torch on this path.
 
-    clf = Classifier("models/food")          # a bundle dir or a model dir (newest version)
+    clf = Classifier("models/food")          # a bundle dir or a model dir (promoted, else newest version)
     clf.predict("pie.jpg").label
     clf.predict_batch([bytes1, "b.png", pil_image])
     Classifier("models/food", cache=PredictionCache())   # repeated photos skip decode and/or inference
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from food_classifier.cache import PredictionCache
 
 UNSURE = "unsure"
+AUTO = "auto"  # the variant the bundle recommends (BundleMeta.recommended_variant)
 
 
 @dataclass
@@ -48,16 +49,17 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 class Classifier:
     """A loaded bundle + ONNX Runtime session. Thread-safe: ORT's `run` may be called concurrently.
 
-    A path loads the newest valid version; a graph ORT cannot load, or whose output width is not the
+    A path loads the promoted, else the newest valid version; `variant="auto"` takes the bundle's
+    recommended one. A graph ORT cannot load, or whose output width is not the
     number of labels, is a `BundleError` naming the file (the session is the one place that sees it)."""
 
     def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, variant: str = "fp32",
                  top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS, cache: PredictionCache | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_newest(bundle)
-        self.variant = variant
+        self.variant = self.bundle.meta.recommended_variant() if variant == AUTO else variant
         self.top_k = top_k
         self.max_pixels = max_pixels
-        model = self.bundle.model_file(variant)
+        model = self.bundle.model_file(self.variant)
         try:
             self.session = runtime.create_session(model, threads)
         except Exception as e:  # not an ONNX graph, truncated, unsupported op...
@@ -70,6 +72,8 @@ class Classifier:
         self.labels = self.bundle.labels
         self.spec = self.bundle.preprocessing
         self.cache = cache
+        # Imported models may end in a softmax (`import-onnx --outputs probs`): their log is a logit.
+        self.outputs_probs = self.bundle.meta.output is not None and self.bundle.meta.output.kind == "probs"
 
     @property
     def name(self) -> str:
@@ -83,10 +87,11 @@ class Classifier:
         return preprocess(image, self.spec, max_pixels=self.max_pixels)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return runtime.run(self.session, batch)
+        out = runtime.run(self.session, batch)
+        return np.log(np.maximum(out, 1e-30)) if self.outputs_probs else out
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities for a preprocessed [N,3,H,W] batch."""
+        """Calibrated class probabilities for a preprocessed batch ([N, *spec.input_shape])."""
         return softmax(self.logits(batch), self.bundle.temperature)
 
     def decide(self, probs: np.ndarray, top_k: int | None = None,

@@ -18,6 +18,7 @@ from food_classifier.preprocessing import PreprocessSpec
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "food101_mini3"
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+ADMIN_KEY = "test-admin-key"  # the `server` fixture's admin key (reload)
 
 
 def colour_image(name: str, size: tuple[int, int] = (96, 80), noise: int = 20, seed: int = 0) -> Image.Image:
@@ -91,5 +92,6 @@ def server(colour_bundle):
     """The real server process (uvicorn) serving the colour bundle on a free port."""
     from food_classifier.testing import ServerProcess
 
-    with ServerProcess([colour_bundle], args=["--ort-threads", "1"]) as srv:
+    env = {"FOOD_CLASSIFIER_ADMIN_KEY": ADMIN_KEY}
+    with ServerProcess([colour_bundle], args=["--ort-threads", "1"], env=env) as srv:
         yield srv

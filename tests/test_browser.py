@@ -44,6 +44,17 @@ def test_upload_a_photo_and_read_the_label(server, page, tmp_path):
     page.screenshot(path=str(os.environ.get("FC_TEST_SCREENSHOT", tmp_path / "page.png")), full_page=True)
 
 
+def test_the_page_shows_the_served_variant(server, page, tmp_path):
+    photo = tmp_path / "red.jpg"
+    photo.write_bytes(image_bytes(colour_image("red", size=(200, 160))))
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#version').textContent.length > 0")
+    assert page.text_content("#version") == "version 20260101T000000-colour · fp32"  # the colour bundle: fp32 only
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#result:not([hidden])", timeout=15000)
+    assert page.text_content("#timing").startswith("colour 20260101T000000-colour (fp32) · ")
+
+
 def test_a_real_food_photo_and_a_bad_file(server, page, tmp_path):
     photos = sorted(SHARED_DATA.glob("*/*.jpg"))[:1] if SHARED_DATA.exists() else []
     if photos:

@@ -79,6 +79,23 @@ def test_coffee_photo_is_espresso(food_clf):
     assert sum(t["probability"] for t in pred.top_k) <= 1.0 + 1e-6
 
 
+def test_non_food_photos_get_unsure_from_the_chosen_threshold(food_bundle, food_clf):
+    """Issue 16: the built-in model abstains below the threshold bench/builtin_threshold.py chose."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    meta = json.loads((food_bundle / "bundle.json").read_text())
+    assert meta["abstention"]["threshold"] == builtin.ABSTAIN_THRESHOLD == food_clf.bundle.abstain_threshold
+    assert 0.2 < builtin.ABSTAIN_THRESHOLD < 0.6 and "Youden" in meta["abstention"]["method"]
+    photos = {"rocket": skimage_data.rocket(), "astronaut": skimage_data.astronaut(), "cat": skimage_data.chelsea(),
+              "bricks": skimage_data.brick(), "temple": load_sample_image("china.jpg")}
+    for name, pixels in photos.items():
+        pred = food_clf.predict(Image.fromarray(pixels))
+        assert pred.abstained and pred.label == "unsure", (name, pred)
+        assert pred.top_k[0]["label"] != "unsure"  # the guess is still there, for who wants it
+    assert not food_clf.predict(coffee()).abstained
+
+
 def test_probabilities_are_imagenet_renormalized_over_foods(food_clf):
     """Softmax over the bundle's logits == the full ImageNet softmax restricted and renormalized."""
     import torch

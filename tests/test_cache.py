@@ -152,7 +152,8 @@ def test_batch_endpoint_and_classifier_share_the_cache(colour_bundle, tmp_path):
 def test_reload_never_serves_the_old_versions_answers(tmp_path):
     model_dir = tmp_path / "colour"
     make_colour_bundle(model_dir / "v1", version="v1", scale=4.0)
-    client = ready_client(ServeSettings(bundles=[model_dir]))
+    client = ready_client(ServeSettings(bundles=[model_dir], admin_key="admin-key"))
+    client.headers["X-API-Key"] = "admin-key"  # reload needs the admin key
     try:
         data = image_bytes(colour_image("red"))
         old = post(client, data)

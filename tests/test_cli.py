@@ -71,7 +71,7 @@ def test_predict_prints_labels_and_json(colour_bundle, tmp_path):
         colour_image(name).save(tmp_path / f"{name}.png")
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     out = run("predict", "--model", str(colour_bundle), str(tmp_path / "red.png"), str(tmp_path / "bad.jpg"))
-    assert out.returncode == 0
+    assert out.returncode == 1  # issue 16: an unreadable image fails the command (the others are still answered)
     assert "red.png: red" in out.stdout and "bad.jpg: error" in out.stderr
     out = run("predict", "--json", "--model", str(colour_bundle), str(tmp_path / "blue.png"))
     assert json.loads(out.stdout)["label"] == "blue"

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from food_classifier.training import data
-from food_classifier.training.data import DEFAULT_SOURCE, SOURCES, DataError, fetch
+from food_classifier.training import sources
+from food_classifier.training.download import fetch
+from food_classifier.training.sources import DEFAULT_SOURCE, SOURCES, DataError
 
 
 class FileServer:
@@ -143,7 +144,7 @@ def test_fetch_tar_gz(server, tmp_path):
 def test_sha256_match_and_named_source(server, tmp_path, monkeypatch):
     body = make_zip(TREE)
     url = server.add("/named.zip", body)
-    monkeypatch.setitem(data.SOURCES, "local", {"url": url, "sha256": hashlib.sha256(body).hexdigest()})
+    monkeypatch.setitem(sources.SOURCES, "local", {"url": url, "sha256": hashlib.sha256(body).hexdigest()})
     root = fetch("local", tmp_path / "dest", progress=False)
     assert root.name == "food" and (root / "pizza").is_dir()
 

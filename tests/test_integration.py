@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
+    from food_classifier.training.config import TrainConfig
     from food_classifier.training.data import split
     from food_classifier.training.pipeline import train_and_publish
-    from food_classifier.training.train import TrainConfig
 
     tmp = tmp_path_factory.mktemp("spine")
     rows = split(SHARED_DATA, tmp / "manifest.csv", progress=False)

@@ -11,7 +11,7 @@ from food_classifier.training.models import (
     create_model,
     default_preprocessing,
     list_models,
-    lite0_weights_path,
+    lite_weights_path,
     lukemelas_to_timm,
 )
 
@@ -68,7 +68,7 @@ def test_base_cnn_any_number_of_classes(classes):
 def test_lite0_loads_shipped_weights_strictly_and_maps_every_key():
     import timm
 
-    state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    state = torch.load(lite_weights_path(0), map_location="cpu", weights_only=True)
     ref = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     mapped = lukemelas_to_timm(state, [len(s) for s in ref.blocks])
     assert set(mapped) == set(ref.state_dict())  # strict: nothing missing, nothing extra

@@ -8,6 +8,7 @@ fails too), $refs resolved within the spec.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 
@@ -19,6 +20,7 @@ from jsonschema import Draft202012Validator, ValidationError
 from food_classifier.testing import ServerProcess
 
 KEY = "schema-test-key"
+ADMIN = {"X-API-Key": "schema-admin-key"}
 JPEG = {"content-type": "image/jpeg"}
 
 
@@ -71,7 +73,8 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(models):
-    srv = ServerProcess([models / "models" / "colour"], env={"FOOD_CLASSIFIER_API_KEY": KEY},
+    srv = ServerProcess([models / "models" / "colour"], env={"FOOD_CLASSIFIER_API_KEY": KEY,
+                                                        "FOOD_CLASSIFIER_ADMIN_KEY": ADMIN["X-API-Key"]},
                         args=["--allow-path-root", str(models / "photos"), "--max-body-bytes", "200000",
                               "--max-batch-images", "4", "--ort-threads", "1"])
     with srv, httpx.Client(base_url=srv.url, headers={"X-API-Key": KEY}, timeout=30) as client:
@@ -124,12 +127,51 @@ def test_live_responses_match_the_published_schema(live, models):
     check(c.get("/predict", params={"image_path": "/etc/passwd"}), 403)
     check(c.get("/predict", params={"image_path": "missing.jpg"}), 404)
 
+    # feedback on an earlier prediction, by its request_id or the image's sha256; unknown ones are errors
+    r = c.post("/v1/models/colour/predict", content=jpg("red", 7), headers=JPEG)
+    pred = check(r, 200)
+    assert r.headers["x-request-id"] == pred["request_id"]
+    feedback = "/v1/models/colour/feedback"
+    assert check(c.post(feedback, json={"request_id": pred["request_id"], "label": "red"}), 200)["correct"] is True
+    by_sha = {"sha256": hashlib.sha256(jpg("red", 7)).hexdigest(), "label": "blue"}
+    assert check(c.post(feedback, json=by_sha), 200) == {
+        "request_id": pred["request_id"], "model": "colour", "model_version": "v1", "label": "blue",
+        "predicted": "red", "correct": False}
+    check(c.post(feedback, json={"request_id": "nope", "label": "red"}), 404)
+    check(c.post(feedback, json={"request_id": pred["request_id"], "label": "purple"}), 422)
+    check(c.post(feedback, json={"label": "red"}), 422)
+    check(c.post("/v1/models/nope/feedback", json={"request_id": pred["request_id"], "label": "red"}), 404)
+
     # reload: the same version again, then a broken newer one (409, the old one keeps serving)
-    assert check(c.post("/v1/models/colour/reload"), 200)["version"] == "v1"
+    assert check(c.post("/v1/models/colour/reload", headers=ADMIN), 200)["version"] == "v1"
+    check(c.post("/v1/models/colour/reload"), 401)  # the API key is not the admin key
     (models / "models" / "colour" / "v2").mkdir()
     (models / "models" / "colour" / "v2" / "bundle.json").write_text("{not json")
-    check(c.post("/v1/models/colour/reload"), 409)
-    check(c.post("/v1/models/nope/reload"), 404)
+    check(c.post("/v1/models/colour/reload", headers=ADMIN), 409)
+    check(c.post("/v1/models/nope/reload", headers=ADMIN), 404)
+
+    # the Open Inference Protocol (/v2): its own bodies and its error form {"error": message}
+    assert check(c.get("/v2"), 200)["name"] == "food-classifier"
+    assert check(c.get("/v2/health/live"), 200) == {"live": True}
+    assert check(c.get("/v2/health/ready"), 200) == {"ready": True}
+    assert check(c.get("/v2/models/colour"), 200)["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert check(c.get("/v2/models/colour/versions/v1"), 200)["versions"] == ["v1"]
+    assert check(c.get("/v2/models/colour/ready"), 200) == {"name": "colour", "ready": True}
+    assert check(c.get("/v2/models/colour/versions/v1/ready"), 200)["ready"] is True
+    check(c.get("/v2/models/nope"), 404)
+    check(c.get("/v2/models/colour/versions/v0/ready"), 404)
+    tensor = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(jpg("blue")).decode()]}
+    infer = check(c.post("/v2/models/colour/infer", json={"inputs": [tensor], "id": "x"}), 200)
+    assert infer["id"] == "x" and infer["outputs"][0] == {"name": "label", "datatype": "BYTES", "shape": [1],
+                                                          "data": ["blue"]}
+    assert check(c.post("/v2/models/colour/versions/v1/infer", json={"inputs": [tensor]}), 200)["model_version"] == "v1"
+    for bad, status in [(c.post("/v2/models/colour/infer", json={"inputs": []}), 400),
+                        (c.post("/v2/models/colour/infer", json={"inputs": [{**tensor, "data": ["eA=="]}]}), 415),
+                        (c.post("/v2/models/nope/infer", json={"inputs": [tensor]}), 404),
+                        (c.post("/v2/models/colour/infer", json={"inputs": [{**tensor, "shape": [5],
+                                                                               "data": tensor["data"] * 5}]}), 413)]:
+        assert set(check(bad, status)) == {"error"}
+    check(httpx.get(f"{c.base_url}/v2"), 401)
 
     json_ops = {(m, t) for t, ops in spec.spec["paths"].items() for m, op in ops.items()
                 if "application/json" in op["responses"].get("200", {}).get("content", {})}

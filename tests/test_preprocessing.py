@@ -99,3 +99,26 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert len(bomb) < 100_000
     with pytest.raises(ImageTooLarge, match="pixels"):
         open_image(bomb, max_pixels=10_000_000)
+
+
+def test_layout_and_scale_default_to_todays_pixels_and_old_dicts_load():
+    old = {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+    spec = PreprocessSpec.from_dict(old)
+    assert spec == LITE0 and spec.layout == "NCHW" and spec.scale == 1.0 and spec.input_shape == (3, 224, 224)
+    assert spec.to_dict() == old  # bundles that do not need the new keys are written as before
+    assert spec.key == "p2-r256-c224-bicubic-m0.5,0.5,0.5-s0.5,0.5,0.5"
+
+
+def test_nhwc_raw_pixels_for_keras_style_models():
+    img = colour_image("red", size=(300, 200))
+    keras = PreprocessSpec(resize=256, crop=224, mean=(0, 0, 0), std=(1, 1, 1), layout="NHWC", scale=255)
+    x = preprocess(img, keras)
+    assert x.shape == (224, 224, 3) == keras.input_shape and x.dtype == np.float32
+    np.testing.assert_array_equal(x, np.asarray(resize_crop(img, keras), dtype=np.float32))  # 0-255, untouched
+    caffe = PreprocessSpec(mean=(123.0, 117.0, 104.0), std=(1, 1, 1), scale=255)  # mean in the 0-255 range
+    np.testing.assert_allclose(preprocess(img, caffe).transpose(1, 2, 0), x - [123.0, 117.0, 104.0], atol=1e-4)
+    nhwc = PreprocessSpec(layout="NHWC")
+    np.testing.assert_array_equal(preprocess(img, nhwc), preprocess(img, LITE0).transpose(1, 2, 0))
+    assert PreprocessSpec.from_dict(keras.to_dict()) == keras and keras.key != LITE0.key
+    with pytest.raises(ValueError, match="layout must be one of NCHW, NHWC"):
+        PreprocessSpec(layout="CHW")

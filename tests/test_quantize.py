@@ -173,12 +173,14 @@ def test_add_int8_variant_measures_and_records_everything(bundle, data):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # a QDQ graph
 
     # the serving path: same labels from the int8 variant, and publish carries the file along
-    from food_classifier.training.export import publish
+    from food_classifier.training.publish import publish, variant_files
 
     clf = Classifier(bundle, variant="int8")
     for name in COLOURS:
         assert clf.predict(colour_image(name, seed=7)).label == name
-    published = load_bundle(publish(bundle, bundle.parent.parent / "models"))
+    b = load_bundle(bundle)
+    published = load_bundle(publish(b.meta, variant_files(b), bundle.parent.parent / "models" / b.name / b.version,
+                                    move=False))
     assert published.model_file("int8").read_bytes() == int8.read_bytes()
     assert published.variants["int8"].test_accuracy == 1.0
 

@@ -12,16 +12,18 @@ import pytest
 from conftest import COLOURS, colour_image, make_imagefolder
 from PIL import Image
 
-from food_classifier.training.report import SECTIONS, bootstrap_macro_f1, build_report
+from food_classifier.training.report import bootstrap_macro_f1, build_report
 
+SECTIONS = ("summary", "tiers", "confusion", "per-class", "roc", "calibration", "abstention", "mistakes",
+            "history")
 PNGS = ("tiers", "confusion", "per_class", "roc", "reliability", "coverage", "mistakes", "history")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
+    from food_classifier.training.config import TrainConfig
     from food_classifier.training.data import split
     from food_classifier.training.pipeline import train_and_publish
-    from food_classifier.training.train import TrainConfig
 
     tmp = tmp_path_factory.mktemp("tiny")
     split(make_imagefolder(tmp / "photos"), tmp / "manifest.csv", progress=False)
@@ -60,6 +62,25 @@ def test_report_has_every_section_and_readable_pngs(tiny_run, report_html):
             assert im.format == "PNG" and im.width >= 400 and im.height >= 250, (name, im.size)
             # not blank: a readable figure has ink on it
             assert np.asarray(im.convert("L")).std() > 5, name
+
+
+def test_report_shows_time_per_stage_and_the_int8_variant(tiny_run, report_html):
+    """Issue 16: the stage times of the run and the int8 section (accuracy, agreement, speed-up)."""
+    times = json.loads((tiny_run / "timings.json").read_text())
+    assert list(times) == ["fit", "export", "evaluate", "calibrate", "int8", "publish"]
+    section = report_html[report_html.index('data-section="times"'):]
+    section = section[:section.index("</section>")]
+    for stage, seconds in times.items():
+        assert f"<td>{stage}</td><td>{seconds:.1f}</td>" in section
+    assert f"<td>total</td><td>{sum(times.values()):.1f}</td>" in section
+    int8 = json.loads((tiny_run / "bundle" / "bundle.json").read_text())["variants"]["int8"]
+    section = report_html[report_html.index('data-section="int8"'):]
+    section = section[:section.index("</section>")]
+    assert f"<td>{int8['fp32_test_accuracy']:.4f}</td><td>{int8['test_accuracy']:.4f}</td>" in section
+    assert f"<td>top-1 agreement with fp32 (test)</td><td></td><td>{int8['top1_agreement']['test']:.4f}</td>" in (
+        section)
+    assert f"x{int8['speedup']['batch32']:.2f}" in section and int8["method"] in section
+    assert ("recommended: `serve` uses it by default" if int8["recommended"] else "not recommended") in section
 
 
 def test_report_is_self_contained(report_html):

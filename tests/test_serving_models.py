@@ -54,7 +54,8 @@ def test_missing_variant_fails_loading_with_a_clear_reason(colour_bundle):
 def test_reload_swaps_to_newest_version_and_survives_a_broken_one(tmp_path):
     model_dir = tmp_path / "colour"
     make_colour_bundle(model_dir / "v1", version="v1", created_at="2026-01-01T00:00:00")
-    c = ready_client(ServeSettings(bundles=[model_dir]))
+    c = ready_client(ServeSettings(bundles=[model_dir], admin_key="admin-key"))
+    c.headers["X-API-Key"] = "admin-key"  # reload needs the admin key
     try:
         predict = lambda: c.post("/predict", content=jpg("red"), headers={"content-type": JPEG}).json()  # noqa: E731
         assert predict()["model_version"] == "v1"
@@ -104,7 +105,7 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert s.bundles == [tmp_path / "a", tmp_path / "b"] and s.port == 9000 and s.api_key_value() == "k"
     assert s.variant_for("food") == "int8" and s.variant_for("other") == "auto"
     assert ServeSettings(port=1234).port == 1234  # explicit (CLI) values win over the environment
-    assert ServeSettings(variant=[]).variant_for("x") == "fp32"
+    assert ServeSettings(variant=[]).variant_for("x") == "auto"  # issue 16: the recommended variant by default
 
 
 def test_model_sources(tmp_path):

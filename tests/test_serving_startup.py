@@ -49,7 +49,8 @@ def test_broken_and_temporary_versions_are_skipped_and_counted(tmp_path):
     published(model, "v1", 1)
     corrupt(model)
     half_published(model, "v9")
-    c = ready_client(ServeSettings(bundles=[model]))
+    c = ready_client(ServeSettings(bundles=[model], admin_key="admin-key"))
+    c.headers["X-API-Key"] = "admin-key"  # reload needs the admin key
     try:
         assert c.get("/readyz").json()["models"] == {"colour": "v1"}
         assert c.post("/predict", content=jpg("red"), headers={"content-type": JPEG}).json()["model_version"] == "v1"

@@ -255,11 +255,11 @@ def test_decoded_images_waiting_for_the_model_are_bounded(colour_bundle):
     live, peak = 0, 0
     original = service._prepare
 
-    async def counting_prepare(model, data):
+    async def counting_prepare(model, *args):
         nonlocal live, peak
         live += 1
         peak = max(peak, live)
-        return await original(model, data)
+        return await original(model, *args)
 
     service._prepare = counting_prepare
 

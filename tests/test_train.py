@@ -12,9 +12,11 @@ from PIL import Image
 
 from food_classifier.bundle import load_bundle
 from food_classifier.inference import Classifier
+from food_classifier.training.config import TrainConfig
 from food_classifier.training.data import read_manifest
 from food_classifier.training.pipeline import train_and_publish
-from food_classifier.training.train import History, TrainConfig, fit, load_checkpoint
+from food_classifier.training.runs import History
+from food_classifier.training.train import fit, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +89,14 @@ def test_resume_continues_where_it_stopped(tiny_manifest, tmp_path, monkeypatch)
     fit(tiny_manifest, config, resume=run)
     assert [int(r["epoch"]) for r in history(run)] == [1, 2, 3, 4]  # resumed at 3, did not start over
     model, meta = load_checkpoint(run)
-    assert meta["arch"] == "base_cnn" and not model.training
+    assert meta.arch == "base_cnn" and not model.training
 
 
 def test_out_of_fold_logits_never_see_their_own_row():
     """A row duplicated with a flipped label would be memorised by a head that saw it; out of fold it can't be."""
     import torch
 
-    from food_classifier.training.train import out_of_fold_logits
+    from food_classifier.training.head import out_of_fold_logits
 
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 16, generator=g) * 4
@@ -121,6 +123,8 @@ def test_calibration_uses_out_of_fold_logits_on_the_head_path(tiny_manifest, tmp
     cal = load_bundle(bundle).meta.calibration
     n = sum(r.tier in ("train", "validation") for r in read_manifest(tiny_manifest))
     assert cal.fitted_on == "out-of-fold train+validation" and cal.n_fit == n
+    ref = load_bundle(bundle).meta.reference  # monitoring's baseline, from the same held-out probabilities
+    assert ref is not None and ref.n == n and ref.source == cal.fitted_on and sum(ref.class_counts) == n
 
 
 @pytest.mark.parametrize("refit", [True, False])
@@ -164,8 +168,8 @@ def test_ensemble_head_fit_equals_each_member_fitted_alone():
     each member head is the one a plain Linear reaches on that member's features alone."""
     import torch
 
+    from food_classifier.training.head import lbfgs_head_step
     from food_classifier.training.models import EnsembleHead
-    from food_classifier.training.train import lbfgs_head_step
 
     g = torch.Generator().manual_seed(1)
     y = torch.arange(90) % 3

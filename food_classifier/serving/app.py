@@ -3,8 +3,9 @@
     app = create_app(ServeSettings(bundles=[Path("models/food")]))
 
 Models load in the background after startup, so `/healthz` answers at once and `/readyz` turns green
-when every model is loaded and warmed. If loading fails (no valid version of a model), the real server
-exits with status 3 instead of staying alive and unready. SIGHUP reloads every model (when running in the main thread).
+when every model is loaded and warmed (both answer HEAD too: load balancers probe with it). If loading
+fails (no valid version of a model), the real server exits with status 3 instead of staying alive and
+unready. SIGHUP reloads every model (when running in the main thread); reload over HTTP needs the admin key.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from food_classifier.bundle import model_sources
-from food_classifier.serving import schemas
+from food_classifier.serving import routes_feedback, routes_oip, schemas
 from food_classifier.serving.errors import NotReady, ServiceError
 from food_classifier.serving.inputs import read_image, read_images
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.middleware import ServingMiddleware
+from food_classifier.serving.monitor import ServingMonitor
 from food_classifier.serving.registry import LoadedModel, ModelRegistry
 from food_classifier.serving.service import PredictionService
 from food_classifier.serving.settings import ServeSettings
@@ -38,9 +41,7 @@ from food_classifier.serving.settings import ServeSettings
 log = logging.getLogger("food_classifier.serving")
 STATIC = Path(__file__).parent / "static"
 EXIT_NO_MODEL = 3  # the server started but no model could be loaded (as uvicorn's own startup failure)
-TopK = Annotated[int | None, Query(ge=1, le=1000, description="How many classes to return in top_k.")]
-Threshold = Annotated[float | None, Query(ge=0.0, le=1.0, description="Abstain (label 'unsure') below this "
-                                                                       "confidence; default: the bundle's.")]
+TopK, Threshold = schemas.TopKQuery, schemas.ThresholdQuery
 MODEL_ERRORS = schemas.AUTH | schemas.errors({404: "Unknown model", 503: "Models still loading"})
 router = APIRouter()
 
@@ -53,6 +54,11 @@ def _info(reg: ModelRegistry, model: LoadedModel) -> schemas.ModelInfo:
     return schemas.ModelInfo.model_validate(model.info(model.name == reg.default_name))
 
 
+def _rid(request: Request) -> str | None:
+    """The request id the middleware gave this request (also its X-Request-ID header)."""
+    return getattr(request.state, "request_id", None)
+
+
 def _tag(request: Request, name: str | None) -> None:
     """Label this request's metrics with the model, only if it is a loaded one (bounded labels)."""
     reg: ModelRegistry = request.app.state.registry
@@ -62,6 +68,7 @@ def _tag(request: Request, name: str | None) -> None:
 
 
 @router.get("/healthz", tags=["ops"])
+@router.head("/healthz", include_in_schema=False)
 async def healthz() -> schemas.Health:
     """The process is alive (models may still be loading)."""
     return schemas.Health(status="ok")
@@ -69,6 +76,7 @@ async def healthz() -> schemas.Health:
 
 @router.get("/readyz", tags=["ops"], responses=schemas.errors({503: "Models still loading or failed"}),
             response_model_exclude_none=True)
+@router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> schemas.Ready:
     """Green only once every model is loaded and warmed up. A failing cache does not make it red (requests
     work without it): it shows as `cache.state: degraded`."""
@@ -107,7 +115,8 @@ async def predict(request: Request, response: Response, name: str, top_k: TopK =
     _tag(request, name)
     svc = _svc(request)
     svc.registry.get(name)  # 404/503 before reading the body
-    body = schemas.Prediction.model_validate(await svc.predict(name, await read_image(request), top_k, threshold))
+    body = schemas.Prediction.model_validate(await svc.predict(name, await read_image(request), top_k, threshold,
+                                                               _rid(request)))
     _x_cache(response, body.cache)
     return body
 
@@ -119,7 +128,8 @@ async def predict_default(request: Request, response: Response, top_k: TopK = No
     _tag(request, None)
     svc = _svc(request)
     svc.registry.get(None)
-    body = schemas.Prediction.model_validate(await svc.predict(None, await read_image(request), top_k, threshold))
+    body = schemas.Prediction.model_validate(await svc.predict(None, await read_image(request), top_k, threshold,
+                                                               _rid(request)))
     _x_cache(response, body.cache)
     return body
 
@@ -134,7 +144,8 @@ async def predict_batch(request: Request, response: Response, name: str, top_k: 
     svc = _svc(request)
     svc.registry.get(name)
     images = await read_images(request, svc.settings.max_batch_images)
-    body = schemas.BatchPrediction.model_validate(await svc.predict_batch(name, images, top_k, threshold))
+    body = schemas.BatchPrediction.model_validate(await svc.predict_batch(name, images, top_k, threshold,
+                                                                          _rid(request)))
     outcomes = {r.cache for r in body.results if isinstance(r, schemas.BatchResult)}
     if outcomes:  # one value when all answered images agree, else "mixed" (each result has its own `cache`)
         _x_cache(response, outcomes.pop() if len(outcomes) == 1 else "mixed")
@@ -150,19 +161,23 @@ async def predict_batch_default(request: Request, response: Response, top_k: Top
 @router.get("/predict", tags=["predict"],
             responses=schemas.ERRORS | schemas.errors({403: "Path access off or outside the roots",
                                                        404: "Unknown model or no such file"}))
-async def predict_path(request: Request, response: Response, image_path: Annotated[str, Query(min_length=1)],
+async def predict_path(request: Request, response: Response,
+                       image_path: Annotated[str, Query(min_length=1, pattern=r"^[^\x00]+$")],
                        model_type: str | None = None) -> schemas.SeedPrediction:
     """The seed's call: classify a server-side file under `--allow-path-root` (403 otherwise)."""
     _tag(request, model_type)
-    body = await _svc(request).predict_path(model_type, image_path)
+    body = await _svc(request).predict_path(model_type, image_path, _rid(request))
     _x_cache(response, body.pop("cache"))  # the body keeps the seed's shape
     return schemas.SeedPrediction.model_validate(body)
 
 
-@router.post("/v1/models/{name}/reload", tags=["models"],
-             responses=MODEL_ERRORS | schemas.errors({409: "Reload failed; the old version keeps serving"}))
+@router.post("/v1/models/{name}/reload", tags=["admin"],
+             responses=MODEL_ERRORS | schemas.errors({401: "Admin key missing or wrong",
+                                                      403: "No admin key configured: reload over HTTP is off",
+                                                      409: "Reload failed; the old version keeps serving"}))
 async def reload_model(request: Request, name: str) -> schemas.Reloaded:
-    """Load the newest bundle version and swap it in; requests in flight finish on the old one."""
+    """Load the newest bundle version and swap it in; requests in flight finish on the old one.
+    Needs the admin key (FOOD_CLASSIFIER_ADMIN_KEY); without one configured it answers 403."""
     _tag(request, name)
     return schemas.Reloaded.model_validate(await request.app.state.registry.reload(name))
 
@@ -175,6 +190,10 @@ async def metrics(request: Request) -> Response:
     return Response(m.render(), media_type=m.content_type)
 
 
+router.include_router(routes_feedback.router)
+router.include_router(routes_oip.router)  # the Open Inference Protocol (/v2), same core
+
+
 @router.get("/", include_in_schema=False)
 async def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
@@ -182,6 +201,13 @@ async def index() -> FileResponse:
 
 def _error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(schemas.error_body(code, detail), status_code=status, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (several routes may share it)."""
+    methods = {m for r in router.routes if getattr(r, "methods", None)
+               and r.matches(request.scope)[0] != Match.NONE for m in r.methods}
+    return sorted(methods)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -200,9 +226,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(422, "invalid_request", "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette lists only the first route's methods: GET /predict hid POST
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return _error_response(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
@@ -215,7 +244,13 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     metrics = ServingMetrics()
     registry = ModelRegistry(model_sources(settings.bundles), settings, metrics)
-    service = PredictionService(registry, settings, metrics)
+    monitor = ServingMonitor(settings)
+    metrics.watch_monitor(monitor)
+    service = PredictionService(registry, settings, metrics, monitor=monitor)
+    if settings.grpc_port is not None:  # a missing grpc extra or a taken port fails here, before serving
+        from food_classifier.serving.grpc.server import check_port
+
+        check_port(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -236,16 +271,27 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 log.critical("cannot serve, shutting down with exit status %d: %s", EXIT_NO_MODEL, fatal[0])
                 signal.raise_signal(signal.SIGTERM)  # uvicorn's graceful shutdown, then the exit below
 
+        grpc_server = None
+        if settings.grpc_port is not None:  # gRPC on this same loop and service (serving/grpc/server.py)
+            from food_classifier.serving.grpc.server import GrpcServer
+
+            grpc_server = await GrpcServer.start(service, settings, metrics)
+            app.state.grpc_port = grpc_server.port
         loading = asyncio.create_task(registry.load_all(warm=service.warm_up))
         loading.add_done_callback(loaded)
+        if grpc_server is not None:  # health turns SERVING once every model is loaded and warm
+            loading.add_done_callback(lambda _: loop.create_task(grpc_server.serving(registry.ready)))
         try:
             yield
         finally:
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
             loading.cancel()
+            if grpc_server is not None:
+                await grpc_server.stop(grace=10.0)  # calls in flight finish on the service
             service.close()
             registry.close()
+            monitor.close()
             if fatal:  # uvicorn would exit 0 after a shutdown; the lifespan is its last step
                 logging.shutdown()
                 sys.stderr.flush()
@@ -256,7 +302,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app = FastAPIOffline(title="food-classifier", version="1", lifespan=lifespan, static_url="/docs-assets",
                          description="Classify food photos with ONNX Runtime model bundles.")
     app.state.settings, app.state.metrics = settings, metrics
-    app.state.registry, app.state.service = registry, service
+    app.state.registry, app.state.service, app.state.monitor = registry, service, monitor
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _install_error_handlers(app)

@@ -25,8 +25,8 @@ from typing import Annotated, Any
 import typer
 
 MiB = 1024 * 1024
-SERVE_HELP = ("Serve model bundles over HTTP (FastAPI + uvicorn, ONNX Runtime; no torch), or the same app on "
-              "Ray Serve (--engine ray).")
+SERVE_HELP = ("Serve bundles over HTTP (FastAPI + ONNX Runtime; no torch).\n\nThe same app runs on Ray Serve "
+              "with --engine ray. Opens a web page at /.")
 
 
 def _cli_type(annotation: Any) -> Any:
@@ -123,18 +123,25 @@ def run_server(settings: Any) -> None:
     from food_classifier.cache import CacheError
     from food_classifier.serving import memory
     from food_classifier.serving.app import create_app
+    from food_classifier.serving.protocol import protocol_class
+    from food_classifier.v1 import GrpcMissing
 
     memory.limit_arenas(2)  # before any worker thread allocates: keeps RSS from creeping (memory.py)
+    memory.mmap_large_blocks()  # decoded large images go back to the OS when freed (memory.py)
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.engine == "ray":
         _run_ray(settings)
     try:
         app = create_app(settings)
-    except (BundleError, CacheError) as e:
+    except (BundleError, CacheError, GrpcMissing, OSError) as e:  # OSError: a taken gRPC port, an unwritable log dir
         _fail(str(e))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=settings.access_log, timeout_graceful_shutdown=10)
+    s = settings
+    uvicorn.run(app, host=s.host, port=s.port, log_level=s.log_level, access_log=s.access_log,
+                http=protocol_class(s.header_timeout, s.max_header_bytes),
+                h11_max_incomplete_event_size=s.max_header_bytes,
+                limit_concurrency=s.limit_concurrency, timeout_keep_alive=s.keep_alive_timeout,
+                timeout_graceful_shutdown=s.shutdown_timeout)
 
 
 def _run_ray(settings: Any) -> typing.NoReturn:

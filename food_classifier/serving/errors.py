@@ -75,6 +75,24 @@ class ReloadFailed(ServiceError):
     status, code = 409, "reload_failed"
 
 
+class AdminDisabled(ServiceError):
+    status, code = 403, "admin_disabled"
+
+
+class RequestTimeout(ServiceError):
+    status, code = 408, "request_timeout"
+
+
+class ClientDisconnected(ServiceError):
+    """Nobody reads this answer; 499 (nginx's "client closed request") only labels the metrics and log."""
+
+    status, code = 499, "client_disconnected"
+
+
+class ShuttingDown(ServiceError):
+    status, code = 503, "shutting_down"
+
+
 def image_error(exc: BaseException) -> ServiceError:
     """Map a decode failure to a client error: bombs are 413, anything unreadable is 415."""
     if isinstance(exc, ImageTooLarge):

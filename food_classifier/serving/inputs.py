@@ -2,7 +2,9 @@
 
 Clients differ: browsers and curl send multipart, embedded devices post the raw JPEG, and some
 gateways can only send JSON. All three end up as `ImageUpload`s; the body-size limit has already
-been enforced by the middleware while the body streamed in.
+been enforced by the middleware while the body streamed in. A Content-Type that is not
+`type/subtype` (e.g. `;;;`) or not one of these is a 415; an empty image is a 422 `missing_image`
+whichever way it came (raw body, multipart file, base64 string).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -20,15 +23,26 @@ from food_classifier.serving.service import ImageUpload
 
 RAW_TYPES = ("image/", "application/octet-stream")
 JSON_FIELDS = ("image", "image_base64", "b64")
+TOKEN = r"[!#$%&'*+.^_`|~0-9a-z-]+"
+MEDIA_TYPE = re.compile(f"{TOKEN}/{TOKEN}")
+SUPPORTED = "send multipart/form-data, an image/* body, or JSON with a base64 'image' field"
 
 
 def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    """The media type, lower-cased; "" when there is no Content-Type (a raw body); 415 when malformed."""
+    header = request.headers.get("content-type")
+    if header is None:
+        return ""
+    media = header.split(";", 1)[0].strip().lower()
+    if not MEDIA_TYPE.fullmatch(media):
+        raise UnsupportedMediaType(f"malformed Content-Type {header[:100]!r}: {SUPPORTED}")
+    return media
 
 
 def _b64(value: object, where: str) -> bytes:
-    if not isinstance(value, str) or not value:
-        raise InvalidInput(f"{where} must be a non-empty base64 string", code="invalid_base64")
+    """Decoded bytes; "" gives b"" (an empty image: 422, or an error entry in a batch, like an empty file)."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{where} must be a base64 string", code="invalid_base64")
     if value.startswith("data:"):
         value = value.partition(",")[2]  # data:image/jpeg;base64,....
     try:
@@ -40,7 +54,9 @@ def _b64(value: object, where: str) -> bytes:
 async def _json(request: Request) -> dict:
     try:
         payload = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:  # the C parser's guard: a few KB of [[[[... must be a 422, not a 500
+        raise InvalidInput("body is not valid JSON: nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer over Python's digit limit
         raise InvalidInput(f"body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise InvalidInput("JSON body must be an object", code="invalid_json")
@@ -84,8 +100,7 @@ async def read_images(request: Request, max_images: int) -> list[ImageUpload]:
         body = await request.body()
         images = [ImageUpload(body)] if body else []
     else:
-        raise UnsupportedMediaType(f"unsupported content type {media!r}: send multipart/form-data, an image/* "
-                                   "body, or JSON with a base64 'image' field")
+        raise UnsupportedMediaType(f"unsupported content type {media!r}: {SUPPORTED}")
     if not images:
         raise MissingImage("no image in the request: send a file field (multipart), a raw image body, "
                            "or JSON with a base64 'image' field")

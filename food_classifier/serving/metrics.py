@@ -7,12 +7,16 @@ Label values are bounded on purpose: `endpoint` is the route template, never the
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from food_classifier.cache import PredictionCache
+
+if TYPE_CHECKING:
+    from food_classifier.serving.monitor import ServingMonitor
 
 LATENCY_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -40,6 +44,13 @@ class ServingMetrics:
         self.skipped_versions = Counter("food_classifier_model_versions_skipped",
                                         "Broken bundle versions skipped while (re)loading.", ["source"], registry=r)
         self.in_flight = Gauge("food_classifier_requests_in_flight", "Requests being served.", registry=r)
+        self.grpc_requests = Counter("food_classifier_grpc_requests", "gRPC calls.", ["method", "code"], registry=r)
+        self.grpc_latency = Histogram("food_classifier_grpc_request_duration_seconds", "gRPC call latency.",
+                                      ["method", "code"], buckets=LATENCY_BUCKETS, registry=r)
+
+    def watch_monitor(self, monitor: ServingMonitor) -> None:
+        """Export the monitor's drift, abstention and accuracy figures (computed when scraped)."""
+        self.registry.register(MonitorCollector(monitor))
 
     def observe_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:
         s = str(status)
@@ -119,3 +130,54 @@ class _CacheCollector(Collector):
             size = GaugeMetricFamily("food_classifier_cache_memory_bytes", "Accounted size of the in-process cache.")
             size.add_metric([], status["memory"]["bytes"])
             yield size
+
+
+# stat key of `monitoring.drift` / `ServingMonitor.snapshot` -> (gauge, help)
+MONITOR_GAUGES = {
+    "n": ("food_classifier_monitor_window_predictions", "Predictions in the drift window (cache hits excluded)."),
+    "class_psi": ("food_classifier_drift_class_psi", "PSI of the window's predicted classes vs the bundle's "
+                                                     "reference (> 0.2: shifted)."),
+    "class_chi2_pvalue": ("food_classifier_drift_class_chi2_pvalue", "Chi-squared p-value of the window's "
+                                                                     "predicted classes vs the reference."),
+    "confidence_ks": ("food_classifier_drift_confidence_ks", "KS statistic of the window's top-1 confidence vs "
+                                                             "the reference."),
+    "entropy_psi": ("food_classifier_drift_entropy_psi", "PSI of the window's prediction entropy vs the "
+                                                         "reference."),
+    "abstention_rate": ("food_classifier_abstention_rate", "Share of abstained predictions in the window."),
+    "reference_abstention_rate": ("food_classifier_reference_abstention_rate", "Abstention rate on the "
+                                                                               "reference predictions."),
+    "estimated_accuracy": ("food_classifier_estimated_accuracy", "Mean calibrated top-1 probability in the "
+                                                                 "window (accuracy expected if calibrated)."),
+    "reference_estimated_accuracy": ("food_classifier_reference_estimated_accuracy", "Mean top-1 probability "
+                                                                                     "on the reference."),
+    "live_accuracy": ("food_classifier_live_accuracy", "Accuracy on the latest predictions that got feedback."),
+    "feedback_window": ("food_classifier_feedback_window", "Feedbacks behind food_classifier_live_accuracy."),
+}
+
+
+class MonitorCollector(Collector):
+    def __init__(self, monitor: ServingMonitor):
+        self.monitor = monitor
+
+    def collect(self) -> Iterator:
+        snap = self.monitor.snapshot()
+        gauges = {key: GaugeMetricFamily(name, doc, labels=["model"]) for key, (name, doc) in MONITOR_GAUGES.items()}
+        hits = CounterMetricFamily("food_classifier_monitor_cache_hits", "Cache hits, kept out of the drift window.",
+                                   labels=["model"])
+        for m in snap:
+            hits.add_metric([m["model"]], m["cache_hits"])
+            for key, value in m["stats"].items():
+                if key in gauges:
+                    gauges[key].add_metric([m["model"]], value)
+        feedback = CounterMetricFamily("food_classifier_feedback", "Feedbacks received, by whether the prediction "
+                                                                   "was right.", labels=["model", "outcome"])
+        for (model, outcome), count in sorted(self.monitor.feedback_counts.items()):
+            feedback.add_metric([model, outcome], count)
+        yield from (*gauges.values(), hits, feedback)
+        plog = self.monitor.log
+        if plog is not None:
+            for name, value, doc in (("lines", plog.lines, "Lines written to the prediction log."),
+                                     ("rotations", plog.rotations, "Prediction log rotations."),
+                                     ("images", plog.images, "Images saved beside the prediction log."),
+                                     ("errors", self.monitor.log_errors, "Prediction log writes that failed.")):
+                yield CounterMetricFamily(f"food_classifier_prediction_log_{name}", doc, value=value)

@@ -34,8 +34,11 @@ class PathGuard:
             real = Path(os.path.realpath(cand))
             if not any(real == r or real.is_relative_to(r) for r in self.roots):
                 continue
-            if real.is_file():
-                return real
+            try:
+                if real.is_file():
+                    return real
+            except OSError:  # e.g. a name longer than the file system allows: no such file
+                continue
         if any(self._inside(c) for c in candidates):
             raise NotFound(f"no such image file under the allowed roots: {image_path}")
         raise Forbidden("image_path is outside the allowed roots", code="path_forbidden")

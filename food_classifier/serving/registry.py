@@ -93,10 +93,9 @@ class ModelRegistry:
         s = self.settings
         clf = Classifier(bundle, threads=s.ort_threads, variant=variant, top_k=s.top_k, max_pixels=s.max_pixels)
         if s.warmup:
-            crop = clf.spec.crop
             try:
                 for n in sorted({1, s.batch_max_size}):
-                    clf.predict_proba(np.zeros((n, 3, crop, crop), dtype=np.float32))
+                    clf.predict_proba(np.zeros((n, *clf.spec.input_shape), dtype=np.float32))
             except Exception as e:  # e.g. a graph whose input size is not the preprocessing crop
                 raise BundleError(f"{clf.bundle.model_file(variant)}: warm-up run failed: "
                                   f"{str(e).strip().splitlines()[0]}") from None

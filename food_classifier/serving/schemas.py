@@ -9,9 +9,15 @@ plain json.dumps it replaced cost (bench/bench_responses.py), against ~20 ms of 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from fastapi import Query
+from pydantic import BaseModel, ConfigDict, Field
+
+# query parameters of the predict endpoints; the gRPC transport validates its fields with them too
+TopKQuery = Annotated[int | None, Query(ge=1, le=1000, description="How many classes to return in top_k.")]
+ThresholdQuery = Annotated[float | None, Query(ge=0.0, le=1.0, description="Abstain (label 'unsure') below this "
+                                                                           "confidence; default: the bundle's.")]
 
 
 class Wire(BaseModel):
@@ -75,6 +81,7 @@ class Prediction(Wire):
     model: str
     model_version: str
     cache: str  # hit-bytes, hit-pixels, miss or off
+    request_id: str  # also the X-Request-ID header; names this prediction in feedback
     timing: Timing
 
 
@@ -87,6 +94,7 @@ class BatchResult(Wire):
     top_k: list[TopK]
     abstained: bool
     cache: str  # hit-bytes, hit-pixels, miss or off
+    request_id: str  # the batch's request_id + "-" + index
     timing: Timing
 
 
@@ -107,6 +115,7 @@ class BatchTiming(Wire):
 class BatchPrediction(Wire):
     model: str
     model_version: str
+    request_id: str
     count: int
     failed: int
     results: list[BatchResult | BatchError]  # in input order
@@ -149,6 +158,32 @@ class Reloaded(Wire):
     variant: str
 
 
+class FeedbackByRequest(Wire):
+    """The true label of an earlier prediction, named by the request_id it answered with."""
+
+    request_id: str = Field(min_length=1, max_length=200)
+    label: str = Field(min_length=1)
+
+
+class FeedbackBySha(Wire):
+    """The true label of the latest prediction of an image, named by the image's sha256."""
+
+    sha256: str = Field(pattern="^[0-9a-fA-F]{64}$")
+    label: str = Field(min_length=1)
+
+
+FeedbackIn = FeedbackByRequest | FeedbackBySha  # exactly one of request_id and sha256, in the schema too
+
+
+class FeedbackOut(Wire):
+    request_id: str
+    model: str
+    model_version: str
+    label: str
+    predicted: str  # the top-1 label of the prediction (also when it abstained)
+    correct: bool
+
+
 def error_body(code: str, detail: str) -> dict[str, str]:
     """An error body, validated like every other response."""
     return Error(error=code, detail=detail).model_dump()
@@ -164,20 +199,26 @@ ERRORS = AUTH | errors({404: "Unknown model", 413: "Body or image too large",
                         415: "Not a readable image / unsupported content type",
                         422: "Missing image or invalid parameters", 503: "Models still loading"})
 
+# A single image is never empty (minLength 1: an empty one is a 422); in a batch, an empty or unreadable
+# image is an error entry of a 200, so batch items may be anything. That bytes decode as an image cannot
+# be said in JSON Schema: schema-valid bytes that are not an image get the documented 415.
+BINARY = {"type": "string", "format": "binary", "minLength": 1}
+BASE64 = {"type": "string", "format": "byte", "minLength": 1, "description": "base64 image"}
+ANY_BINARY = {"type": "string", "format": "binary"}
+ANY_BASE64 = {"type": "string", "format": "byte", "description": "base64 image"}
+
 IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
-    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-    "image/png": {"schema": {"type": "string", "format": "binary"}},
-    "image/webp": {"schema": {"type": "string", "format": "binary"}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    "application/json": {"schema": {"type": "object", "properties": {
-        "image": {"type": "string", "format": "byte", "description": "base64 image"}}, "required": ["image"]}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": BINARY}, "required": ["file"]}},
+    "image/jpeg": {"schema": BINARY},
+    "image/png": {"schema": BINARY},
+    "image/webp": {"schema": BINARY},
+    "application/octet-stream": {"schema": BINARY},
+    "application/json": {"schema": {"type": "object", "properties": {"image": BASE64}, "required": ["image"]}},
 }}}
 
 BATCH_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}, "required": ["files"]}},
+        "files": {"type": "array", "items": ANY_BINARY, "minItems": 1}}, "required": ["files"]}},
     "application/json": {"schema": {"type": "object", "properties": {
-        "images": {"type": "array", "items": {"type": "string", "format": "byte"}}}, "required": ["images"]}},
+        "images": {"type": "array", "items": ANY_BASE64, "minItems": 1}}, "required": ["images"]}},
 }}}

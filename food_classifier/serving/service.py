@@ -3,8 +3,9 @@
 Decoding and preprocessing run in a thread pool (Pillow and numpy release the GIL), so the event
 loop only parses requests and hands arrays to the model's micro-batcher. The prediction cache is
 looked up in the same thread hop (bytes level, then decode, then pixel level): a hit never reaches the
-batcher, and every answer says which it was (`cache`). Every decode failure
-becomes a `ServiceError` (413/415), never an exception that escapes to the client as a 500.
+batcher, and every answer says which it was (`cache`). Large images first wait for decode memory
+(admission.py). Every decode failure becomes a `ServiceError` (413/415), never an exception that
+escapes to the client as a 500.
 """
 
 from __future__ import annotations
@@ -12,18 +13,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from food_classifier.cache import Lookup, PredictionCache
-from food_classifier.serving.errors import ServiceError, image_error
+from food_classifier.serving.admission import DecodeBudget, LargeImage, decode_large, decode_small
+from food_classifier.serving.batching import BatchResult
+from food_classifier.serving.errors import InvalidInput, MissingImage, ServiceError, image_error
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.paths import PathGuard
 from food_classifier.serving.registry import LoadedModel, ModelRegistry
 from food_classifier.serving.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from food_classifier.inference import Classifier
+    from food_classifier.serving.monitor import ServingMonitor
 
 log = logging.getLogger("food_classifier.serving")
 
@@ -38,8 +47,35 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
 class _Answered(Exception):
     """Raised by the decode step on a cache hit: the model has nothing to do for this image."""
+
+
+class _Crop:
+    """A model as the cache sees it for an already preprocessed crop (`pixels` of the Open Inference
+    Protocol): "preprocessing" is a check of shape and values, so the crop gets the pixel-level cache,
+    the batcher and the model like a decoded image, and a bad tensor is a 422, not a model error."""
+
+    def __init__(self, clf: Classifier):
+        self.clf, self.spec, self.labels = clf, clf.spec, clf.labels
+        self.name, self.version, self.variant = clf.name, clf.version, clf.variant
+
+    def preprocess(self, array: np.ndarray) -> np.ndarray:
+        want = (3, self.spec.crop, self.spec.crop)
+        if array.shape != want:
+            raise InvalidInput(f"pixels: each image must be float32 {list(want)} (the bundle's crop), "
+                               f"got {list(array.shape)}")
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise InvalidInput("pixels: NaN or infinite values")
+        return array
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        return self.clf.predict_proba(batch)
 
 
 def cache_from_settings(s: ServeSettings) -> PredictionCache:
@@ -49,7 +85,7 @@ def cache_from_settings(s: ServeSettings) -> PredictionCache:
 
 class PredictionService:
     def __init__(self, registry: ModelRegistry, settings: ServeSettings, metrics: ServingMetrics | None = None,
-                 cache: PredictionCache | None = None):
+                 cache: PredictionCache | None = None, monitor: ServingMonitor | None = None):
         self.registry = registry
         self.cache = cache if cache is not None else cache_from_settings(settings)
         self._no_cache = PredictionCache(memory_bytes=0)  # for warm-up: no entries, no counts
@@ -57,12 +93,14 @@ class PredictionService:
         self.metrics = metrics
         if metrics:
             metrics.watch_cache(self.cache)
+        self.monitor = monitor  # sees every answered image (drift windows, feedback, prediction log)
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="fc-decode")
         self.paths = PathGuard(settings.allow_path_root)
         # Backpressure: at most this many images decoded or decoding but not yet through the model. Without
         # it, decoding runs ahead of inference and a few big batch requests queue ~1 MB of floats per image.
         self.pending_limit = 2 * (settings.decode_threads + settings.inference_workers * settings.batch_max_size)
         self._pending = asyncio.Semaphore(self.pending_limit)
+        self.budget = DecodeBudget(settings.decode_memory_mb * 1024 * 1024, settings.decode_threads - 1)
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -79,7 +117,8 @@ class PredictionService:
         photo = _warmup_jpeg(side)
 
         async def once(model: LoadedModel) -> None:
-            look = await self._prepare(model, photo, self._no_cache)
+            look = await self._prepare(model, photo, partial(decode_small, small=self.budget.small),
+                                       self._no_cache)
             await model.batcher.predict_array(look.array)
 
         for model in models:
@@ -88,35 +127,75 @@ class PredictionService:
             except Exception as exc:  # a warm-up problem must not keep a loadable model from serving
                 log.warning("warm-up of %s failed: %s", model.name, exc)
 
-    async def _prepare(self, model: LoadedModel, data: bytes, cache: PredictionCache | None = None) -> Lookup:
+    async def _prepare(self, model: LoadedModel, data: bytes | np.ndarray, decode: Any = None,
+                       cache: PredictionCache | None = None) -> Lookup:
+        """The cache lookup in a decode thread, decoding with `decode(classifier, image) -> (array, ms)` on a
+        miss; a preprocessed crop (np.ndarray, tensor protocols) is only checked (`_Crop`)."""
         loop = asyncio.get_running_loop()
+        if isinstance(data, np.ndarray):
+            clf, step_decode = _Crop(model.classifier), None
+        else:
+            clf, step_decode = model.classifier, partial(decode, model.classifier)
+        step = partial((cache or self.cache).lookup, clf, data, decode=step_decode)
         try:
-            return await loop.run_in_executor(self.decode_pool, (cache or self.cache).lookup, model.classifier, data)
-        except ServiceError:
+            return await loop.run_in_executor(self.decode_pool, step)
+        except (ServiceError, LargeImage):
             raise
         except Exception as exc:  # any decoder failure is the input's fault: never a 500
             raise image_error(exc) from None
 
-    async def _classify(self, model: LoadedModel, data: bytes, top_k: int | None,
-                        threshold: float | None) -> dict[str, Any]:
-        start = time.perf_counter()
-        look = Lookup("off")
-        res = None
+    async def _infer(self, model: LoadedModel, data: bytes | np.ndarray) -> tuple[Lookup, BatchResult | None, float]:
+        """Cache, decode, then the model: (lookup, model result or None on a cache hit, seconds waited for a
+        pending slot or decode memory). A large image waits for the budget outside the pending slots, so it
+        never blocks small ones."""
+        if isinstance(data, bytes) and not data:
+            raise MissingImage("the image is empty (0 bytes)")
+        start, look = time.perf_counter(), Lookup("off")
 
-        async def prepare() -> np.ndarray:
+        async def prepare(decode: Any, done: Any) -> np.ndarray:
             nonlocal look
-            look = await self._prepare(model, data)
+            try:
+                look = await self._prepare(model, data, decode)
+            finally:
+                done()
             if look.probs is not None:
                 raise _Answered
             return look.array
 
+        async def run(decode: Any, done: Any = lambda: None) -> BatchResult | None:
+            try:
+                return await model.batcher.predict(prepare(decode, done))
+            except _Answered:
+                return None
+
         try:
             async with self._pending:
-                waited_ms = (time.perf_counter() - start) * 1000
-                try:
-                    res = await model.batcher.predict(prepare())
-                except _Answered:
-                    pass
+                waited = time.perf_counter() - start
+                res = await run(partial(decode_small, small=self.budget.small))
+            return look, res, waited
+        except LargeImage as big:
+            large = big
+        start = time.perf_counter()
+        grant = await self.budget.acquire(large.cost)
+
+        def decode_peeked(classifier: Any, _: bytes) -> tuple[np.ndarray, float]:
+            array, ms = decode_large(classifier, large.image)
+            return array, ms + large.peek_ms
+
+        try:
+            async with self._pending:
+                waited += time.perf_counter() - start
+                res = await run(decode_peeked, grant.release)  # released once the pixels are freed
+            return look, res, waited
+        finally:
+            grant.release()
+
+    async def _classify(self, model: LoadedModel, data: bytes | np.ndarray, top_k: int | None,
+                        threshold: float | None, request_id: str | None = None,
+                        probabilities: bool = False) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            look, res, waited = await self._infer(model, data)
         except ServiceError:
             self._count(model, "rejected")
             raise
@@ -126,13 +205,20 @@ class PredictionService:
         pred = model.classifier.decide(probs[None], top_k, threshold)[0]
         self._count(model, "ok")
         # a plain dict, not dataclasses.asdict (its deepcopy costs more than the rest of this function)
-        return {"label": pred.label, "label_idx": pred.label_idx, "confidence": pred.confidence,
-                "top_k": pred.top_k, "abstained": pred.abstained, "model": model.name, "model_version": model.version,
-                "cache": look.outcome,
-                "timing": {"total_ms": _ms(time.perf_counter() - start), "preprocess_ms": round(look.preprocess_ms, 3),
-                           "queue_ms": round(waited_ms + (res.queue_ms if res else 0.0), 3),
-                           "inference_ms": round(res.inference_ms, 3) if res else 0.0,
-                           "batch_size": res.batch_size if res else 0}}
+        result = {"label": pred.label, "label_idx": pred.label_idx, "confidence": pred.confidence,
+                  "top_k": pred.top_k, "abstained": pred.abstained, "model": model.name,
+                  "model_version": model.version, "cache": look.outcome,
+                  "request_id": request_id or new_request_id(),
+                  "timing": {"total_ms": _ms(time.perf_counter() - start),
+                             "preprocess_ms": round(look.preprocess_ms, 3),
+                             "queue_ms": round(waited * 1000 + (res.queue_ms if res else 0.0), 3),
+                             "inference_ms": round(res.inference_ms, 3) if res else 0.0,
+                             "batch_size": res.batch_size if res else 0}}
+        if self.monitor is not None:
+            self.monitor.observe(model, probs, result, data.tobytes() if isinstance(data, np.ndarray) else data)
+        if probabilities:  # the whole calibrated row, for tensor protocols
+            result["probabilities"] = probs
+        return result
 
     async def _store(self, look: Lookup, probs: np.ndarray) -> None:
         if self.cache.redis is None:  # memory only: microseconds, no thread hop
@@ -145,20 +231,21 @@ class PredictionService:
             self.metrics.images.labels(model.name, outcome).inc()
 
     async def predict(self, name: str | None, image: ImageUpload, top_k: int | None = None,
-                      threshold: float | None = None) -> dict[str, Any]:
-        """One image through the model's micro-batcher."""
-        return await self._classify(self.registry.get(name), image.data, top_k, threshold)
+                      threshold: float | None = None, request_id: str | None = None) -> dict[str, Any]:
+        """One image through the model's micro-batcher (`request_id`: the transport's, else a new one)."""
+        return await self._classify(self.registry.get(name), image.data, top_k, threshold, request_id)
 
     async def predict_batch(self, name: str | None, images: list[ImageUpload], top_k: int | None = None,
-                            threshold: float | None = None) -> dict[str, Any]:
+                            threshold: float | None = None, request_id: str | None = None) -> dict[str, Any]:
         """Many images, answers in input order; a bad image is an error entry, not a failed batch."""
         start = time.perf_counter()
         model = self.registry.get(name)  # one model version for the whole batch, even during a reload
+        rid = request_id or new_request_id()
 
         async def one(i: int, img: ImageUpload) -> dict[str, Any]:
             head = {"index": i, "filename": img.filename}
             try:
-                res = await self._classify(model, img.data, top_k, threshold)
+                res = await self._classify(model, img.data, top_k, threshold, f"{rid}-{i}")
             except ServiceError as exc:
                 return {**head, **exc.to_dict(), "status": exc.status}
             res.pop("model")
@@ -167,15 +254,33 @@ class PredictionService:
 
         results = await asyncio.gather(*(one(i, img) for i, img in enumerate(images)))
         failed = sum(1 for r in results if "error" in r)
-        return {"model": model.name, "model_version": model.version, "count": len(results), "failed": failed,
-                "results": results, "timing": {"total_ms": _ms(time.perf_counter() - start)}}
+        return {"model": model.name, "model_version": model.version, "request_id": rid, "count": len(results),
+                "failed": failed, "results": results, "timing": {"total_ms": _ms(time.perf_counter() - start)}}
 
-    async def predict_path(self, model_type: str | None, image_path: str) -> dict[str, Any]:
+    async def predict_tensors(self, name: str | None, items: list[bytes | np.ndarray], top_k: int | None = None,
+                              threshold: float | None = None,
+                              request_id: str | None = None) -> tuple[LoadedModel, list[dict[str, Any]]]:
+        """For tensor protocols (Open Inference Protocol): encoded images (bytes) or preprocessed crops
+        (float32 [3, crop, crop], no decoding), all through the same cache, batcher and model. All or
+        nothing: the first error fails the request. Each answer also has its `probabilities` row."""
+        model = self.registry.get(name)
+        rid = request_id or new_request_id()
+        tasks = [asyncio.ensure_future(self._classify(model, item, top_k, threshold,
+                                                      rid if len(items) == 1 else f"{rid}-{i}", probabilities=True))
+                 for i, item in enumerate(items)]
+        try:
+            return model, list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()  # after a failure: the others are not needed any more
+
+    async def predict_path(self, model_type: str | None, image_path: str,
+                           request_id: str | None = None) -> dict[str, Any]:
         """The seed's `GET /predict`: a server-side file, only under the allowed roots."""
         model = self.registry.get(model_type)
         path = self.paths.resolve(image_path)
         data = await asyncio.to_thread(self.paths.read, path, self.settings.max_body_bytes)
-        res = await self._classify(model, data, None, None)
+        res = await self._classify(model, data, None, None, request_id)
         return {"label": res["label"], "label_idx": res["label_idx"], "confidence": res["confidence"],
                 "cache": res["cache"]}  # the route moves `cache` to the X-Cache header (seed shape)
 

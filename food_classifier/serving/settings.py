@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -51,19 +51,23 @@ class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FOOD_CLASSIFIER_", extra="forbid", frozen=True)
 
     bundles: Annotated[list[Path], NoDecode, Cli(positional=True)] = Field(
-        default_factory=list, description="Bundle dir, model dir (serves its newest version) or dir of model "
-                                          "dirs; several allowed. The first model is the default. None: the "
-                                          "built-in model.")
+        default_factory=list, description="Bundle dir, model dir (serves its promoted, else newest version) or "
+                                          "dir of model dirs; several allowed. The first model is the default. "
+                                          "None: the built-in model.")
     host: str = Field("0.0.0.0", description="Interface to bind.")
     port: Annotated[int, Cli(short="-p")] = Field(8383, ge=0, le=65535, description="Port.")
     default_model: str | None = Field(None, description="Model behind /predict (default: the first one).")
     variant: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Model variant: fp32 (default), int8, auto (int8 when the bundle ships it and did not advise "
-                    "against it) for all models, or NAME=VARIANT for one model.")
+        description="Model variant: auto (default: the bundle's recommended one, int8 when it ships one that "
+                    "its own measurement did not advise against, else fp32), fp32 or int8, for all models, or "
+                    "NAME=VARIANT for one model.")
     api_key: SecretStr | None = Field(None, description="Require this key (X-API-Key, Bearer, or Basic password) "
                                                         "on every endpoint but /healthz and /readyz; prefer the "
                                                         "env var, flags show up in `ps`.")
+    admin_key: SecretStr | None = Field(None, description="Key for the management endpoints (reload), sent like "
+                                                          "the API key; it also passes where the API key does. "
+                                                          "None: reload over HTTP is off (SIGHUP still reloads).")
     allow_path_root: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Enable the seed's GET /predict?image_path=... for files under this "
                                           "dir (off when none is given).")
@@ -74,6 +78,24 @@ class ServeSettings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="Decoded pixels per image (more, e.g. a "
                                                           "decompression bomb, is a 413).")
     top_k: int = Field(5, ge=1, description="Default number of top-k entries in responses.")
+    # docs/SERVING.md, "Large images": a 6000x6000 PNG needs 144 MB decoded; with 256 MiB only one such
+    # image decodes at a time, and an image of --max-pixels still fits alone.
+    decode_memory_mb: int = Field(256, ge=16, description="Memory budget (MiB) shared by the images being "
+                                                          "decoded; larger images wait their turn (not an "
+                                                          "error), small ones (<= 1/16 of it) never wait.")
+
+    # Connection limits, enforced by uvicorn and serving/protocol.py (docs/SERVING.md, "Limits").
+    limit_concurrency: int = Field(512, ge=1, description="Open connections + requests in progress; above it "
+                                                          "uvicorn answers 503 (plain text).")
+    header_timeout: float = Field(10.0, gt=0, description="Seconds for a client to send the request line and "
+                                                          "headers (then 408 and close).")
+    body_timeout: float = Field(30.0, gt=0, description="Seconds to wait for the next part of a request body "
+                                                        "(then 408).")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="Request line + headers limit in bytes "
+                                                                  "(then 431).")
+    shutdown_timeout: float = Field(10.0, ge=0, description="On SIGTERM, seconds requests in progress may take "
+                                                            "to finish; those still running then get 503.")
 
     # Measured on the 2-core machine (docs/SERVING.md): one ORT thread per call, one call per CPU, cost
     # 20 ms CPU per 288 px image, two threads per call 30-38 ms (the idle thread spins); with one thread
@@ -106,8 +128,8 @@ class ServeSettings(BaseSettings):
     ray_address: str | None = Field(None, description="With --engine ray: the cluster to join (auto, "
                                                       "ray://HOST:10001); none: start a local Ray on loopback.")
     replicas: str = Field("1", pattern=r"^(auto|[1-9][0-9]*)$",
-                          description="With --engine ray: N replicas, or auto (Ray autoscaling between "
-                                      "--min-replicas and --max-replicas).")
+                          description="With --engine ray: N replicas, or auto (Ray autoscaling between the "
+                                      "min and max replicas below).")
     min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest replicas (0 = scale to zero when idle).")
     max_replicas: int = Field(default_factory=usable_cpus, ge=1, description="Autoscaling: most replicas "
                                                                              "(default: one per CPU here).")
@@ -121,14 +143,47 @@ class ServeSettings(BaseSettings):
         "info", description="Log level.")
     access_log: bool = Field(False, description="Log every request (costs throughput).")
 
+    # gRPC and monitoring (docs/SERVING.md)
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="Also serve gRPC on this port, same models "
+                                                                    "and limits (off by default; needs the grpc "
+                                                                    "extra).")
+    monitor_window: int = Field(1000, ge=1, description="Predictions per model in the drift window (cache hits "
+                                                        "are counted apart).")
+    feedback_memory: int = Field(50_000, ge=0, description="Recent predictions remembered for feedback by "
+                                                           "request_id or sha256.")
+    prediction_log: Path | None = Field(None, description="Write every prediction and feedback as JSON lines "
+                                                          "into this dir (off when not given).")
+    prediction_log_max_bytes: int = Field(64 * MiB, ge=1024, description="Rotate the prediction log at this "
+                                                                         "size.")
+    log_images_sample: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of images saved beside the "
+                                                                      "prediction log, for later labelling.")
+
     _split_lists = field_validator("bundles", "variant", "allow_path_root", mode="before")(
         classmethod(lambda cls, v: _split(v)))
     _lower = field_validator("log_level", mode="before")(classmethod(lambda cls, v: v.lower()
                                                                       if isinstance(v, str) else v))
 
+    @field_validator("api_key", "admin_key")
+    @classmethod
+    def _sendable(cls, v: SecretStr | None) -> SecretStr | None:
+        """A key must survive an HTTP header: no control characters, no edge spaces (Bearer strips them).
+        Non-ASCII is fine: every way of sending it is compared as UTF-8 bytes (middleware.py)."""
+        if v is None:
+            return v
+        raw = v.get_secret_value()
+        if not raw or raw != raw.strip() or any(ord(c) < 32 or ord(c) == 127 for c in raw):
+            raise ValueError("must be non-empty, without control characters or leading/trailing spaces")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> ServeSettings:
+        if self.admin_key is not None and self.admin_key == self.api_key:
+            raise ValueError("admin_key must differ from api_key (every client holds the API key)")
+        return self
+
     def variant_for(self, model: str) -> str:
-        """The variant asked for `model`: a NAME=VARIANT entry, else a bare VARIANT entry, else fp32."""
-        default = "fp32"
+        """The variant asked for `model`: a NAME=VARIANT entry, else a bare VARIANT entry, else auto."""
+        default = VARIANT_AUTO
         for item in self.variant:
             name, sep, var = item.partition("=")
             if sep and name.strip() == model:
@@ -139,3 +194,6 @@ class ServeSettings(BaseSettings):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
+
+    def admin_key_value(self) -> str | None:
+        return self.admin_key.get_secret_value() if self.admin_key else None

@@ -29,6 +29,7 @@ from typing import Any
 
 from food_classifier.bundle import model_sources
 from food_classifier.serving.metrics import ServingMetrics, WorkerMetrics
+from food_classifier.serving.monitor import ServingMonitor
 from food_classifier.serving.registry import ModelRegistry
 from food_classifier.serving.service import ImageUpload, PredictionService
 from food_classifier.serving.settings import ServeSettings
@@ -267,7 +268,9 @@ def run_worker(settings: ServeSettings, make_transport: Callable[[WorkerMetrics]
     serving_metrics = ServingMetrics()
     metrics = WorkerMetrics(serving_metrics.registry)
     registry = ModelRegistry(model_sources(settings.bundles), settings, serving_metrics)
-    service = PredictionService(registry, settings, serving_metrics)
+    monitor = ServingMonitor(settings)  # drift gauges and the prediction log cover streamed images too
+    serving_metrics.watch_monitor(monitor)
+    service = PredictionService(registry, settings, serving_metrics, monitor=monitor)
     loop = asyncio.new_event_loop()
     http = None
     try:
@@ -292,4 +295,5 @@ def run_worker(settings: ServeSettings, make_transport: Callable[[WorkerMetrics]
             http.shutdown()
         service.close()
         registry.close()
+        monitor.close()
         loop.close()

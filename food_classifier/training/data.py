@@ -3,7 +3,7 @@
 A dataset is an ImageFolder (one folder per class) or a train/test(/valid) layout of ImageFolders.
 `split` writes a manifest CSV (path,label,tier,sha256) that the trainer reads; duplicate and
 near-duplicate photos are grouped first so that no group straddles train/validation/test.
-Download and archive extraction live in download.py.
+Download and archive extraction live in download.py; the named sources and `DataError` in sources.py.
 """
 
 from __future__ import annotations
@@ -20,36 +20,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from food_classifier.preprocessing import ImageError, open_image
+from food_classifier.training.progress import progress_bar
+from food_classifier.training.sources import DataError
 
-SOURCES: dict[str, dict] = {
-    "pizza_steak_sushi": {
-        "url": "https://github.com/mrdbourke/pytorch-deep-learning/raw/main/data/pizza_steak_sushi.zip",
-        "sha256": None,
-        "description": "Food-101 subset: pizza, steak, sushi; ~300 photos in train/ and test/ (~16 MB)",
-    },
-    "sushi_or_sandwich": {
-        "url": "http://research.us-east-1.s3.amazonaws.com/public/sushi_or_sandwich_photos.zip",
-        "sha256": None,
-        "description": "Cookpad sushi vs sandwich photos, one folder per class (~100 MB)",
-    },
-}
-DEFAULT_SOURCE = "pizza_steak_sushi"
 TIERS = ("train", "validation", "test")
 TIER_DIRS = {"train": "train", "test": "test", "valid": "validation", "validation": "validation", "val": "validation"}
-
-
-class DataError(Exception):
-    """A problem with the user's data, phrased as one sentence they can act on."""
-
-
-def fetch(source: str, dest: str | Path, sha256: str | None = None, progress: bool = True) -> Path:
-    """Download (resumably) and safely extract a SOURCES name or URL; return its image root."""
-    from food_classifier.training.download import fetch as _fetch  # lazy: download.py imports this module
-
-    return _fetch(source, dest, sha256=sha256, progress=progress)
 
 
 # ----------------------------------------------------------------------------- finding the root
@@ -154,7 +131,7 @@ def scan(root: str | Path, progress: bool = True) -> ScanResult:
     todo = [(f, c.name, tier) for tier, d in tier_dirs for c in _subdirs(d) for f in _files(c)]
     todo.sort(key=lambda t: str(t[0]))
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
-        results = list(tqdm(pool.map(_check, [f for f, _, _ in todo]), total=len(todo),
+        results = list(progress_bar(pool.map(_check, [f for f, _, _ in todo]), total=len(todo),
                             desc="scanning images", unit="img", disable=not progress))
     items, rejected = [], []
     for (f, label, tier), res in zip(todo, results, strict=True):
@@ -304,10 +281,20 @@ def split(root: str | Path, manifest_path: str | Path, ratios: tuple[float, floa
     rows = [Row(items[i].path, items[i].label, tier, items[i].sha256)
             for label in labels for tier, gs in tier_groups[label].items() for g in gs for i in g]
     rows.sort(key=lambda r: str(r.path))
+    # photos whose given folder lost to a near-copy in a stricter tier (e.g. train/ copies of test/ photos)
+    moved = [{"path": str(items[i].path), "from": items[i].tier, "to": tier_of[g[0]],
+              "like": [str(items[j].path) for j in g if items[j].tier == tier_of[g[0]]]}
+             for g in groups if g[0] in tier_of for i in g if items[i].tier and items[i].tier != tier_of[g[0]]]
     manifest_path = Path(manifest_path)
     write_manifest(rows, manifest_path)
-    write_report(result, manifest_path.with_name(manifest_path.stem + ".report.json"), near_dup_distance)
+    write_report(result, report_path(manifest_path), groups=groups, moved=moved)
     return rows
+
+
+def report_path(manifest_path: str | Path) -> Path:
+    """`<manifest stem>.report.json` beside the manifest."""
+    manifest_path = Path(manifest_path)
+    return manifest_path.with_name(manifest_path.stem + ".report.json")
 
 
 # ----------------------------------------------------------------------------- manifest and report
@@ -359,10 +346,13 @@ def count_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_report(scan_result: ScanResult, path: str | Path, near_dup_distance: int = 6) -> None:
-    """JSON of rejected files and duplicate groups (size > 1), for the user to inspect or clean up."""
+def write_report(scan_result: ScanResult, path: str | Path, near_dup_distance: int = 6,
+                 groups: list[list[int]] | None = None, moved: list[dict] | None = None) -> None:
+    """JSON of rejected files, duplicate groups (size > 1) and photos moved to a stricter tier with
+    their near-copies, for the user to inspect or clean up (`format_report` prints its summary)."""
     items = scan_result.items
-    groups = [g for g in duplicate_groups(items, near_dup_distance) if len(g) > 1]
+    if groups is None:
+        groups = duplicate_groups(items, near_dup_distance)
     report = {
         "images": len(items),
         "rejected": [{"path": str(p), "reason": why} for p, why in scan_result.rejected],
@@ -370,7 +360,33 @@ def write_report(scan_result: ScanResult, path: str | Path, near_dup_distance: i
             "exact": len({items[i].sha256 for i in g}) == 1,
             "labels": sorted({items[i].label for i in g}),
             "paths": [str(items[i].path) for i in g],
-        } for g in groups],
+        } for g in groups if len(g) > 1],
+        "moved": moved or [],
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def format_report(report: dict, root: str | Path | None = None, limit: int = 10) -> str:
+    """The report for the console: the first `limit` rejected files (with reasons), duplicate groups
+    and moved photos, then counts. Paths are shown relative to `root` when they are under it."""
+    def rel(p: str) -> str:
+        try:
+            return str(Path(p).relative_to(root)) if root else p
+        except ValueError:
+            return p
+
+    def block(title: str, lines: list[str]) -> list[str]:
+        more = [f"  ... and {len(lines) - limit} more"] if len(lines) > limit else []
+        return [title, *(f"  {line}" for line in lines[:limit]), *more] if lines else []
+
+    rejected = [f"{rel(r['path'])}: {r['reason']}" for r in report["rejected"]]
+    groups = [(" = " if g["exact"] else " ~ ").join(map(rel, g["paths"])) + (" (exact copies)" if g["exact"] else "")
+              for g in report["duplicate_groups"]]
+    moved = [f"{rel(m['path'])}: {m['from']} -> {m['to']}, a near-copy of {', '.join(map(rel, m['like']))}"
+             for m in report.get("moved", [])]
+    n_dup = sum(len(g["paths"]) for g in report["duplicate_groups"])
+    lines = block(f"rejected: {len(rejected)} file(s), skipped", rejected)
+    lines += block(f"duplicate groups: {len(groups)} ({n_dup} photos, each group kept in one tier)", groups)
+    lines += block(f"moved to a stricter tier with their near-copies: {len(moved)}", moved)
+    return "\n".join(lines)

@@ -20,9 +20,9 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from tqdm import tqdm
-
-from food_classifier.training.data import SOURCES, DataError, find_image_root
+from food_classifier.training.data import find_image_root
+from food_classifier.training.progress import progress_bar
+from food_classifier.training.sources import SOURCES, DataError
 
 CHUNK = 1 << 16
 TIMEOUT = 30  # seconds without data before a download counts as failed
@@ -96,7 +96,7 @@ def _download(url: str, archive: Path, progress: bool) -> None:
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         mode = "ab" if have else "wb"
-        with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+        with open(part, mode) as f, progress_bar(total=total, initial=have, unit="B", unit_scale=True,
                                          desc=archive.name, disable=not progress) as bar:
             try:
                 while chunk := resp.read(CHUNK):

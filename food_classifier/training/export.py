@@ -1,25 +1,28 @@
-"""Export a run to a model bundle (ONNX + metadata), check it against PyTorch, publish it.
+"""Export a fitted model to ONNX, check the graph against PyTorch, describe it as a bundle.
 
-    bundle = export(run)                    # runs/<run>/bundle, with the parity check stored
-    publish(bundle, "models")               # models/<name>/<version>, atomically
+    bundle = export_model(fitted, name)   # <run>/model.onnx + an in-memory Bundle over the run dir
+
+The returned `Bundle` is a view, not a directory: its metadata lives in memory and its variant
+files in the run dir, so evaluation, calibration and quantization run on the exact graph that will
+be served before anything is published (publish.py writes the bundle, once).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from food_classifier.bundle import META_FILE, file_sha256, load_bundle, write_bundle
+from food_classifier import runtime
+from food_classifier.bundle import Bundle, BundleMeta, file_sha256
 from food_classifier.inference import softmax
 from food_classifier.preprocessing import PreprocessSpec, preprocess
+from food_classifier.training import runs
 from food_classifier.training.data import manifest_sha256, read_manifest
 from food_classifier.training.features import export_onnx
-from food_classifier.training.train import load_checkpoint
+from food_classifier.training.train import Fitted
 
 PARITY_TOLERANCE = 1e-4
 
@@ -37,65 +40,42 @@ def parity_images(manifest: str | Path, n: int = 32) -> list[Path]:
 
 def check_parity(model: torch.nn.Module, onnx_path: Path, images: list[Path], spec: PreprocessSpec) -> dict:
     """Same real images through PyTorch and ONNX Runtime: max |delta prob| and top-1 agreement."""
-    import onnxruntime as ort
-
     x = np.stack([preprocess(p, spec) for p in images])
     with torch.inference_mode():
         ref = softmax(model.eval()(torch.from_numpy(x)).numpy())
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = softmax(sess.run(None, {"image": x})[0])
+    got = softmax(runtime.run(runtime.create_session(onnx_path), x))
     return {"n_images": len(images), "max_abs_prob_diff": float(np.abs(ref - got).max()),
             "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), "tolerance": PARITY_TOLERANCE}
 
 
-def export(run: str | Path, name: str = "food") -> Path:
-    """Write `<run>/bundle` (atomically) from the run's best checkpoint; returns the bundle dir."""
-    run = Path(run)
-    model, meta = load_checkpoint(run)
-    spec = PreprocessSpec.from_dict(meta["preprocessing"])
-    manifest = Path(meta["manifest"])
-    onnx_tmp = run / "model.onnx"
-    export_onnx(model, onnx_tmp, spec.crop, "logits")
-    parity = check_parity(model, onnx_tmp, parity_images(manifest), spec)
-    (run / "parity.json").write_text(json.dumps(parity, indent=2))
+def export_model(fitted: Fitted, name: str = "food") -> Bundle:
+    """Write `<run>/model.onnx`, check it against PyTorch (parity.json), return the bundle view."""
+    meta, run = fitted.meta, fitted.dir
+    spec = meta.preprocessing
+    onnx_path = run / runs.FP32_ONNX
+    export_onnx(fitted.model, onnx_path, spec.crop, "logits")
+    parity = check_parity(fitted.model, onnx_path, parity_images(meta.manifest), spec)
+    runs.write_json(run, runs.PARITY, parity)
     if parity["max_abs_prob_diff"] >= PARITY_TOLERANCE or parity["top1_agreement"] < 1.0:
         raise ExportError(f"ONNX Runtime disagrees with PyTorch: {parity}")
-    digest = file_sha256(onnx_tmp)
+    digest = file_sha256(onnx_path)
     now = datetime.now(UTC)
-    bundle_meta = {
+    bundle_meta = BundleMeta.model_validate({
         "name": name,
-        "version": f"{now.strftime('%Y%m%dT%H%M%S')}-{meta['arch'].replace('+', '_')}-{digest[:8]}",
+        "version": f"{now.strftime('%Y%m%dT%H%M%S')}-{meta.arch.replace('+', '_')}-{digest[:8]}",
         "created_at": now.isoformat(),
-        "arch": meta["arch"],
-        "labels": meta["labels"],
-        "preprocessing": meta["preprocessing"],
+        "arch": meta.arch,
+        "labels": meta.labels,
+        "preprocessing": spec.to_dict(),
         "input": {"name": "image", "shape": ["N", 3, spec.crop, spec.crop], "dtype": "float32"},
         "output": {"name": "logits", "softmax": "apply in client, after dividing by calibration.temperature"},
-        "variants": {"fp32": {"file": "model.onnx", "sha256": digest}},
+        "variants": {"fp32": {"file": runs.FP32_ONNX, "sha256": digest}},
         "calibration": {"temperature": 1.0, "fitted": False},
         "abstention": {"threshold": None},
-        "training": meta["config"] | {"train_seconds": meta.get("train_seconds"),
-                                      "fit_tiers": meta.get("fit_tiers", ["train"])},
-        "dataset": {"manifest": meta["manifest"], "manifest_sha256": manifest_sha256(manifest)},
+        "training": fitted.meta.to_dict()["config"] | {"train_seconds": meta.train_seconds,
+                                                       "fit_tiers": meta.fit_tiers},
+        "dataset": {"manifest": meta.manifest, "manifest_sha256": manifest_sha256(meta.manifest)},
         "parity": parity,
         "metrics": {},
-    }
-    target = run / "bundle"
-    if target.exists():
-        shutil.rmtree(target)
-    write_bundle(target, bundle_meta, lambda d: shutil.move(str(onnx_tmp), d / "model.onnx"))
-    return target
-
-
-def publish(bundle: str | Path, models_dir: str | Path = "models") -> Path:
-    """Copy a finished bundle to `<models_dir>/<name>/<version>` in one rename (servers may be watching)."""
-    b = load_bundle(bundle)
-    target = Path(models_dir) / b.name / b.version
-
-    def copy(d: Path) -> None:
-        for f in b.path.iterdir():
-            if f.is_file() and f.name not in (META_FILE, "labels.txt"):  # not a killed step's .tmp-* dir
-                shutil.copy2(f, d / f.name)
-
-    return write_bundle(target, b.meta, copy)
-
+    })
+    return Bundle(path=run, meta=bundle_meta)

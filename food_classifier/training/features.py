@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,10 @@ import torch
 from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
-from tqdm import tqdm
 
+from food_classifier import runtime
 from food_classifier.preprocessing import PreprocessSpec, normalize, open_image, resize_crop
+from food_classifier.training.progress import progress_bar
 
 
 def cache_dir() -> Path:
@@ -93,15 +93,12 @@ def export_onnx(module: nn.Module, path: Path, crop: int, output_name: str) -> P
 
 
 def backbone_session(model: nn.Module, backbone_key: str, spec: PreprocessSpec, threads: int | None = None):
-    import onnxruntime as ort
-
+    """An ONNX Runtime session of the backbone's feature extractor, exported once and cached."""
     path = cache_dir() / "backbones" / f"{backbone_key}-{spec.crop}.onnx"
     if not path.is_file():
         print(f"exporting backbone {backbone_key} to ONNX once (cached at {path})")
         export_onnx(_Features(model), path, spec.crop, "features")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return runtime.create_session(path, threads)
 
 
 def extract(rows: list, model: nn.Module, backbone_key: str, spec: PreprocessSpec, views: int = 1,
@@ -122,16 +119,13 @@ def extract(rows: list, model: nn.Module, backbone_key: str, spec: PreprocessSpe
         sess = backbone_session(model, backbone_key, spec)
         aug = augmenter(spec, aug_strength) if views > 1 else None
         jobs = [(i, v) for i in todo for v in range(views)]
+        with progress_bar(total=len(jobs), desc=f"features ({aug_key})", unit="img", leave=False) as bar:
+            vecs = np.concatenate(runtime.map_batched(
+                jobs, lambda iv: load_view(rows[iv[0]].path, spec, iv[1], aug, seed),
+                lambda x: runtime.run(sess, x), batch_size, progress=bar.update))
         feats: dict[int, list] = {i: [None] * views for i in todo}
-        with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=len(jobs), desc=f"features ({aug_key})",
-                                                             unit="img", leave=False) as bar:
-            for s in range(0, len(jobs), batch_size):
-                chunk = jobs[s:s + batch_size]
-                arrays = list(pool.map(lambda iv: load_view(rows[iv[0]].path, spec, iv[1], aug, seed), chunk))
-                f = sess.run(None, {"image": np.stack(arrays)})[0]
-                for (i, v), vec in zip(chunk, f, strict=False):
-                    feats[i][v] = vec
-                bar.update(len(chunk))
+        for (i, v), vec in zip(jobs, vecs, strict=True):
+            feats[i][v] = vec
         for i in todo:
             arr = np.stack(feats[i]).astype(np.float32)
             tmp = root / f".{rows[i].sha256}.{os.getpid()}.npy"

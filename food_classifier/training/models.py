@@ -242,10 +242,6 @@ def lite_weights_path(variant: int = 0) -> Path:
     return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
-def lite0_weights_path() -> Path:
-    return lite_weights_path(0)
-
-
 def lukemelas_to_timm(state: dict[str, torch.Tensor], stage_lengths: list[int]) -> dict[str, torch.Tensor]:
     """Rename lukemelas EfficientNet keys (`_blocks.i._bn0`) to timm's (`blocks.s.j.bn1`)."""
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}

@@ -1,53 +1,129 @@
-"""The whole training side in order: fit -> export -> evaluate -> publish.
+"""The whole training side in order, in memory: fit -> export -> evaluate -> calibrate -> quantize
+-> publish.
 
-Each step is also a CLI command of its own; this module only chains them so `train` leaves a
-served-ready bundle whose bundle.json already holds the metrics measured on that very bundle.
+One `Run` carries each stage's typed result to the next; no stage re-reads what another wrote.
+The run dir keeps the record (runs.py) for `evaluate RUN`, `report RUN`, `export RUN`, `--resume`;
+the bundle is written once, at the end, with the metrics measured on that very graph.
 """
 
 from __future__ import annotations
 
-import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from food_classifier.bundle import Bundle, BundleMeta
+from food_classifier.training import runs
+from food_classifier.training.calibrate import Calibrated, calibrate
+from food_classifier.training.config import DEFAULT_TARGET_PRECISION, TrainConfig
+from food_classifier.training.data import read_manifest
+from food_classifier.training.evaluate import evaluate_bundle
+from food_classifier.training.export import export_model
+from food_classifier.training.metrics import summary
+from food_classifier.training.publish import publish
+from food_classifier.training.runs import Scores
+from food_classifier.training.train import Fitted, fit_run, load_fitted
 
-from food_classifier.bundle import update_meta
-from food_classifier.training.calibrate import DEFAULT_TARGET_PRECISION, calibrate_run
-from food_classifier.training.evaluate import score, summary
-from food_classifier.training.export import export, publish
-from food_classifier.training.train import TrainConfig, fit
+
+@dataclass
+class Run:
+    """A training run in memory, filled stage by stage."""
+
+    fitted: Fitted
+    exported: Bundle | None = None       # the graph in the run dir + its metadata (export)
+    scores: Scores | None = None         # its logits on every manifest image (evaluate)
+    calibrated: Calibrated | None = None  # temperature, abstention, metrics with T (calibrate)
+    int8: dict | None = None             # the measured int8 variant, if it was made (quantize)
+    bundle: Path | None = None           # where it was published (publish)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage, in order (timings.json)
+
+    @property
+    def dir(self) -> Path:
+        return self.fitted.dir
+
+    def final_meta(self) -> BundleMeta:
+        """The exported metadata with every later stage's section in place."""
+        assert self.exported is not None and self.calibrated is not None
+        c = self.calibrated
+        data = self.exported.meta.to_json_dict() | {
+            "calibration": c.calibration, "abstention": c.abstention, "metrics": summary(c.metrics),
+            "reference": c.reference}
+        if self.int8:
+            data["variants"] = data["variants"] | {"int8": self.int8}
+        return BundleMeta.model_validate(data)
 
 
-def finalize(run: str | Path, models_dir: str | Path | None = "models", name: str = "food",
-             target_precision: float = DEFAULT_TARGET_PRECISION, int8: bool = True) -> tuple[Path, dict]:
-    """Export the run's best checkpoint, measure the bundle on every tier, publish it."""
-    run = Path(run)
-    meta = json.loads((run / "config.json").read_text())
-    bundle = export(run, name=name)
-    head = run / "head_logits.npz"  # the fitted tiers' logits, left by the head path
-    known = None
-    if head.is_file():
-        with np.load(head) as h:
-            known = dict(zip(h["path"].tolist(), h["logits"], strict=True))
-    metrics = score(bundle, meta["manifest"], out_dir=run, known=known)
-    # temperature + abstention threshold fitted on out-of-fold (else validation) logits; metrics recomputed with T
-    metrics = calibrate_run(run, bundle, target_precision=target_precision)
-    update_meta(bundle, {"metrics": summary(metrics)})
-    if int8:  # quantized variant, measured against fp32 on the test tier, stored in bundle.json
-        from food_classifier.training.quantize import int8_step
+@contextmanager
+def stage(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the block to `seconds[name]`."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - t0, 1)
 
-        int8_step(bundle, meta["manifest"])
-    published = publish(bundle, models_dir) if models_dir else bundle
-    (run / "bundle_path.txt").write_text(str(Path(published).resolve()) + "\n")
-    return published, metrics
+
+def format_timings(seconds: dict[str, float], total: float | None = None) -> str:
+    """The per-stage summary `train` ends with; `total` is the whole command's wall time."""
+    rows = dict(seconds)
+    if total is None:
+        total = sum(rows.values())
+    elif total - sum(rows.values()) >= 0.05:
+        rows["other"] = total - sum(rows.values())  # start-up, imports, printing
+    width = max(len("total"), *map(len, rows))
+    lines = ["time per stage (wall clock):", f"{'stage':<{width}}  {'seconds':>8}  share"]
+    lines += [f"{k:<{width}}  {v:>8.1f}  {100 * v / total:4.0f} %" for k, v in rows.items() if total]
+    m, s = divmod(round(total), 60)
+    return "\n".join([*lines, f"{'total':<{width}}  {total:>8.1f}  ({m} min {s:02d} s)"])
+
+
+def finalize(run: str | Path | Fitted, models_dir: str | Path | None = "models", name: str = "food",
+             target_precision: float = DEFAULT_TARGET_PRECISION, int8: bool = True,
+             seconds: dict[str, float] | None = None) -> tuple[Path, dict]:
+    """Export a fitted run (in memory, or read back from its dir), measure it on every tier,
+    calibrate it, add the int8 variant, publish it: to `models_dir/name/version`, or with no
+    models dir to `<run>/bundle` (replaced). Returns the bundle dir and the per-tier metrics.
+    Each stage's wall time is added to `seconds` (earlier stages, e.g. fit, may be in it already)
+    and the whole dict written to the run's timings.json."""
+    r = Run(run if isinstance(run, Fitted) else load_fitted(run), seconds=seconds if seconds is not None else {})
+    rows = read_manifest(r.fitted.meta.manifest)
+    with stage(r.seconds, "export"):
+        r.exported = export_model(r.fitted, name)
+    with stage(r.seconds, "evaluate"):
+        r.scores = evaluate_bundle(r.exported, rows, known=r.fitted.head_logits)
+        runs.write_scores(r.dir, r.scores)
+    with stage(r.seconds, "calibrate"):
+        # temperature + abstention threshold fitted on out-of-fold (else validation) logits; metrics with T
+        r.calibrated = calibrate(r.scores, r.fitted.oof, r.fitted.meta.fit_tiers, name, r.exported.meta.version,
+                                 target_precision=target_precision)
+        runs.write_json(r.dir, runs.METRICS, r.calibrated.metrics)
+        runs.write_json(r.dir, runs.CALIBRATION, r.calibrated.detail)
+    if int8:  # quantized variant, measured against fp32 on the test tier
+        from food_classifier.training.quantize import try_int8
+
+        with stage(r.seconds, "int8"):
+            r.int8 = try_int8(r.exported, rows)
+    with stage(r.seconds, "publish"):
+        meta = r.final_meta()
+        files = {v.file: r.dir / v.file for v in meta.variants.values()}
+        target = Path(models_dir) / name / meta.version if models_dir else r.dir / runs.BUNDLE_DIR
+        r.bundle = publish(meta, files, target, move=True, replace=not models_dir)
+        runs.write_bundle_path(r.dir, r.bundle)
+    runs.write_json(r.dir, runs.TIMES, r.seconds)
+    return r.bundle, r.calibrated.metrics
 
 
 def train_and_publish(manifest: str | Path, config: TrainConfig, runs_dir: str | Path = "runs",
                       models_dir: str | Path | None = "models", name: str = "food",
                       resume: str | Path | None = None,
                       target_precision: float = DEFAULT_TARGET_PRECISION,
-                      int8: bool = True) -> tuple[Path, Path, dict]:
-    run = fit(manifest, config, runs_dir=runs_dir, resume=resume)
-    published, metrics = finalize(run, models_dir=models_dir, name=name, target_precision=target_precision,
-                                  int8=int8)
-    return run, published, metrics
+                      int8: bool = True, seconds: dict[str, float] | None = None) -> tuple[Path, Path, dict]:
+    """Fit, then `finalize`; `seconds` (stage -> wall time) gets "fit" and the later stages."""
+    seconds = seconds if seconds is not None else {}
+    with stage(seconds, "fit"):
+        fitted = fit_run(manifest, config, runs_dir=runs_dir, resume=resume)
+    published, metrics = finalize(fitted, models_dir=models_dir, name=name, target_precision=target_precision,
+                                  int8=int8, seconds=seconds)
+    return fitted.dir, published, metrics

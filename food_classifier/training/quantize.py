@@ -31,13 +31,14 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from food_classifier.bundle import Bundle, file_sha256, load_bundle, read_meta, update_meta
+from food_classifier import runtime
+from food_classifier.bundle import Bundle, BundleMeta, file_sha256, load_bundle
 from food_classifier.preprocessing import PreprocessSpec, preprocess
+from food_classifier.training.data import Row, read_manifest
 
 INT8_FILE = "model.int8.onnx"
 MAX_ACCURACY_LOSS_POINTS = 0.5
@@ -51,11 +52,10 @@ class QuantizeError(RuntimeError):
 
 
 def load_arrays(paths: list[Path], spec: PreprocessSpec, threads: int = 2) -> np.ndarray:
-    """Preprocess images exactly as serving does (the shared `preprocess`)."""
+    """Preprocess images exactly as serving does (the shared `preprocess`), decoded in a thread pool."""
     if not paths:
         return np.zeros((0, 3, spec.crop, spec.crop), np.float32)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return np.stack(list(pool.map(lambda p: preprocess(p, spec), paths)))
+    return np.concatenate(runtime.map_batched(paths, lambda p: preprocess(p, spec), lambda x: x, threads=threads))
 
 
 def calibration_paths(rows: list, n: int = 128) -> list[Path]:
@@ -63,16 +63,6 @@ def calibration_paths(rows: list, n: int = 128) -> list[Path]:
     train = [r.path for r in rows if r.tier == "train"] or [r.path for r in rows]
     step = max(1, len(train) // n)
     return train[::step][:n]
-
-
-def _session(path: str | Path, threads: int = 2):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def fp32_nodes(model_path: Path, keep_convs: int = KEEP_FP32_CONVS) -> list[str]:
@@ -162,7 +152,7 @@ def measure_speed(models: dict[str, str | Path], batch: np.ndarray, threads: int
     """ms per image for each model and batch size ({"median", "best", "runs"}), the models run
     interleaved (A, B, A, B, ...) in this one process so that load from other processes falls on
     all of them alike. On a busy machine "best" is the closer estimate of the unloaded speed."""
-    sessions = {name: _session(path, threads) for name, path in models.items()}
+    sessions = {name: runtime.create_session(path, threads) for name, path in models.items()}
     input_names = {name: s.get_inputs()[0].name for name, s in sessions.items()}
     out: dict[str, dict[int, dict[str, float]]] = {name: {} for name in models}
     for bs in batch_sizes:
@@ -217,21 +207,12 @@ def evaluate_int8(bundle: Bundle, int8_file: Path, rows: list, threads: int = 2,
     return result, sample
 
 
-def add_int8_variant(bundle_dir: str | Path, manifest: str | Path, method: str = DEFAULT_METHOD,
-                     n_calibration: int = 128, threads: int = 2, speed_seconds: float = 4.0,
-                     keep_fp32_convs: int = KEEP_FP32_CONVS) -> dict:
-    """Quantize the bundle's fp32 graph, measure it against fp32, store `variants.int8`.
-
-    Runs on an unpublished bundle (the run's `bundle/`), so the published copy is complete.
-    Returns the `variants.int8` entry.
-    """
-    from food_classifier.training.data import read_manifest
-
-    bundle_dir = Path(bundle_dir)
-    bundle = load_bundle(bundle_dir)
-    rows = read_manifest(manifest)
+def build_int8(bundle: Bundle, rows: list[Row], method: str = DEFAULT_METHOD, n_calibration: int = 128,
+               threads: int = 2, speed_seconds: float = 4.0, keep_fp32_convs: int = KEEP_FP32_CONVS) -> dict:
+    """Quantize the bundle's fp32 graph into `bundle.path / INT8_FILE` and measure it against fp32;
+    returns the `variants.int8` entry. `bundle` may be a run's in-memory view (files in the run dir)."""
     fp32_file = bundle.model_file("fp32")
-    int8_file = bundle_dir / INT8_FILE
+    int8_file = bundle.path / INT8_FILE
     cal = None
     t_cal = 0.0
     if method != "dynamic":
@@ -295,7 +276,6 @@ def add_int8_variant(bundle_dir: str | Path, manifest: str | Path, method: str =
                          "evaluate": round(t_eval, 1), "speed": round(t_speed, 1)},
         "size_bytes": int8_file.stat().st_size,
     }
-    update_meta(bundle_dir, {"variants": {**bundle.variants, "int8": entry}})
     return entry
 
 
@@ -310,19 +290,46 @@ def format_int8(entry: dict) -> str:
             f"quantized in {entry['quantization']['quantize_seconds']:.1f} s; {verdict}")
 
 
-def int8_step(bundle_dir: str | Path, manifest: str | Path, **kwargs) -> dict | None:
-    """The pipeline step: add the int8 variant, or warn and leave the bundle fp32-only if the
-    graph cannot be quantized (an exotic timm architecture); training never fails because of it."""
+def try_int8(bundle: Bundle, rows: list[Row], **kwargs) -> dict | None:
+    """The pipeline step: `build_int8`, or warn and return None (no int8 file left) if the graph cannot
+    be quantized (an exotic timm architecture); training never fails because of it."""
     import warnings
 
     try:
-        entry = add_int8_variant(bundle_dir, manifest, **kwargs)
+        entry = build_int8(bundle, rows, **kwargs)
     except Exception as e:  # reported; the fp32 bundle is still good
-        (Path(bundle_dir) / INT8_FILE).unlink(missing_ok=True)
-        variants = read_meta(bundle_dir).variants
-        if "int8" in variants:  # an older entry would now point at a deleted file
-            update_meta(bundle_dir, {"variants": {k: v for k, v in variants.items() if k != "int8"}})
+        (bundle.path / INT8_FILE).unlink(missing_ok=True)
         warnings.warn(f"int8 variant skipped: {e.__class__.__name__}: {e}", stacklevel=2)
         return None
     print(format_int8(entry))
+    return entry
+
+
+# --- the same on a finished bundle dir (bench/bench_int8.py) -----------------------------------
+
+def _with_int8(bundle: Bundle, entry: dict | None) -> BundleMeta:
+    variants = {k: v for k, v in bundle.meta.to_json_dict()["variants"].items() if k != "int8"}
+    return BundleMeta.model_validate(bundle.meta.to_json_dict() | {"variants": variants | (
+        {"int8": entry} if entry else {})})
+
+
+def add_int8_variant(bundle_dir: str | Path, manifest: str | Path, **kwargs) -> dict:
+    """`build_int8` on a bundle dir the caller owns, republished with `variants.int8`."""
+    from food_classifier.training.publish import republish
+
+    bundle = load_bundle(bundle_dir)
+    entry = build_int8(bundle, read_manifest(manifest), **kwargs)
+    republish(bundle, _with_int8(bundle, entry), {INT8_FILE: bundle.path / INT8_FILE})
+    return entry
+
+
+def int8_step(bundle_dir: str | Path, manifest: str | Path, **kwargs) -> dict | None:
+    """`add_int8_variant` that never fails: on error the bundle dir is left fp32-only (an older int8
+    entry would point at a deleted file), with a warning."""
+    from food_classifier.training.publish import republish
+
+    bundle = load_bundle(bundle_dir)
+    entry = try_int8(bundle, read_manifest(manifest), **kwargs)
+    if entry is not None or "int8" in bundle.variants:
+        republish(bundle, _with_int8(bundle, entry), {INT8_FILE: bundle.path / INT8_FILE} if entry else {})
     return entry

@@ -8,23 +8,17 @@ i.e. exactly the probabilities the server returns.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from food_classifier.bundle import META_FILE, read_meta
+from food_classifier.bundle import BundleMeta, read_meta
 from food_classifier.inference import softmax
 from food_classifier.training import report_html as H
-from food_classifier.training.calibrate import (
-    abstention_stats,
-    coverage_curve,
-    expected_calibration_error,
-    load_logits,
-    reliability_bins,
-)
-from food_classifier.training.evaluate import fitted_tiers, per_tier
+from food_classifier.training import runs
+from food_classifier.training.calibrate import abstention_stats, coverage_curve
+from food_classifier.training.metrics import expected_calibration_error, per_tier, reliability_bins
 from food_classifier.training.report_plots import (
     plot_confusion,
     plot_coverage,
@@ -37,9 +31,6 @@ from food_classifier.training.report_plots import (
     roc_data,
     thumbnail,
 )
-
-SECTIONS = ("summary", "tiers", "confusion", "per-class", "roc", "calibration", "abstention", "mistakes",
-            "history")
 
 
 def bootstrap_macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int, n_boot: int = 1000,
@@ -59,9 +50,9 @@ def bootstrap_macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int, n_boot: 
     return float(lo), float(hi)
 
 
-
-def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _bundle_meta(run: Path) -> BundleMeta | None:
+    bundle = runs.bundle_dir(run)
+    return read_meta(bundle) if bundle else None
 
 
 def _ci(lo_hi) -> str:
@@ -73,15 +64,16 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
     run = Path(run)
     out = Path(out_dir) if out_dir else run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    d = load_logits(run)
-    logits, y, tier, paths = d["logits"], d["y"], d["tier"], d["path"]
-    labels = [str(x) for x in d["labels"]]
-    meta = read_meta(run / "bundle") if (run / "bundle" / META_FILE).is_file() else None
-    detail, config, cv = _json(run / "calibration.json"), _json(run / "config.json") or {}, _json(run / "cv.json")
+    d = runs.read_scores(run)
+    logits, y, tier, paths, labels = d.logits, d.y, d.tier, d.path, d.labels
+    meta = _bundle_meta(run)
+    detail, cv = runs.read_json(run, runs.CALIBRATION), runs.read_json(run, runs.CV)
+    times = runs.read_json(run, runs.TIMES) or {}
+    config = runs.read_meta(run) if runs.is_run(run) else None
     temperature = meta.temperature if meta else 1.0
     threshold = meta.abstain_threshold if meta else None
     raw, cal = softmax(logits, 1.0), softmax(logits, temperature)
-    metrics = per_tier(y, cal, tier, labels, fitted_tiers(meta))
+    metrics = per_tier(y, cal, tier, labels, meta.fit_tiers if meta else ["train"])
     ev = "test" if "test" in metrics else "validation"
     m = tier == ev
     f1_ci = {t: bootstrap_macro_f1(y[tier == t], cal[tier == t].argmax(1), len(labels)) for t in metrics}
@@ -95,14 +87,27 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
     held_out = [(f"accuracy on {fit['fitted_on']} (held out, n={fit['n_fit']})", f"{fit['accuracy_fit']:.4f}")] \
         if "accuracy_fit" in fit else []
     add("summary", "Summary", H.key_values([
-        ("model", name), ("architecture", meta.arch if meta else config.get("arch", "?")), ("run", str(run.resolve())),
+        ("model", name), ("architecture", (meta and meta.arch) or (config and config.arch) or "?"),
+        ("run", str(run.resolve())),
         ("labels", ", ".join(labels)), ("images per tier", ", ".join(f"{t} {v['n']}" for t, v in metrics.items())),
         ("evaluation tier",
          f"{ev} (accuracy {metrics[ev]['accuracy']:.4f}, 95% CI {_ci(metrics[ev]['accuracy_ci95'])})"),
         ("calibration temperature", f"{temperature:.4f}" + ("" if meta and meta.calibration.fitted
                                                           else " (not fitted)")),
         ("abstention threshold", "none" if threshold is None else f"{threshold:.4f}"),
-        ("training time", f"{config.get('train_seconds', '?')} s")] + held_out))
+        ("fit time (features + head)",
+         f"{config.train_seconds if config and config.train_seconds is not None else '?'} s"),
+        ("`train` wall time, all stages", f"{sum(times.values()):.1f} s (per stage below)" if times else "?")]
+        + held_out))
+    if times:
+        total = sum(times.values())
+        add("times", "Time per stage", H.table(["stage", "seconds", "share"],
+                                               [(k, f"{v:.1f}", f"{100 * v / total:.0f} %") for k, v in times.items()]
+                                               + [("total", f"{total:.1f}", "100 %")]),
+            "Wall time of each stage of `train` on this machine (timings.json in the run); the fit is the "
+            "feature extraction and the head, the rest is the bundle: export, scoring every tier, calibration, "
+            "the int8 variant, publishing.")
+    add("int8", "int8 variant", _int8_section(meta, runs.bundle_dir(run)))
 
     rows = [(t if v["held_out"] else f"{t}*", v["n"], f"{v['accuracy']:.4f}", _ci(v["accuracy_ci95"]),
              f"{v['macro_f1']:.4f}", _ci(f1_ci[t]), f"{v['nll']:.4f}", f"{v['ece']:.4f}") for t, v in metrics.items()]
@@ -130,7 +135,7 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
                 [("macro average", f"{macro_auc:.4f}")]) + H.figure(plot_roc(roc, ev, out / "roc.png"), "ROC"))
 
     ece = (expected_calibration_error(raw[m], y[m]), expected_calibration_error(cal[m], y[m]))
-    c = (detail or {}).get("calibration", meta.calibration.model_dump(exclude_none=True) if meta else {})
+    c = (detail or {}).get("calibration") or (meta.calibration.model_dump(exclude_none=True) if meta else {})
     kv = [("temperature", f"{temperature:.4f}"),
           (f"ECE on {ev} (15 bins), before -> after", f"{ece[0]:.4f} -> {ece[1]:.4f}")]
     if "ece_test_floor" in c:
@@ -175,7 +180,7 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
         f"The {len(items)} wrong {ev} predictions with the highest calibrated confidence "
         f"(of {int((m & (cal.argmax(1) != y)).sum())} mistakes). Also saved as mistakes.png.")
 
-    hist = plot_history(run / "history.csv", out / "history.png")
+    hist = plot_history(run / runs.HISTORY, out / runs.HISTORY_PNG)
     add("history", "Training history", H.figure(hist, "history") if hist else "<p>No history.csv in this run.</p>")
 
     if cv:
@@ -198,3 +203,33 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
 def _cov_row(s: dict) -> tuple:
     acc = "-" if s["accuracy_covered"] is None else f"{s['accuracy_covered']:.4f}"
     return (f"{s['coverage']:.3f}", acc, f"{s['kept']} / {s['n']}")
+
+
+def _int8_section(meta: BundleMeta | None, bundle: Path | None) -> str:
+    """The quantized variant against fp32, as training measured it (bundle.json's variants.int8)."""
+    v = meta.variants.get("int8") if meta else None
+    if v is None:
+        return "<p>No int8 variant in this bundle (trained with --no-int8, or the graph could not be quantized).</p>"
+    speed = v.speedup or {}
+    verdict = "recommended: `serve` uses it by default" if v.recommended is not False else (
+        "not recommended (" + "; ".join(v.not_recommended_because or []) + "): `serve` uses fp32")
+    rows = [("accuracy on " + (v.accuracy_tier or "test") + f" (n={v.n_test})",
+             f"{v.fp32_test_accuracy:.4f}" if v.fp32_test_accuracy is not None else "-",
+             f"{v.test_accuracy:.4f}" if v.test_accuracy is not None else "-",
+             f"{v.accuracy_delta_points:+.2f} points" if v.accuracy_delta_points is not None else "-")]
+    rows += [(f"top-1 agreement with fp32 ({tier})", "", f"{a:.4f}", "")
+             for tier, a in (v.top1_agreement or {}).items()]
+    for bs in (1, 32):
+        fp32, int8 = getattr(v, f"fp32_ms_per_image_batch{bs}"), getattr(v, f"ms_per_image_batch{bs}")
+        if fp32 is not None and int8 is not None:
+            rows.append((f"ms per image, batch {bs}", f"{fp32:g}", f"{int8:g}", f"x{speed.get(f'batch{bs}', 0):.2f}"))
+    fp32_file = bundle / meta.variants["fp32"].file if meta and bundle else None
+    fp32_size = fp32_file.stat().st_size if fp32_file and fp32_file.is_file() else None
+    if v.size_bytes:
+        rows.append(("file size", f"{fp32_size / 1e6:.1f} MB" if fp32_size else "-", f"{v.size_bytes / 1e6:.1f} MB",
+                     ""))
+    threads = (v.speed_measured or {}).get("threads")
+    return (H.key_values([("method", v.method or "?"), ("verdict", verdict)])
+            + H.table(["", "fp32", "int8", "int8 vs fp32"], rows)
+            + f"<p>Speed: median of interleaved fp32/int8 runs in one process on the training machine"
+            f"{f', {threads} threads' if threads else ''}; a ratio, not an absolute figure.</p>")

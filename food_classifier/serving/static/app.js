@@ -27,7 +27,7 @@ async function loadModels() {
 
 function showVersion() {
   const m = models.find((x) => x.name === $("model").value);
-  $("version").textContent = m ? "version " + m.version : "";
+  $("version").textContent = m ? `version ${m.version} · ${m.variant}` : "";
 }
 
 function render(p) {
@@ -49,7 +49,9 @@ function render(p) {
     li.append(name, bar, pct);
     list.appendChild(li);
   }
-  $("timing").textContent = `${p.model} ${p.model_version} · ${p.timing.total_ms.toFixed(1)} ms on the server`;
+  const m = models.find((x) => x.name === p.model);
+  const variant = m ? ` (${m.variant})` : "";
+  $("timing").textContent = `${p.model} ${p.model_version}${variant} · ${p.timing.total_ms.toFixed(1)} ms on the server`;
   $("result").hidden = false;
 }
 

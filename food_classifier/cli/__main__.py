@@ -1,0 +1,3 @@
+from food_classifier.cli import main
+
+main()

@@ -1,0 +1,117 @@
+"""`food-classifier train`: its options come from TrainConfig, so this module imports training.config
+(no torch); the group loads it only when `train` is asked for, so `serve` never imports the training side."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from food_classifier.cli.common import fail, need_training_extras
+from food_classifier.training.config import DEFAULT_TARGET_PRECISION, TrainConfig
+from food_classifier.training.config import option as config_option
+
+
+def _train_option(field: str, *decls: str, **kw) -> Any:
+    """A `train` option whose default and help come from TrainConfig (declared there, once)."""
+    default, help_text = config_option(field)
+    return typer.Option(default, *decls, help=help_text, **kw)
+
+
+def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
+                                          help="Your photos (one folder per class, or train/ and test/): split "
+                                               "them into --manifest first, as `data split` does."),
+          manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `data split` (written by --data)."),
+          arch: str = _train_option("arch"),
+          weights: Path | None = _train_option("weights"),
+          epochs: int = _train_option("epochs"),
+          lr: float = _train_option("lr"),
+          batch_size: int = _train_option("batch_size"),
+          fine_tune: bool = _train_option("fine_tune", "--fine-tune"),
+          aug_views: int = _train_option("aug_views"),
+          image_size: int = _train_option("image_size"),
+          refit: bool = _train_option("refit", "--refit/--no-refit"),
+          label_smoothing: float = _train_option("label_smoothing"),
+          patience: int = _train_option("patience"),
+          seed: int = _train_option("seed"),
+          runs_dir: Path = typer.Option(Path("runs")),
+          models_dir: Path = typer.Option(Path("models"), help="Bundles are published to MODELS_DIR/NAME/VERSION."),
+          name: str = typer.Option("food", help="Model name in the bundle and the server."),
+          resume: Path | None = typer.Option(None, help="Continue an interrupted run dir."),
+          target_precision: float = typer.Option(
+              DEFAULT_TARGET_PRECISION, min=0.0, max=1.0,
+              help="Abstention: lowest threshold whose kept validation predictions reach this precision."),
+          cv: int = typer.Option(0, "--cv", min=0, metavar="K",
+                                 help="Also retrain on K folds of train+validation (test untouched) and report "
+                                      "accuracy / macro-F1 mean ± std; writes RUN/cv.json."),
+          int8: bool = typer.Option(True, "--int8/--no-int8",
+                                    help="Also add a quantized int8 variant (~20 s), with its test accuracy and "
+                                         "speed vs fp32 in bundle.json.")) -> None:
+    """Train a model and publish its bundle. Fits, exports the ONNX bundle, evaluates it per tier,
+    calibrates it and publishes it to MODELS_DIR/NAME/VERSION; ends with the time per stage and the
+    command that serves it."""
+    started = time.monotonic()
+    need_training_extras()
+    if cv == 1:
+        fail("--cv needs K >= 2 folds (0 = off)")
+    if data and resume:
+        fail("--data starts a new run; --resume continues one on its own manifest: pass one of them")
+    from food_classifier.training import runs
+    from food_classifier.training.calibrate import format_calibration
+    from food_classifier.training.evaluate import format_table
+    from food_classifier.training.pipeline import format_timings, stage, train_and_publish
+
+    seconds: dict[str, float] = {}
+    if data:
+        from food_classifier.cli.data import split_and_report
+
+        with stage(seconds, "prepare"):
+            split_and_report(data, manifest)
+    if resume:
+        if not runs.is_run(resume):
+            fail(f"{resume} is not a run dir (no {runs.CONFIG})")
+        saved = runs.read_meta(resume)
+        config, manifest = saved.config, Path(saved.manifest)
+    else:
+        config = TrainConfig(arch=arch, weights=str(weights) if weights else None, epochs=epochs, lr=lr,
+                             batch_size=batch_size, fine_tune=fine_tune, aug_views=aug_views, refit=refit,
+                             label_smoothing=label_smoothing, patience=patience, seed=seed,
+                             image_size=image_size)
+    run, bundle, metrics = train_and_publish(manifest, config, runs_dir, models_dir, name, resume=resume,
+                                             target_precision=target_precision, int8=int8, seconds=seconds)
+    typer.echo(format_table(metrics))
+    typer.echo(format_calibration(run))
+    if cv:
+        from food_classifier.training.cv import cross_validate, format_cv
+
+        with stage(seconds, "cv"):
+            typer.echo(format_cv(cross_validate(manifest, config, k=cv, out_dir=run)))
+        runs.write_json(run, runs.TIMES, seconds)
+    typer.echo("\n" + format_timings(seconds, total=time.monotonic() - started))
+    typer.echo("\n" + next_steps(run, bundle, models_dir / name))
+
+
+def next_steps(run: Path, bundle: Path, model_dir: Path) -> str:
+    """Where the run and the bundle went, and the exact command that serves this bundle (the model dir,
+    unless another version is promoted there: then this version's own dir, and how to promote it)."""
+    from food_classifier.bundle import load_bundle, promoted_version
+    from food_classifier.versions import size_bytes
+
+    meta = load_bundle(bundle).meta
+    variant = meta.recommended_variant()
+    lines = [f"run:    {run}  (HTML report: food-classifier report {shlex.quote(str(run))})",
+             f"bundle: {bundle}  ({size_bytes(bundle) / 1e6:.1f} MB; `serve` will use its {variant} variant, "
+             "the one training recommends)"]
+    promoted = promoted_version(model_dir)
+    if promoted and promoted != bundle.name:
+        lines += [f"note: {model_dir} serves its promoted version {promoted}, not this one",
+                  f"serve this one:  food-classifier serve {shlex.quote(str(bundle))}",
+                  f"or promote it:   food-classifier models promote {shlex.quote(model_dir.name)} {bundle.name} "
+                  f"--models-dir {shlex.quote(str(model_dir.parent))}"]
+    else:
+        lines.append(f"serve it:  food-classifier serve {shlex.quote(str(model_dir))}   (then open "
+                     "http://localhost:8383/)")
+    return "\n".join(lines)

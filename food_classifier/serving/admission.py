@@ -1,0 +1,131 @@
+"""Admission control for decodes: one memory budget shared by every image being decoded.
+
+A decoded image costs about 4 bytes a pixel whatever its file size: a 105 KB PNG of 6000x6000 is
+144 MB once decoded. Unbounded, 24 of them at once pushed the RSS from 266 to 851 MB and a normal
+photo waited 14 s behind them. So an image is decoded in two steps:
+
+1. `decode_small`, in the decode pool: read the header (`preprocessing.peek`: allowed format, pixel
+   limit, the JPEG draft) and estimate the memory (`preprocessing.decode_bytes`). A small image
+   (at most 1/16 of the budget: every JPEG photo, which decodes at 1/2-1/8 scale, and anything up
+   to ~4 MP) is decoded in the same call and never waits.
+2. A large one raises `LargeImage`; the service waits on the `DecodeBudget` (first come, first served)
+   until its bytes fit and a slot is free (at most `decode_threads - 1` large decodes at once, at least
+   one), so a decode thread stays free for the small images, then `decode_large` decodes it and
+   gives the memory back to the OS at once (memory.trim).
+
+Decodes in flight then hold at most the budget (or one image alone, when it needs more than the whole
+budget) plus one small image per decode thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from food_classifier.preprocessing import decode_bytes, peek
+from food_classifier.serving import memory
+
+SMALL_SHARE = 16  # an image needing at most budget/16 bytes skips the queue
+
+
+class LargeImage(Exception):  # noqa: N818 - a signal between the two steps, not an error
+    """The first step's answer for an image that must wait for the budget (header read, pixels not)."""
+
+    def __init__(self, image: Image.Image, cost: int, peek_ms: float):
+        super().__init__(f"{cost} bytes to decode")
+        self.image, self.cost, self.peek_ms = image, cost, peek_ms
+
+
+def decode_small(classifier: Any, data: bytes, small: int) -> tuple[np.ndarray, float]:
+    """Peek, then decode and preprocess at once if the image is small (blocking: a decode thread)."""
+    start = time.perf_counter()
+    img = peek(data, classifier.spec, classifier.max_pixels)
+    cost = decode_bytes(img)
+    if cost > small:
+        raise LargeImage(img, cost, (time.perf_counter() - start) * 1000)
+    return classifier.preprocess(img), (time.perf_counter() - start) * 1000
+
+
+def decode_large(classifier: Any, img: Image.Image) -> tuple[np.ndarray, float]:
+    """Decode and preprocess a peeked large image, then free its pixels and return them to the OS."""
+    start = time.perf_counter()
+    try:
+        return classifier.preprocess(img), (time.perf_counter() - start) * 1000
+    finally:
+        img.close()  # the decoded pixels live in the image object: drop them now, not at the next GC
+        memory.trim()
+
+
+class Grant:
+    """Bytes held in a `DecodeBudget`; `release` is idempotent (call it on the event loop)."""
+
+    def __init__(self, budget: DecodeBudget, cost: int):
+        self._budget: DecodeBudget | None = budget
+        self.cost = cost
+
+    def release(self) -> None:
+        if self._budget is not None:
+            budget, self._budget = self._budget, None
+            budget._give(self.cost)
+
+
+class DecodeBudget:
+    """A byte budget with a cap on concurrent holders, granted strictly first come, first served
+    (so a big image is never starved by a stream of others). A holder needing more than the whole
+    budget is admitted alone. Event-loop only (no locks)."""
+
+    def __init__(self, capacity: int, slots: int):
+        self.capacity = capacity
+        self.slots = max(1, slots)
+        self.small = capacity // SMALL_SHARE
+        self.used = 0
+        self.running = 0
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _fits(self, cost: int) -> bool:
+        return self.running < self.slots and (self.running == 0 or self.used + cost <= self.capacity)
+
+    def _take(self, cost: int) -> None:
+        self.used += cost
+        self.running += 1
+
+    def _give(self, cost: int) -> None:
+        self.used -= cost
+        self.running -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._fits(self._waiters[0][0]):
+            cost, future = self._waiters.popleft()
+            if not future.done():  # skip waiters that were cancelled
+                self._take(cost)
+                future.set_result(None)
+
+    async def acquire(self, cost: int) -> Grant:
+        if not self._waiters and self._fits(cost):
+            self._take(cost)
+            return Grant(self, cost)
+        entry = (cost, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await entry[1]
+        except asyncio.CancelledError:
+            if entry[1].done() and not entry[1].cancelled():  # granted just before the cancel arrived
+                self._give(cost)
+            else:
+                try:
+                    self._waiters.remove(entry)
+                except ValueError:
+                    pass
+                self._wake()  # it may have been the head that blocked the others
+            raise
+        return Grant(self, cost)

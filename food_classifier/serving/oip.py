@@ -1,0 +1,250 @@
+"""The Open Inference Protocol (KServe / Triton "v2") without a transport: tensors in, tensors out.
+
+REST (`routes_oip.py`) and gRPC (`grpc/oip.py`) parse their wire format into an `InferRequest` of
+`Tensor`s, and this module turns it into a call of the one prediction core and the answers into output
+tensors. The model, seen through the protocol:
+
+- inputs (exactly one): `image` BYTES [N] - encoded photos (JPEG, PNG...), decoded by the core like
+  any upload; or `pixels` FP32 [N, 3, crop, crop] - crops already preprocessed with the bundle's
+  spec, which skip decoding (same cache, batcher, model and limits);
+- outputs: `label` BYTES [N] ("unsure" below the threshold), `label_idx` INT64 [N], `probabilities`
+  FP32 [N, C] (calibrated). With Triton's classification extension (`classification: k` on the
+  requested output, or the request parameter `top_k`), `probabilities` is instead BYTES [N, k] of
+  "probability:index:label", best first.
+- request parameters: `top_k` (1-1000) and `threshold` (0-1), checked as the HTTP API checks them.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+from pydantic import TypeAdapter, ValidationError
+
+from food_classifier.serving import schemas
+from food_classifier.serving.errors import ServiceError, TooManyImages, UnknownModel
+from food_classifier.serving.registry import LoadedModel
+
+IMAGE, PIXELS = "image", "pixels"
+LABEL, LABEL_IDX, PROBABILITIES = "label", "label_idx", "probabilities"
+OUTPUTS = (LABEL, LABEL_IDX, PROBABILITIES)
+PLATFORM = "onnxruntime_onnx"  # Triton's name for an ONNX model run by ONNX Runtime
+EXTENSIONS = ["binary_tensor_data", "classification", "parameters"]
+DTYPES: dict[str, np.dtype] = {name: np.dtype(t).newbyteorder("<") for name, t in {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+    "FP32": np.float32, "FP64": np.float64}.items()}  # + BYTES: a list of bytes objects
+_TOP_K, _THRESHOLD = TypeAdapter(schemas.TopKQuery), TypeAdapter(schemas.ThresholdQuery)
+
+
+class BadTensor(ServiceError):
+    """A request the protocol cannot take (wrong input name, type, shape, parameter): 400, as Triton."""
+
+    status, code = 400, "invalid_tensor"
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray | list[bytes]  # BYTES: the elements, flattened row-major
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    classification: int = 0  # > 0: the top-k as "probability:index:label" strings
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InferRequest:
+    inputs: list[Tensor]
+    outputs: list[RequestedOutput] = field(default_factory=list)  # empty: every output
+    parameters: dict[str, Any] = field(default_factory=dict)
+    id: str = ""
+
+
+def server_metadata() -> dict[str, Any]:
+    try:
+        version = metadata.version("food-classifier")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        version = "0+unknown"
+    return {"name": "food-classifier", "version": version, "extensions": EXTENSIONS}
+
+
+def check_version(model: LoadedModel, version: str | None) -> LoadedModel:
+    """The protocol may name a version: only the one being served exists."""
+    if version and version != model.version:
+        raise UnknownModel(f"model {model.name!r} has no version {version!r} being served "
+                           f"(serving {model.version!r})")
+    return model
+
+
+def model_metadata(model: LoadedModel) -> dict[str, Any]:
+    return {"name": model.name, "versions": [model.version], "platform": PLATFORM,
+            "inputs": [{"name": IMAGE, "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": LABEL, "datatype": "BYTES", "shape": [-1]},
+                        {"name": LABEL_IDX, "datatype": "INT64", "shape": [-1]},
+                        {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(model.labels)]}]}
+
+
+# --- tensor bytes -----------------------------------------------------------------------------------
+def elements(shape: list[int]) -> int:
+    if any(not isinstance(d, int) or d < 0 for d in shape):
+        raise BadTensor(f"shape {shape}: every dimension must be a whole number >= 0")
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def split_bytes(raw: bytes | memoryview, name: str) -> list[bytes]:
+    """BYTES elements from their binary form: each a 4-byte little-endian length, then the bytes."""
+    out, pos, raw = [], 0, memoryview(raw)
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise BadTensor(f"input {name!r}: BYTES data ends inside an element's 4-byte length")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        if pos + 4 + n > len(raw):
+            raise BadTensor(f"input {name!r}: a BYTES element says {n} bytes, only {len(raw) - pos - 4} follow")
+        out.append(bytes(raw[pos + 4:pos + 4 + n]))
+        pos += 4 + n
+    return out
+
+
+def join_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def from_raw(name: str, datatype: str, shape: list[int], raw: bytes | memoryview,
+             parameters: dict[str, Any] | None = None) -> Tensor:
+    """A tensor from its binary form (REST binary extension, gRPC raw_input_contents)."""
+    n = elements(shape)
+    if datatype == "BYTES":
+        data: np.ndarray | list[bytes] = split_bytes(raw, name)
+        count = len(data)
+    elif datatype in DTYPES:
+        dtype = DTYPES[datatype]
+        if len(raw) != n * dtype.itemsize:
+            raise BadTensor(f"input {name!r}: {len(raw)} bytes of data for {n} {datatype} elements "
+                            f"({n * dtype.itemsize} bytes)")
+        data, count = np.frombuffer(raw, dtype=dtype).reshape(shape), n
+    else:
+        raise BadTensor(f"input {name!r}: unknown datatype {datatype!r}")
+    if count != n:
+        raise BadTensor(f"input {name!r}: shape {shape} needs {n} elements, the data has {count}")
+    return Tensor(name, datatype, list(shape), data, parameters or {})
+
+
+def bytes_tensor(name: str, shape: list[int], values: list[bytes],
+                 parameters: dict[str, Any] | None = None) -> Tensor:
+    """A BYTES tensor from its elements (REST JSON after base64, gRPC `bytes_contents`)."""
+    n = elements(shape)
+    if len(values) != n:
+        raise BadTensor(f"input {name!r}: shape {shape} needs {n} elements, the data has {len(values)}")
+    return Tensor(name, "BYTES", list(shape), values, parameters or {})
+
+
+def from_values(name: str, datatype: str, shape: list[int], values: Any,
+                parameters: dict[str, Any] | None = None) -> Tensor:
+    """A numeric tensor from typed values (REST JSON `data`, gRPC `contents`), flat or nested."""
+    n = elements(shape)
+    if datatype not in DTYPES:
+        raise BadTensor(f"input {name!r}: unknown datatype {datatype!r}")
+    try:
+        array = np.asarray(values, dtype=DTYPES[datatype]).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise BadTensor(f"input {name!r}: data is not {datatype} values of one shape ({e})") from None
+    if array.size != n:
+        raise BadTensor(f"input {name!r}: shape {shape} needs {n} elements, the data has {array.size}")
+    return Tensor(name, datatype, list(shape), array.reshape(shape), parameters or {})
+
+
+# --- request -> core call -> outputs ----------------------------------------------------------------
+def options(parameters: dict[str, Any]) -> tuple[int | None, float | None]:
+    """`top_k` and `threshold` from the request parameters, checked as the HTTP API checks them."""
+    found = []
+    for key, adapter in (("top_k", _TOP_K), ("threshold", _THRESHOLD)):
+        value = parameters.get(key)
+        if isinstance(value, bool) or (key == "top_k" and isinstance(value, float)):
+            raise BadTensor(f"parameter {key}: expected a {'whole number' if key == 'top_k' else 'number'}")
+        try:
+            found.append(adapter.validate_python(value))
+        except ValidationError as e:
+            raise BadTensor(f"parameter {key}: {e.errors()[0]['msg']}") from None
+    return found[0], found[1]
+
+
+def items(request: InferRequest, model: LoadedModel, max_images: int) -> list[bytes | np.ndarray]:
+    """What the core classifies: one photo per `image` element, or one crop per `pixels` row."""
+    if len(request.inputs) != 1 or request.inputs[0].name not in (IMAGE, PIXELS):
+        names = [t.name for t in request.inputs]
+        raise BadTensor(f"model {model.name!r} takes exactly one input, {IMAGE!r} (BYTES: encoded photos) or "
+                        f"{PIXELS!r} (FP32 preprocessed crops); got {names}")
+    t = request.inputs[0]
+    crop = model.classifier.spec.crop
+    if t.name == IMAGE:
+        if t.datatype != "BYTES":
+            raise BadTensor(f"input {IMAGE!r} must be BYTES (encoded photos), not {t.datatype}")
+        found: list[bytes | np.ndarray] = list(t.data)
+    else:
+        if t.datatype != "FP32" or len(t.shape) != 4 or t.shape[1:] != [3, crop, crop]:
+            raise BadTensor(f"input {PIXELS!r} must be FP32 [N, 3, {crop}, {crop}] (the bundle's crop), "
+                            f"got {t.datatype} {t.shape}")
+        found = list(np.asarray(t.data))
+    if not found:
+        raise BadTensor(f"input {t.name!r} holds no image")
+    if len(found) > max_images:
+        raise TooManyImages(f"{len(found)} images, at most {max_images} per request")
+    return found
+
+
+def _classification(out: RequestedOutput, top_k: int | None) -> int:
+    k = out.classification or (top_k if out.name == PROBABILITIES else 0) or 0
+    if out.classification and out.name != PROBABILITIES:
+        raise BadTensor(f"classification applies to the {PROBABILITIES!r} output, not {out.name!r}")
+    return k
+
+
+def requested(request: InferRequest, top_k: int | None) -> tuple[list[RequestedOutput], int]:
+    """The outputs to return (all when none are named) and the largest top-k any of them needs."""
+    outs = request.outputs or [RequestedOutput(name) for name in OUTPUTS]
+    for out in outs:
+        if out.name not in OUTPUTS:
+            raise BadTensor(f"unknown output {out.name!r}; outputs: {', '.join(OUTPUTS)}")
+        if not isinstance(out.classification, int) or isinstance(out.classification, bool) \
+                or out.classification < 0:
+            raise BadTensor(f"output {out.name!r}: classification must be a whole number >= 1")
+    return outs, max([top_k or 0, *(_classification(o, top_k) for o in outs)])
+
+
+def outputs(model: LoadedModel, results: list[dict[str, Any]], outs: list[RequestedOutput],
+            top_k: int | None) -> list[Tensor]:
+    """The core's answers as the requested output tensors."""
+    n = len(results)
+    index = {label: i for i, label in enumerate(model.labels)}
+    tensors = []
+    for out in outs:
+        k = _classification(out, top_k)
+        if out.name == LABEL:
+            tensors.append(Tensor(LABEL, "BYTES", [n], [r["label"].encode() for r in results]))
+        elif out.name == LABEL_IDX:
+            tensors.append(Tensor(LABEL_IDX, "INT64", [n], np.array([r["label_idx"] for r in results],
+                                                                    dtype=DTYPES["INT64"])))
+        elif k:
+            k = min(k, len(model.labels))
+            tensors.append(Tensor(PROBABILITIES, "BYTES", [n, k], [
+                f"{t['probability']:f}:{index[t['label']]}:{t['label']}".encode()
+                for r in results for t in r["top_k"][:k]]))
+        else:
+            probs = np.stack([r["probabilities"] for r in results]).astype(DTYPES["FP32"])
+            tensors.append(Tensor(PROBABILITIES, "FP32", list(probs.shape), probs))
+    return tensors
+
+
+def raw(t: Tensor) -> bytes:
+    """An output tensor's binary form."""
+    return join_bytes(t.data) if isinstance(t.data, list) else np.ascontiguousarray(t.data).tobytes()

@@ -1,0 +1,46 @@
+"""The `train` recipe's settings, declared once: `TrainConfig` is what `fit` reads, what config.json
+and bundle.json record, and where the `train` command takes each option's default and help text.
+
+No torch here, so the CLI can build its options (and `--help`) without the training extras.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+DEFAULT_ARCH = "efficientnet_lite0+efficientnet_lite1"
+DEFAULT_TARGET_PRECISION = 0.98  # abstention: precision the kept held-out predictions must reach
+
+
+def _opt(default: Any, help: str = "") -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    arch: str = _opt(DEFAULT_ARCH, "Registered name, any timm architecture, or an ensemble a+b.")
+    weights: str | None = _opt(None, "Local checkpoint for a timm architecture.")
+    epochs: int = _opt(0, "0 = default for the chosen path.")  # head 40, end-to-end 30, fine-tune 6
+    batch_size: int = _opt(0, "0 = default for the chosen path.")  # 32 end to end; the head is full-batch
+    lr: float = _opt(0.0, "0 = default for the chosen path.")  # head L-BFGS 1.0, end-to-end 2e-3, fine-tune 1e-3
+    weight_decay: float = 3e-3    # L2 on the head (cached path); AdamW decay end to end
+    label_smoothing: float = _opt(0.1)
+    patience: int = _opt(5, "Early stopping patience (epochs).")  # end-to-end paths; the head is solved
+    aug_views: int = _opt(2, "Extra views per training image beyond the plain one: its mirror image, "
+                             "then random augmentations.")
+    aug_strength: float = 1.0
+    refit: bool = _opt(True, "Head path: fit the final head on train+validation (held-out numbers then come "
+                             "from out-of-fold logits and the test tier).")  # not with fine_tune
+    fine_tune: bool = _opt(False, "Also unfreeze the last blocks.")
+    fine_tune_blocks: int = 2
+    image_size: int = _opt(0, "Input crop in px; 0 = the model's default (288 for Lite0).")
+    seed: int = _opt(42)
+    threads: int = 0               # 0 = all cores
+
+
+def option(name: str) -> tuple[Any, str | None]:
+    """(default, help) of a TrainConfig field, for the CLI option of the same name."""
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    assert f.default is not MISSING
+    return f.default, f.metadata.get("help") or None
