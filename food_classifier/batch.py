@@ -3,7 +3,7 @@
     predict_dir("photos/", "models/food", "results.parquet")        # the local engine
     predict_dir(..., engine=RayEngine("auto"))                       # food_classifier/ray_batch.py
 
-The prediction is `Classifier`'s (preprocess -> predict_proba -> decide), run in batches through
+The prediction is `Classifier`'s (preprocess -> infer -> decide), run in batches through
 `runtime.iter_batched` by `Scorer`, which both engines use: the local engine in this process (decode
 in a thread pool, ONNX Runtime in batches), the Ray engine inside each actor of a Ray Data pipeline.
 This module never imports Ray: the caller hands the Ray engine in.
@@ -161,9 +161,9 @@ class Scorer:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         if self._pool is None or len(batch) < 2:
-            return self.clf.predict_proba(batch)
+            return self.clf.infer(batch)
         parts = np.array_split(batch, min(self.calls, len(batch)))
-        return np.concatenate(list(self._pool.map(self.clf.predict_proba, parts)))
+        return np.concatenate(list(self._pool.map(self.clf.infer, parts)))
 
     def _prepare(self, job: _Job) -> np.ndarray | None:
         try:

@@ -35,12 +35,12 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from food_classifier.bundle_schema import FORMAT, READABLE_FORMATS, BundleMeta, Variant
+from food_classifier.bundle_schema import CASCADE, FORMAT, READABLE_FORMATS, BundleMeta, Variant
 from food_classifier.preprocessing import PreprocessSpec
 
-__all__ = ["FORMAT", "META_FILE", "PROMOTED_FILE", "Bundle", "BundleError", "BundleMeta", "Variant", "file_sha256",
-           "load_bundle", "load_newest", "model_sources", "newest_bundle", "promoted_version", "published_versions",
-           "read_meta", "set_promoted", "update_meta", "write_bundle"]
+__all__ = ["CASCADE", "FORMAT", "META_FILE", "PROMOTED_FILE", "Bundle", "BundleError", "BundleMeta", "Variant",
+           "file_sha256", "load_bundle", "load_newest", "model_sources", "newest_bundle", "promoted_version",
+           "published_versions", "read_meta", "set_promoted", "update_meta", "write_bundle"]
 
 META_FILE = "bundle.json"
 PROMOTED_FILE = "PROMOTED"
@@ -90,6 +90,8 @@ class Bundle:
         return self.meta.abstain_threshold
 
     def model_file(self, variant: str = "fp32") -> Path:
+        if variant == CASCADE and self.meta.cascade is not None:
+            return self.path / self.meta.cascade.stages[0].file
         if variant not in self.variants:
             raise BundleError(f"bundle {self.name}:{self.version} has no '{variant}' variant "
                               f"(has: {', '.join(sorted(self.variants))})")
@@ -148,7 +150,8 @@ def read_meta(path: str | Path) -> BundleMeta:
 
 def verify_files(path: Path, meta: BundleMeta) -> None:
     """Every listed model file exists in the bundle dir and matches its recorded sha256 (when recorded)."""
-    listed = list(meta.variants.values()) + (list(meta.mobile.variants.values()) if meta.mobile else [])
+    listed = (list(meta.variants.values()) + (list(meta.mobile.variants.values()) if meta.mobile else [])
+              + (list(meta.cascade.stages) if meta.cascade else []))
     for v in listed:
         f = path / v.file
         if not f.is_file():

@@ -18,6 +18,7 @@ from food_classifier.preprocessing import PreprocessSpec
 FORMAT = "food_classifier.bundle/2"
 READABLE_FORMATS = ("food_classifier.bundle/1", FORMAT)
 _DEFAULT = PreprocessSpec()
+CASCADE = "cascade"  # the variant name of a bundle's cascade (its stages are files of their own)
 
 
 class Section(BaseModel):
@@ -177,10 +178,32 @@ class OutputSpec(Section):
     kind: Literal["logits", "probs"] = "logits"  # probs: the graph ends in a softmax (import-onnx)
 
 
-class Cascade(Section):
-    """Reserved (model cascade issue): ordered stages, each naming a variant and when to stop."""
+class Stage(Variant):
+    """One cascade stage: a graph that adds `members[-1]`'s backbone to the features of the stages before.
 
-    stages: list[dict[str, Any]] = Field(default_factory=list)
+    Stage 1 maps image -> (logits, features, imagenet_logits); stage k > 1 maps (image, features) ->
+    (logits, features), so no backbone runs twice. Its logits are calibrated with its own temperature."""
+
+    members: list[str] = Field(min_length=1)
+    temperature: float = Field(default=1.0, gt=0)
+    threshold: float | None = Field(default=None, ge=0)  # escalate when confidence < it (> 1: all); None: last
+
+
+class Cascade(Section):
+    """Ordered stages: every image runs stage 1, and only the unsure ones go on (training/cascade.py).
+
+    `abstain_threshold` replaces the bundle's one for cascade answers: they mix stages, so it is
+    chosen on the mixed out-of-fold answers. `measured`: what the training run found (OOF and test)."""
+
+    stages: list[Stage] = Field(min_length=2)
+    abstain_threshold: float | None = None
+    measured: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> Cascade:
+        if any(s.threshold is None for s in self.stages[:-1]):
+            raise ValueError("every cascade stage but the last needs a threshold")
+        return self
 
 
 class Histogram(Section):
@@ -285,7 +308,10 @@ class BundleMeta(BaseModel):
         return self.input.name if self.input else "image"
 
     def recommended_variant(self) -> str:
-        """int8 when shipped, unless its own measurement said `recommended: false`; else fp32."""
+        """The cascade when shipped; else int8 when shipped, unless its own measurement said
+        `recommended: false`; else fp32."""
+        if self.cascade is not None:
+            return CASCADE
         int8 = self.variants.get("int8")
         return "int8" if int8 is not None and int8.recommended is not False else "fp32"
 

@@ -1,6 +1,5 @@
-"""Prediction cache: calibrated probabilities keyed by the uploaded bytes or by the photo's pixels.
-
-Probabilities, not responses, are cached, so `top_k` and `threshold` apply after a hit. Two levels,
+"""Prediction cache: `Classifier.infer` rows (calibrated probabilities, stage, not-food flag) keyed by the
+uploaded bytes or by the photo's pixels; not responses, so `top_k` and `threshold` apply after a hit. Two levels,
 both namespaced by model name + version + variant (a reload never serves the old version's answers):
 
 1. bytes: sha256 of the upload. A hit skips decoding and inference.
@@ -57,10 +56,11 @@ class CacheableModel(Protocol):
     version: str
     variant: str
     spec: PreprocessSpec
-    labels: list[str]
+
+    row_width: int  # floats per answer (Classifier.infer: probabilities, stage, not-food flag)
 
     def preprocess(self, image: ImageInput) -> np.ndarray: ...
-    def predict_proba(self, batch: np.ndarray) -> np.ndarray: ...
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass
@@ -257,7 +257,7 @@ class PredictionCache:
         keys: dict[str, bytes] = {}
         if data is not None:
             bkey = f"{ns}b:{hashlib.sha256(data).hexdigest()}"
-            probs = _probs(self._get([bkey])[0], len(model.labels))
+            probs = _probs(self._get([bkey])[0], model.row_width)
             self.stats.lookup(model.name, "bytes", probs is not None)
             if probs is not None:
                 return Lookup(HIT_BYTES, probs=probs)
@@ -267,7 +267,7 @@ class PredictionCache:
         if view is not None:
             pkeys, fingerprint = view
             found = self._get([f"{ns}{k}" for k in pkeys])
-            probs = next((p for p in (_verified(v, fingerprint, len(model.labels)) for v in found)
+            probs = next((p for p in (_verified(v, fingerprint, model.row_width) for v in found)
                           if p is not None), None)
             self.stats.lookup(model.name, "pixels", probs is not None)
             if probs is not None:
@@ -285,7 +285,7 @@ class PredictionCache:
 
     def proba_batch(self, model: CacheableModel, images: Sequence[ImageInput], batch_size: int = 32,
                     threads: int | None = None) -> tuple[np.ndarray, list[str]]:
-        """Calibrated probabilities for `images` through the cache, misses run in chunks of `batch_size`.
+        """`infer` rows for `images` through the cache, misses run in chunks of `batch_size`.
         Lookups (hashing, decoding, Redis) run in a thread pool, except for a single image."""
         rows: list[np.ndarray] = []
         outcomes: list[str] = []
@@ -295,13 +295,13 @@ class PredictionCache:
                 looks = [run(chunk[0])] if len(chunk) == 1 else list(pool.map(run, chunk))
                 misses = [lk for lk in looks if lk.probs is None]
                 if misses:
-                    for lk, p in zip(misses, model.predict_proba(np.stack([lk.array for lk in misses])), strict=True):
+                    for lk, p in zip(misses, model.infer(np.stack([lk.array for lk in misses])), strict=True):
                         lk.probs = p
                         self.store(lk, p)
                 rows.extend(lk.probs for lk in looks)
                 outcomes.extend(lk.outcome for lk in looks)
         if not rows:
-            return np.zeros((0, len(model.labels)), dtype=np.float32), outcomes
+            return np.zeros((0, model.row_width), dtype=np.float32), outcomes
         return np.stack(rows), outcomes
 
     # --- backends ------------------------------------------------------------------------------------

@@ -4,6 +4,11 @@
     clf.predict("pie.jpg").label
     clf.predict_batch([bytes1, "b.png", pil_image])
     Classifier("models/food", cache=PredictionCache())   # repeated photos skip decode and/or inference
+    Classifier("models/food", variant="cascade")         # stage 1 for every photo, the rest for unsure ones
+
+Every path (this class, the server's batcher, the cache, `predict-dir`) moves one float32 row per image
+between "run the model" and "decide": `infer` returns the calibrated probabilities followed by two
+columns, the cascade stage that answered and a not-food flag, so a cached answer keeps both.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from food_classifier import runtime
-from food_classifier.bundle import Bundle, BundleError, load_newest
+from food_classifier.bundle import CASCADE, Bundle, BundleError, load_newest
 from food_classifier.preprocessing import DEFAULT_MAX_PIXELS, ImageInput, preprocess
 
 if TYPE_CHECKING:
@@ -24,6 +29,7 @@ if TYPE_CHECKING:
 
 UNSURE = "unsure"
 AUTO = "auto"  # the variant the bundle recommends (BundleMeta.recommended_variant)
+EXTRA = 2  # columns after the probabilities in an `infer` row: stage reached (1-based), not-food flag
 
 
 @dataclass
@@ -34,6 +40,7 @@ class Prediction:
     top_k: list[dict] = field(default_factory=list)
     abstained: bool = False
     cache: str = "off"  # hit-bytes, hit-pixels, miss or off (see food_classifier.cache)
+    stage: int = 1      # the cascade stage that answered (1 for a single-graph variant)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,21 +66,26 @@ class Classifier:
         self.variant = self.bundle.meta.recommended_variant() if variant == AUTO else variant
         self.top_k = top_k
         self.max_pixels = max_pixels
-        model = self.bundle.model_file(self.variant)
-        try:
-            self.session = runtime.create_session(model, threads)
-        except Exception as e:  # not an ONNX graph, truncated, unsupported op...
-            raise BundleError(f"{model}: ONNX Runtime cannot load it: {str(e).strip().splitlines()[0]}") from None
-        shape = self.session.get_outputs()[0].shape
-        width = shape[-1] if shape else None
-        if isinstance(width, int) and width != len(self.bundle.labels):
-            raise BundleError(f"{model}: the model outputs {width} classes but {self.bundle.path / 'bundle.json'} "
-                              f"lists {len(self.bundle.labels)} labels")
         self.labels = self.bundle.labels
         self.spec = self.bundle.preprocessing
         self.cache = cache
+        self.cascade = self.bundle.meta.cascade if self.variant == CASCADE else None
+        if self.variant == CASCADE and self.cascade is None:
+            raise BundleError(f"bundle {self.bundle.name}:{self.bundle.version} has no cascade "
+                              f"(has: {', '.join(sorted(self.bundle.variants))})")
+        files = ([self.bundle.path / s.file for s in self.cascade.stages] if self.cascade
+                 else [self.bundle.model_file(self.variant)])
+        self.sessions = [_session(f, threads) for f in files]
+        self.session = self.sessions[0]
+        shape = self.session.get_outputs()[0].shape
+        width = shape[-1] if shape else None
+        if isinstance(width, int) and width != len(self.bundle.labels):
+            raise BundleError(f"{files[0]}: the model outputs {width} classes but {self.bundle.path / 'bundle.json'} "
+                              f"lists {len(self.bundle.labels)} labels")
         # Imported models may end in a softmax (`import-onnx --outputs probs`): their log is a logit.
         self.outputs_probs = self.bundle.meta.output is not None and self.bundle.meta.output.kind == "probs"
+        self.abstain_threshold = (self.cascade.abstain_threshold if self.cascade is not None
+                                  else self.bundle.abstain_threshold)
 
     @property
     def name(self) -> str:
@@ -86,21 +98,64 @@ class Classifier:
     def preprocess(self, image: ImageInput) -> np.ndarray:
         return preprocess(image, self.spec, max_pixels=self.max_pixels)
 
+    @property
+    def row_width(self) -> int:
+        return len(self.labels) + EXTRA
+
     def logits(self, batch: np.ndarray) -> np.ndarray:
         out = runtime.run(self.session, batch)
         return np.log(np.maximum(out, 1e-30)) if self.outputs_probs else out
 
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """[N, labels + 2] rows for a preprocessed batch: calibrated probabilities, stage, not-food flag."""
+        n, c = len(batch), len(self.labels)
+        rows = np.zeros((n, c + EXTRA), dtype=np.float32)
+        rows[:, c] = 1
+        if self.cascade is None:
+            rows[:, :c] = softmax(self.logits(batch), self.bundle.temperature)
+            return rows
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        stages = self.cascade.stages
+        logits, features, *_ = self.session.run(None, {"image": batch})
+        active = np.arange(n)
+        for k, stage in enumerate(stages):
+            if k:
+                logits, features = self.sessions[k].run(None, {"image": batch[active], "features": features})
+            rows[active, :c] = softmax(logits, stage.temperature)
+            rows[active, c] = k + 1
+            if stage.threshold is None:
+                break
+            unsure = rows[active, :c].max(axis=1) < stage.threshold
+            active, features = active[unsure], features[unsure]
+            if not len(active):
+                break
+        return rows
+
+    def warm_up(self, sizes: Sequence[int] = (1,)) -> None:
+        """Run every graph (each cascade stage, whatever the images) once per batch size: the first
+        real request then pays no allocation or thread start-up."""
+        for n in sizes:
+            x = np.zeros((n, *self.spec.input_shape), dtype=np.float32)
+            if self.cascade is None:
+                self.infer(x)
+                continue
+            features = self.session.run(None, {"image": x})[1]
+            for session in self.sessions[1:]:
+                features = session.run(None, {"image": x, "features": features})[1]
+
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities for a preprocessed batch ([N, *spec.input_shape])."""
-        return softmax(self.logits(batch), self.bundle.temperature)
+        return self.infer(batch)[:, :len(self.labels)]
 
-    def decide(self, probs: np.ndarray, top_k: int | None = None,
+    def decide(self, rows: np.ndarray, top_k: int | None = None,
                threshold: float | None = None) -> list[Prediction]:
-        """Turn probability rows into predictions, abstaining below the threshold."""
-        k = min(top_k or self.top_k, len(self.labels))
-        thr = self.bundle.abstain_threshold if threshold is None else threshold
+        """Turn `infer` rows (or bare probability rows) into predictions, abstaining below the threshold."""
+        c = len(self.labels)
+        k = min(top_k or self.top_k, c)
+        thr = self.abstain_threshold if threshold is None else threshold
         out = []
-        for row in probs:
+        for full in rows:
+            row = full[:c]
             order = np.argsort(-row)[:k]
             idx = int(order[0])
             conf = float(row[idx])
@@ -108,13 +163,13 @@ class Classifier:
             out.append(Prediction(
                 label=UNSURE if unsure else self.labels[idx], label_idx=idx, confidence=conf,
                 top_k=[{"label": self.labels[i], "probability": float(row[i])} for i in order],
-                abstained=unsure))
+                abstained=unsure, stage=int(full[c]) if len(full) > c else 1))
         return out
 
     def predict(self, image: ImageInput, top_k: int | None = None, threshold: float | None = None) -> Prediction:
         if self.cache is not None:
             return self.predict_batch([image], top_k, threshold)[0]
-        return self.decide(self.predict_proba(self.preprocess(image)[None]), top_k, threshold)[0]
+        return self.decide(self.infer(self.preprocess(image)[None]), top_k, threshold)[0]
 
     def predict_batch(self, images: Sequence[ImageInput], top_k: int | None = None,
                       threshold: float | None = None, batch_size: int = 32) -> list[Prediction]:
@@ -125,5 +180,12 @@ class Classifier:
             for pred, outcome in zip(preds, outcomes, strict=True):
                 pred.cache = outcome
             return preds
-        probs = runtime.map_batched(images, self.preprocess, self.predict_proba, batch_size)
+        probs = runtime.map_batched(images, self.preprocess, self.infer, batch_size)
         return [p for chunk in probs for p in self.decide(chunk, top_k, threshold)]
+
+
+def _session(model: Path, threads: int | None):
+    try:
+        return runtime.create_session(model, threads)
+    except Exception as e:  # not an ONNX graph, truncated, unsupported op...
+        raise BundleError(f"{model}: ONNX Runtime cannot load it: {str(e).strip().splitlines()[0]}") from None

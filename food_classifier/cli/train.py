@@ -49,7 +49,10 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
                                       "accuracy / macro-F1 mean ± std; writes RUN/cv.json."),
           int8: bool = typer.Option(True, "--int8/--no-int8",
                                     help="Also add a quantized int8 variant (~20 s), with its test accuracy and "
-                                         "speed vs fp32 in bundle.json.")) -> None:
+                                         "speed vs fp32 in bundle.json."),
+          cascade: bool = typer.Option(True, "--cascade/--no-cascade",
+                                       help="An ensemble also becomes a cascade (served by default): its first "
+                                            "backbone answers the photos it is sure of, the rest go on.")) -> None:
     """Train a model and publish its bundle. Fits, exports the ONNX bundle, evaluates it per tier,
     calibrates it and publishes it to MODELS_DIR/NAME/VERSION; ends with the time per stage and the
     command that serves it."""
@@ -81,7 +84,8 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
                              label_smoothing=label_smoothing, patience=patience, seed=seed,
                              image_size=image_size)
     run, bundle, metrics = train_and_publish(manifest, config, runs_dir, models_dir, name, resume=resume,
-                                             target_precision=target_precision, int8=int8, seconds=seconds)
+                                             target_precision=target_precision, int8=int8, seconds=seconds,
+                                             cascade=cascade)
     typer.echo(format_table(metrics))
     typer.echo(format_calibration(run))
     if cv:

@@ -34,6 +34,9 @@ class ServingMetrics:
                                  ["model", "endpoint", "status"], buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("food_classifier_images", "Images classified or rejected.", ["model", "outcome"],
                               registry=r)
+        self.stages = Counter("food_classifier_cascade_stage", "Images answered, by the cascade stage that "
+                              "answered: stage k's escalation rate is the share answered past k.", ["model", "stage"],
+                              registry=r)
         self.batch_size = Histogram("food_classifier_batch_size", "Images per model call (micro-batches).",
                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.inference = Histogram("food_classifier_inference_duration_seconds", "Model call latency per batch.",

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from food_classifier.bundle import BundleError, load_bundle, load_newest
 from food_classifier.inference import Classifier
 from food_classifier.serving import memory
@@ -55,7 +53,8 @@ class LoadedModel:
                 "variants": sorted(b.variants), "labels": self.labels, "arch": m.arch,
                 "created_at": m.created_at, "metrics": m.to_json_dict().get("metrics", {}),
                 "preprocessing": b.preprocessing.to_dict(), "temperature": b.temperature,
-                "abstain_threshold": b.abstain_threshold, "builtin": m.builtin, "description": m.description,
+                "abstain_threshold": self.classifier.abstain_threshold, "builtin": m.builtin,
+                "description": m.description,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))}
 
 
@@ -94,8 +93,7 @@ class ModelRegistry:
         clf = Classifier(bundle, threads=s.ort_threads, variant=variant, top_k=s.top_k, max_pixels=s.max_pixels)
         if s.warmup:
             try:
-                for n in sorted({1, s.batch_max_size}):
-                    clf.predict_proba(np.zeros((n, *clf.spec.input_shape), dtype=np.float32))
+                clf.warm_up(sorted({1, s.batch_max_size}))
             except Exception as e:  # e.g. a graph whose input size is not the preprocessing crop
                 raise BundleError(f"{clf.bundle.model_file(variant)}: warm-up run failed: "
                                   f"{str(e).strip().splitlines()[0]}") from None
@@ -104,7 +102,7 @@ class ModelRegistry:
     def _wrap(self, source: Path, clf: Classifier, variant: str) -> LoadedModel:
         s = self.settings
         observer = self.metrics.batch_observer(clf.name) if self.metrics else None
-        batcher = MicroBatcher(clf.predict_proba, self.executor, max_size=s.batch_max_size,
+        batcher = MicroBatcher(clf.infer, self.executor, max_size=s.batch_max_size,
                                max_wait_ms=s.batch_max_wait_ms, max_concurrent=s.inference_workers,
                                on_batch=observer)
         return LoadedModel(clf.name, source, clf, batcher, variant)

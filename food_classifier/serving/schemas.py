@@ -78,6 +78,7 @@ class Prediction(Wire):
     confidence: float
     top_k: list[TopK]
     abstained: bool
+    stage: int  # the cascade stage that answered (1 for a single-graph variant)
     model: str
     model_version: str
     cache: str  # hit-bytes, hit-pixels, miss or off
@@ -93,6 +94,7 @@ class BatchResult(Wire):
     confidence: float
     top_k: list[TopK]
     abstained: bool
+    stage: int
     cache: str  # hit-bytes, hit-pixels, miss or off
     request_id: str  # the batch's request_id + "-" + index
     timing: Timing

@@ -61,7 +61,7 @@ class _Crop:
     the batcher and the model like a decoded image, and a bad tensor is a 422, not a model error."""
 
     def __init__(self, clf: Classifier):
-        self.clf, self.spec, self.labels = clf, clf.spec, clf.labels
+        self.clf, self.spec, self.labels, self.row_width = clf, clf.spec, clf.labels, clf.row_width
         self.name, self.version, self.variant = clf.name, clf.version, clf.variant
 
     def preprocess(self, array: np.ndarray) -> np.ndarray:
@@ -74,8 +74,8 @@ class _Crop:
             raise InvalidInput("pixels: NaN or infinite values")
         return array
 
-    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
-        return self.clf.predict_proba(batch)
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.clf.infer(batch)
 
 
 def cache_from_settings(s: ServeSettings) -> PredictionCache:
@@ -199,14 +199,17 @@ class PredictionService:
         except ServiceError:
             self._count(model, "rejected")
             raise
-        probs = look.probs if res is None else res.output
+        row = look.probs if res is None else res.output  # Classifier.infer's row: probabilities, stage, flag
         if res is not None and look.keys:
-            await self._store(look, probs)
-        pred = model.classifier.decide(probs[None], top_k, threshold)[0]
+            await self._store(look, row)
+        pred = model.classifier.decide(row[None], top_k, threshold)[0]
+        probs = row[:len(model.labels)]
         self._count(model, "ok")
+        if self.metrics:
+            self.metrics.stages.labels(model.name, str(pred.stage)).inc()
         # a plain dict, not dataclasses.asdict (its deepcopy costs more than the rest of this function)
         result = {"label": pred.label, "label_idx": pred.label_idx, "confidence": pred.confidence,
-                  "top_k": pred.top_k, "abstained": pred.abstained, "model": model.name,
+                  "top_k": pred.top_k, "abstained": pred.abstained, "stage": pred.stage, "model": model.name,
                   "model_version": model.version, "cache": look.outcome,
                   "request_id": request_id or new_request_id(),
                   "timing": {"total_ms": _ms(time.perf_counter() - start),

@@ -119,8 +119,9 @@ def fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], s
     with torch.no_grad():  # eval-view logits of the fitted tiers: evaluation need not run the backbones again
         fitted = head(xs[:, 0]).numpy()
     paths = [str(r.path) for t in used for r in tiers[t]]
-    oof = out_of_fold_logits(head, x_all, y_all, config, epochs=epoch + 1)
-    return HeadFit(dict(zip(paths, fitted, strict=True)), HeldOut(oof, y_all.numpy()))
+    members = out_of_fold_member_logits(head, x_all, y_all, config, epochs=epoch + 1)
+    oof = HeldOut(members.mean(0), y_all.numpy(), members if len(members) > 1 else None)
+    return HeadFit(dict(zip(paths, fitted, strict=True)), oof)
 
 
 HEAD_TOLERANCE = 1e-5  # relative change of the L-BFGS objective between epochs that counts as converged
@@ -154,12 +155,20 @@ def out_of_fold_logits(template: nn.Module, x: torch.Tensor, y: torch.Tensor, co
     Why: calibration and the abstention threshold fitted on ~950 out-of-fold predictions are far
     steadier than on a 150-image validation tier. x is [N, views, D] (view 0 = eval view).
     """
+    return out_of_fold_member_logits(template, x, y, config, epochs, folds).mean(0)
+
+
+def out_of_fold_member_logits(template: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
+                              epochs: int, folds: int = 5) -> np.ndarray:
+    """[M, N, C]: `out_of_fold_logits` per member of an `EnsembleHead` (M = 1 for a plain head); their
+    mean is the ensemble's. The cascade chooses its thresholds on them (training/cascade.py)."""
     rng = np.random.default_rng(config.seed)
     fold = np.empty(len(y), dtype=int)
     for c in np.unique(y.numpy()):
         idx = rng.permutation(np.flatnonzero(y.numpy() == c))
         fold[idx] = np.arange(len(idx)) % folds
-    out = torch.zeros(len(y), int(y.max()) + 1)
+    parts = len(getattr(template, "dims", [None]))
+    out = torch.zeros(parts, len(y), int(y.max()) + 1)
     for k in range(folds):
         tr = np.flatnonzero(fold != k)
         torch.manual_seed(config.seed + k)
@@ -171,7 +180,6 @@ def out_of_fold_logits(template: nn.Module, x: torch.Tensor, y: torch.Tensor, co
         for _ in range(epochs):
             step()
         with torch.no_grad():
-            out[fold == k] = head(x[fold == k, 0])
+            xk = x[fold == k, 0]
+            out[:, fold == k] = torch.stack(head.member_logits(xk) if hasattr(head, "member_logits") else [head(xk)])
     return out.numpy()
-
-

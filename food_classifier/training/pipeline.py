@@ -35,6 +35,7 @@ class Run:
     exported: Bundle | None = None       # the graph in the run dir + its metadata (export)
     scores: Scores | None = None         # its logits on every manifest image (evaluate)
     calibrated: Calibrated | None = None  # temperature, abstention, metrics with T (calibrate)
+    cascade: dict | None = None          # an ensemble's stages, thresholds and measurements (cascade)
     int8: dict | None = None             # the measured int8 variant, if it was made (quantize)
     bundle: Path | None = None           # where it was published (publish)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage, in order (timings.json)
@@ -52,6 +53,8 @@ class Run:
             "reference": c.reference}
         if self.int8:
             data["variants"] = data["variants"] | {"int8": self.int8}
+        if self.cascade:
+            data["cascade"] = self.cascade
         return BundleMeta.model_validate(data)
 
 
@@ -81,7 +84,7 @@ def format_timings(seconds: dict[str, float], total: float | None = None) -> str
 
 def finalize(run: str | Path | Fitted, models_dir: str | Path | None = "models", name: str = "food",
              target_precision: float = DEFAULT_TARGET_PRECISION, int8: bool = True,
-             seconds: dict[str, float] | None = None) -> tuple[Path, dict]:
+             seconds: dict[str, float] | None = None, cascade: bool = True) -> tuple[Path, dict]:
     """Export a fitted run (in memory, or read back from its dir), measure it on every tier,
     calibrate it, add the int8 variant, publish it: to `models_dir/name/version`, or with no
     models dir to `<run>/bundle` (replaced). Returns the bundle dir and the per-tier metrics.
@@ -100,6 +103,13 @@ def finalize(run: str | Path | Fitted, models_dir: str | Path | None = "models",
                                  target_precision=target_precision)
         runs.write_json(r.dir, runs.METRICS, r.calibrated.metrics)
         runs.write_json(r.dir, runs.CALIBRATION, r.calibrated.detail)
+    oof = r.fitted.oof
+    if cascade and oof is not None and oof.members is not None:  # an ensemble's head: stages that stop early
+        from food_classifier.training.cascade import build_cascade
+
+        with stage(r.seconds, "cascade"):
+            r.cascade, _ = build_cascade(r.fitted, r.exported, rows, target_precision)
+            runs.write_json(r.dir, "cascade.json", r.cascade)
     if int8:  # quantized variant, measured against fp32 on the test tier
         from food_classifier.training.quantize import try_int8
 
@@ -107,7 +117,8 @@ def finalize(run: str | Path | Fitted, models_dir: str | Path | None = "models",
             r.int8 = try_int8(r.exported, rows)
     with stage(r.seconds, "publish"):
         meta = r.final_meta()
-        files = {v.file: r.dir / v.file for v in meta.variants.values()}
+        listed = list(meta.variants.values()) + (list(meta.cascade.stages) if meta.cascade else [])
+        files = {v.file: r.dir / v.file for v in listed}
         target = Path(models_dir) / name / meta.version if models_dir else r.dir / runs.BUNDLE_DIR
         r.bundle = publish(meta, files, target, move=True, replace=not models_dir)
         runs.write_bundle_path(r.dir, r.bundle)
@@ -119,11 +130,12 @@ def train_and_publish(manifest: str | Path, config: TrainConfig, runs_dir: str |
                       models_dir: str | Path | None = "models", name: str = "food",
                       resume: str | Path | None = None,
                       target_precision: float = DEFAULT_TARGET_PRECISION,
-                      int8: bool = True, seconds: dict[str, float] | None = None) -> tuple[Path, Path, dict]:
+                      int8: bool = True, seconds: dict[str, float] | None = None,
+                      cascade: bool = True) -> tuple[Path, Path, dict]:
     """Fit, then `finalize`; `seconds` (stage -> wall time) gets "fit" and the later stages."""
     seconds = seconds if seconds is not None else {}
     with stage(seconds, "fit"):
         fitted = fit_run(manifest, config, runs_dir=runs_dir, resume=resume)
     published, metrics = finalize(fitted, models_dir=models_dir, name=name, target_precision=target_precision,
-                                  int8=int8, seconds=seconds)
+                                  int8=int8, seconds=seconds, cascade=cascade)
     return fitted.dir, published, metrics

@@ -82,6 +82,7 @@ class HeldOut:
 
     logits: np.ndarray
     y: np.ndarray
+    members: np.ndarray | None = None  # [M, N, C] each ensemble member's own logits (the cascade's stages)
 
 
 @dataclass
@@ -122,14 +123,15 @@ def read_head_logits(run: Path) -> dict[str, np.ndarray] | None:
 
 
 def write_oof(run: Path, oof: HeldOut) -> None:
-    np.savez_compressed(run / OOF_LOGITS, logits=oof.logits, y=oof.y)
+    extra = {} if oof.members is None else {"members": oof.members}
+    np.savez_compressed(run / OOF_LOGITS, logits=oof.logits, y=oof.y, **extra)
 
 
 def read_oof(run: Path) -> HeldOut | None:
     if not (run / OOF_LOGITS).is_file():
         return None
     with np.load(run / OOF_LOGITS) as o:
-        return HeldOut(o["logits"], o["y"])
+        return HeldOut(o["logits"], o["y"], o["members"] if "members" in o else None)
 
 
 def drop_head_outputs(run: Path) -> None:

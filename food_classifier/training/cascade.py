@@ -1,0 +1,223 @@
+"""The cascade step of `train`: an ensemble of frozen backbones becomes stages that stop early.
+
+Stage 1 is the first member alone (Lite0); stage k adds member k; stage k's logits are the mean of its
+members' heads, so the last stage is exactly the plain ensemble (`model.onnx`). Most photos are easy:
+the server runs stage 1 on every image and goes on only while the calibrated confidence is below the
+stage's threshold (`inference.Classifier.infer`). Each stage graph takes the features of the stages
+before it as an input, so no backbone runs twice. Stage 1 also outputs the first backbone's ImageNet
+logits (the pretrained head), which the not-food rule reads.
+
+Everything is chosen on out-of-fold logits of train+validation, never on the test tier: each stage's
+temperature, each threshold (the fewest escalations that keep the cascade's OOF accuracy within
+`TOLERANCE` of the full ensemble's, for every higher threshold too, so a lucky dip is not picked) and
+the cascade's abstention threshold (its answers mix stages). The test tier is then only measured.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from food_classifier import runtime
+from food_classifier.bundle import CASCADE, Bundle, BundleMeta, file_sha256
+from food_classifier.inference import Classifier, softmax
+from food_classifier.training.calibrate import choose_threshold, fit_temperature
+from food_classifier.training.data import Row
+from food_classifier.training.export import ExportError, parity_images
+from food_classifier.training.metrics import expected_calibration_error
+from food_classifier.training.models import lite_weights_path, members
+from food_classifier.training.runs import HeldOut
+from food_classifier.training.train import Fitted
+
+TOLERANCE = 0.001  # the cascade's OOF accuracy may be this far below its full ensemble's (0.1 points)
+PARITY_TOLERANCE = 1e-4  # last stage vs the plain ensemble graph, probabilities
+
+
+def stage_logits(member_logits: np.ndarray) -> list[np.ndarray]:
+    """[M, N, C] per-member logits -> stage k's logits (the mean of the first k+1 members)."""
+    return [member_logits[:k + 1].mean(0) for k in range(len(member_logits))]
+
+
+def cascade_answer(probs: list[np.ndarray], thresholds: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(answered probabilities [N, C], stage reached [N], 1-based) for per-stage probabilities."""
+    out, stage = probs[-1].copy(), np.full(len(probs[0]), len(probs))
+    going = np.ones(len(out), dtype=bool)
+    for k, t in enumerate(thresholds):
+        stop = going & (probs[k].max(1) >= t)
+        out[stop], stage[stop] = probs[k][stop], k + 1
+        going &= ~stop
+    return out, stage
+
+
+def choose_thresholds(probs: list[np.ndarray], y: np.ndarray, tolerance: float = TOLERANCE) -> list[float]:
+    """Per stage but the last: the lowest threshold (fewest escalations) at which the cascade from that
+    stage on, and at every higher threshold, is at most `tolerance` * (its share of the stages) less
+    accurate than the full ensemble. Chosen from the last pair of stages back to the first."""
+    m = len(probs)
+    full = float((probs[-1].argmax(1) == y).mean())
+    thresholds: list[float] = []
+    for k in range(m - 2, -1, -1):
+        later, _ = cascade_answer(probs[k + 1:], thresholds)
+        bound = full - tolerance * (m - 1 - k) / (m - 1) - 1e-12
+        conf = probs[k].max(1)
+        order = np.argsort(conf)
+        right_here = (probs[k].argmax(1) == y)[order]
+        right_later = (later.argmax(1) == y)[order]
+        # accuracy when the i least confident images escalate, for i = 0..N
+        acc = (np.concatenate([[0], np.cumsum(right_later)]) +
+               np.concatenate([np.cumsum(right_here[::-1])[::-1], [0]])) / len(y)
+        bad = np.flatnonzero(acc < bound)
+        i = int(bad[-1]) + 1 if len(bad) else 0
+        thresholds.insert(0, 0.0 if i == 0 else (1.0 + 1e-6 if i == len(y) else float(conf[order][i])))
+    return thresholds
+
+
+def plan(held_out: HeldOut, target_precision: float) -> dict:
+    """Temperatures, thresholds, the abstention threshold and the OOF numbers, from member OOF logits."""
+    assert held_out.members is not None
+    y = held_out.y
+    logits = stage_logits(held_out.members)
+    temps = [fit_temperature(z, y) for z in logits]
+    probs = [softmax(z, t) for z, t in zip(logits, temps, strict=True)]
+    thresholds = choose_thresholds(probs, y)
+    answered, stage = cascade_answer(probs, thresholds)
+    abstain, met = choose_threshold(answered, y, target_precision)
+    oof = {"n": int(len(y)), "accuracy": _acc(answered, y), "full_accuracy": _acc(probs[-1], y),
+           "stage_accuracy": [_acc(p, y) for p in probs], "reached": _shares(stage, len(probs)),
+           "ece": round(expected_calibration_error(answered, y), 4),
+           "abstention_target_met": met}
+    return {"temperatures": temps, "thresholds": thresholds, "abstain_threshold": abstain, "oof": oof}
+
+
+def _acc(probs: np.ndarray, y: np.ndarray) -> float:
+    return round(float((probs.argmax(1) == y).mean()), 4)
+
+
+def _shares(stage: np.ndarray, m: int) -> list[float]:
+    """Share of images reaching each stage (1.0 for stage 1): stage k's escalation rate is entry k+1."""
+    return [round(float((stage >= k + 1).mean()), 4) for k in range(m)]
+
+
+# --- graphs -----------------------------------------------------------------------------------------
+
+class _First(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, imagenet: nn.Module | None):
+        super().__init__()
+        self.backbone, self.head, self.imagenet = backbone, head, imagenet
+
+    def forward(self, image: torch.Tensor):
+        f = self.backbone.forward_features(image)
+        return (self.head(f), f) if self.imagenet is None else (self.head(f), f, self.imagenet(f))
+
+
+class _Next(nn.Module):
+    def __init__(self, backbone: nn.Module, heads: list[nn.Module], dims: list[int]):
+        super().__init__()
+        self.backbone, self.heads, self.dims = backbone, nn.ModuleList(heads), list(dims)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor):
+        f = torch.cat([features, self.backbone.forward_features(image)], dim=1)
+        logits = torch.stack([h(p) for h, p in zip(self.heads, f.split(self.dims, dim=1), strict=True)]).mean(0)
+        return logits, f
+
+
+def imagenet_head(arch: str, weights: str | None) -> nn.Linear | None:
+    """The pretrained 1000-class head of a shipped EfficientNet-Lite (the not-food rule reads it)."""
+    lite = re.fullmatch(r"efficientnet_lite(\d)", arch)
+    if weights or not lite:
+        return None
+    state = torch.load(lite_weights_path(int(lite.group(1))), map_location="cpu", weights_only=True)
+    w, b = state["_fc.weight"], state["_fc.bias"]
+    head = nn.Linear(w.shape[1], w.shape[0])
+    head.load_state_dict({"weight": w, "bias": b})
+    return head.eval()
+
+
+def _export(module: nn.Module, path: Path, crop: int, dim: int | None, outputs: list[str]) -> None:
+    module = module.eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    image = torch.randn(2, 3, crop, crop)
+    args, names, shapes = (image,), ["image"], ({0: batch},)
+    if dim is not None:
+        args, names, shapes = (image, torch.randn(2, dim)), ["image", "features"], ({0: batch}, {0: batch})
+    tmp = path.with_suffix(f".tmp{os.getpid()}.onnx")
+    prog = torch.onnx.export(module, args, input_names=names, output_names=outputs, dynamic_shapes=shapes,
+                             dynamo=True, verbose=False)
+    prog.save(str(tmp))
+    os.replace(tmp, path)
+
+
+def export_stages(model: nn.Module, arch: str, weights: str | None, run: Path, crop: int) -> list[Path]:
+    """stage1.onnx .. stageM.onnx in the run dir, from the fitted `Ensemble`."""
+    backbones, head = list(model.members), model.classifier
+    paths = []
+    for k, backbone in enumerate(backbones):
+        path = run / f"stage{k + 1}.onnx"
+        if k == 0:
+            imagenet = imagenet_head(members(arch)[0], weights)
+            outs = ["logits", "features"] + (["imagenet_logits"] if imagenet is not None else [])
+            _export(_First(backbone, head.heads[0], imagenet), path, crop, None, outs)
+        else:
+            _export(_Next(backbone, list(head.heads[:k + 1]), head.dims[:k + 1]), path, crop,
+                    sum(head.dims[:k]), ["logits", "features_out"])
+        paths.append(path)
+    return paths
+
+
+# --- the step ---------------------------------------------------------------------------------------
+
+def build_cascade(fitted: Fitted, exported: Bundle, rows: list[Row],
+                  target_precision: float) -> tuple[dict, dict[str, Path]]:
+    """Plan on the OOF logits, export the stages, check the last one against the plain graph, measure
+    the test tier. Returns the bundle's `cascade` section and its files (in the run dir)."""
+    assert fitted.oof is not None
+    t0 = time.perf_counter()
+    arch, meta = fitted.meta.arch, exported.meta
+    chosen = plan(fitted.oof, target_precision)
+    paths = export_stages(fitted.model, arch, fitted.meta.config.weights, exported.path, meta.spec.crop)
+    names = members(arch)
+    stages = [{"file": p.name, "sha256": file_sha256(p), "size_bytes": p.stat().st_size,
+               "members": names[:k + 1], "temperature": chosen["temperatures"][k],
+               "threshold": chosen["thresholds"][k] if k < len(paths) - 1 else None}
+              for k, p in enumerate(paths)]
+    section = {"stages": stages, "abstain_threshold": chosen["abstain_threshold"],
+               "measured": {"oof": chosen["oof"]}}
+    bundle = Bundle(exported.path, BundleMeta.model_validate(meta.to_json_dict() | {"cascade": section}))
+    section["measured"]["parity"] = _parity(bundle, parity_images(fitted.meta.manifest))
+    section["measured"]["test"] = measure(bundle, [r for r in rows if r.tier == "test"])
+    section["measured"]["seconds"] = round(time.perf_counter() - t0, 1)
+    return section, {p.name: p for p in paths}
+
+
+def _parity(bundle: Bundle, images: list[Path]) -> dict:
+    """The last stage, fed stage 1's features, must give the plain ensemble graph's probabilities."""
+    clf = Classifier(bundle, variant=CASCADE)
+    x = np.stack([clf.preprocess(p) for p in images])
+    features = clf.sessions[0].run(None, {"image": x})[1]
+    for session in clf.sessions[1:]:
+        logits, features = session.run(None, {"image": x, "features": features})
+    plain = runtime.run(runtime.create_session(bundle.model_file("fp32")), x)
+    diff = float(np.abs(softmax(logits) - softmax(plain)).max())
+    if diff >= PARITY_TOLERANCE:
+        raise ExportError(f"the cascade's last stage disagrees with the plain graph: max |delta p| {diff:.2e}")
+    return {"n_images": len(images), "max_abs_prob_diff": diff}
+
+
+def measure(bundle: Bundle, rows: list[Row]) -> dict:
+    """Accuracy, ECE and stage shares of the cascade on `rows` (the test tier), as served."""
+    if not rows:
+        return {}
+    clf = Classifier(bundle, variant=CASCADE)
+    index = {lab: i for i, lab in enumerate(clf.labels)}
+    y = np.array([index[r.label] for r in rows])
+    out = np.concatenate(runtime.map_batched([r.path for r in rows], clf.preprocess, clf.infer, 32))
+    c = len(clf.labels)
+    probs, stage = out[:, :c], out[:, c].astype(int)
+    return {"n": len(rows), "accuracy": _acc(probs, y), "ece": round(expected_calibration_error(probs, y), 4),
+            "reached": _shares(stage, len(bundle.meta.cascade.stages))}
