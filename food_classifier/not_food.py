@@ -8,8 +8,8 @@ animals, screens and rooms. The score is the probability ImageNet puts on food-i
 and the plates, bowls, cookware and kitchens food is photographed with): summing over a broad set
 is robust where any one class is not (a burrito photo is often "plate" or "tray", not "burrito").
 A photo is rejected when that mass is below `threshold`, which `training/not_food.fit_rule` picks
-on the bundle's own food photos so that at most ~1 % of them would be rejected. Only numpy: serving
-imports this.
+on the bundle's own food photos so that, with 95 % confidence, at most 1 % of food photos would be
+rejected (docs/BENCHMARKS.md "Not food"). Only numpy: serving imports this.
 """
 
 from __future__ import annotations
