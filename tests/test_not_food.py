@@ -24,6 +24,7 @@ skimage_data = pytest.importorskip("skimage.data")
 from food_classifier.training.not_food import (  # noqa: E402
     FOOD_CLASSES,
     allowed_rejections,
+    fit_for,
     fit_rule,
     is_held_out,
     nonfood_images,
@@ -68,12 +69,28 @@ def test_builtin_graph_rejects_astronaut_and_chelsea_keeps_coffee(bundle):
     assert logits[1].argmax() in (281, 282, 285)  # the cat really is a cat to ImageNet
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs the shared Food-101 subset")
-def test_builtin_rule_keeps_shared_food_photos(bundle):
+@pytest.fixture(scope="module")
+def shared_food_logits(bundle) -> np.ndarray:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("needs the shared Food-101 subset")
     photos = sorted(SHARED_DATA.glob("*/*.jpg"))[::5]  # 225 photos, every class
-    _, logits = imagenet_logits(bundle, photos)
-    kept = 1 - reject(logits, read_meta(bundle).not_food).mean()
-    assert len(photos) > 200 and kept >= 0.99, kept
+    return imagenet_logits(bundle, photos)[1]
+
+
+def test_builtin_rule_keeps_shared_food_photos(bundle, shared_food_logits):
+    kept = 1 - reject(shared_food_logits, read_meta(bundle).not_food).mean()
+    assert len(shared_food_logits) > 200 and kept >= 0.99, kept
+
+
+def test_fit_for_a_graph_measures_held_out_non_food(bundle, shared_food_logits):
+    meta = read_meta(bundle)
+    session = runtime.create_session(bundle / meta.variants["fp32"].file, threads=2)
+    fit, test = shared_food_logits[:100], shared_food_logits[100:]
+    rule = fit_for(lambda x: session.run(["imagenet_logits"], {"image": x})[0], meta.spec, fit, test, 0.05)
+    assert rule.measured["fit"]["food_false_reject"] <= 0.05 and rule.measured["fit"]["n_food"] == 100
+    assert rule.measured["test"]["n_food"] == len(test) and rule.measured["test"]["food_false_reject"] <= 0.05
+    held = rule.measured["nonfood_held_out"]
+    assert held["n_nonfood"] > 50 and held["nonfood_caught"] >= 0.95, held
 
 
 def synthetic_logits(n: int, food: bool, rng: np.random.Generator) -> np.ndarray:
@@ -85,7 +102,7 @@ def synthetic_logits(n: int, food: bool, rng: np.random.Generator) -> np.ndarray
 @pytest.mark.parametrize("cap", [0.01, 0.05])
 def test_fit_rule_respects_max_false_reject(cap):
     rng = np.random.default_rng(0)
-    food, other = synthetic_logits(2000, True, rng), synthetic_logits(500, False, rng)
+    food, other = synthetic_logits(1000, True, rng), synthetic_logits(300, False, rng)
     for confidence in (0.0, 0.95):
         rule = fit_rule(food, other, cap, confidence=confidence)
         rejected = reject(food, rule).mean()
@@ -96,7 +113,7 @@ def test_fit_rule_respects_max_false_reject(cap):
     assert reject(food, plain).mean() >= cap - 1 / len(food)  # the plain rule uses its whole budget
     plain1 = fit_rule(food, other, cap, confidence=0, temperatures=[1.0])
     assert reject(food, bounded).mean() < reject(food, plain1).mean()  # the bound costs some of the budget
-    fresh = synthetic_logits(20000, True, np.random.default_rng(1))
+    fresh = synthetic_logits(10000, True, np.random.default_rng(1))
     assert reject(fresh, bounded).mean() <= cap  # the 95 % bound holds on photos it never saw
 
 

@@ -2,6 +2,7 @@
 
     images = nonfood_images()                              # [(name, PIL image)], deterministic
     rule = fit_rule(food_logits, nonfood_logits)           # NotFood: threshold chosen on the food photos
+    rule = fit_for(run, spec, food_logits, test_logits)    # the same, non-food logits computed by `run`
 
 The rule's score is the softmax mass the ImageNet head puts on `FOOD_CLASSES`. Its threshold rejects
 so few of the given food photos (a bundle's train and validation tiers: never its test tier) that the
@@ -16,13 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from food_classifier import runtime
 from food_classifier.bundle_schema import NotFood
 from food_classifier.not_food import score
+from food_classifier.preprocessing import PreprocessSpec, normalize, resize_crop
 
 # ImageNet-1k indices counted as food-ish: everything a food photo plausibly shows.
 FOOD_CLASSES: list[int] = sorted({
@@ -260,3 +263,19 @@ def fit_rule(food_logits: np.ndarray, nonfood_logits: np.ndarray, max_false_reje
     return NotFood(output=output, food_classes=list(food_classes), threshold=rule.threshold,
                    temperature=rule.temperature, max_false_reject=max_false_reject, chosen_on=chosen_on,
                    measured={"fit": fit})
+
+
+def fit_for(run: Callable[[np.ndarray], np.ndarray], spec: PreprocessSpec, food_logits: np.ndarray,
+            test_logits: np.ndarray | None = None, max_false_reject: float = 0.01, **kwargs) -> NotFood:
+    """`fit_rule` for a graph: `run(batch)` returns its ImageNet logits for `spec`-preprocessed images
+    (a bundle's stage-1 output). Fits on the non-held-out non-food images and records, under `measured`,
+    the catch rate on the held-out ones and, when given, false rejections on the test tier's food logits."""
+    images = nonfood_images()
+    held = np.array([is_held_out(name) for name, _ in images])
+    other = np.concatenate(runtime.map_batched([img for _, img in images],
+                                               lambda img: normalize(resize_crop(img, spec), spec), run))
+    rule = fit_rule(food_logits, other[~held], max_false_reject, **kwargs)
+    extra = {"nonfood_held_out": rates(rule, other[:0], other[held])}
+    if test_logits is not None and len(test_logits):
+        extra["test"] = rates(rule, np.asarray(test_logits), other[:0])
+    return rule.model_copy(update={"measured": {**rule.measured, **extra}})
