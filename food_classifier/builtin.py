@@ -13,7 +13,9 @@ below, so its logits are exactly ImageNet's logits at those indices and a softma
 ImageNet distribution renormalized over foods. It is zero-shot: never trained on a food dataset,
 and it has no "not food" class; below `ABSTAIN_THRESHOLD` it answers "unsure" instead of guessing
 (a beet salad, which it has no class for, came out "hot dog 0.26" before). The threshold was chosen
-on photos by `bench/builtin_threshold.py`: `ABSTENTION` records what it measured.
+on photos by `bench/builtin_threshold.py`: `ABSTENTION` records what it measured. The graph's second
+output `imagenet_logits` (all 1000) feeds the "not food" rule `NOT_FOOD` (food_classifier/not_food.py):
+it rejects a portrait or a cat that the food head alone would name a dish.
 
 Which classes (ImageNet-1k indices 924-969 and 987, 44 in all):
   * kept: dishes (guacamole ... burrito), bread, fruit and vegetables, mushroom (n07734744 is the
@@ -40,7 +42,7 @@ ARCH = "efficientnet_lite0"
 # Bump when the class list, labels, graph or weights change: a new version dir gets built. The weights
 # themselves are the training side's business: it checks their full sha256 when building and records it
 # (with the package version) under `source` in bundle.json, so serving holds no copy of the hash.
-RECIPE = 2  # 2: abstention threshold
+RECIPE = 3  # 2: abstention threshold; 3: second output imagenet_logits and a not-food rule
 VERSION = f"builtin{RECIPE}-{ARCH}"
 
 # (ImageNet-1k index, label). Labels are plain English, not ImageNet's synonym lists.
@@ -70,6 +72,20 @@ ABSTENTION = {
     "n_correct": 307,
     "n_non_food": 25,
     "n_shared_food": 1123,
+}
+# The "not food" rule (food_classifier/not_food.py) over the graph's second output, all 1000 ImageNet logits:
+# food-ish mass (training/not_food.FOOD_CLASSES) below `threshold`. Chosen by `bench/not_food.py --mode builtin`
+# on the shared Food-101 photos' train+validation tiers at this model's preprocessing; re-run it (and bump
+# RECIPE) when FOOD_CLASSES or the preprocessing change. Test tier: 2 of 168 rejected, both show no food.
+NOT_FOOD = {
+    "threshold": 0.289068, "temperature": 1.0, "max_false_reject": 0.01,
+    "chosen_on": "bench/not_food.py --mode builtin: Food-101 subset train+validation tiers (food) vs package "
+                 "photos, their variants and synthetic images (non-food; a third of the sources held out)",
+    "measured": {"fit": {"food_false_reject": 0.0042, "n_food": 955, "nonfood_caught": 1.0, "n_nonfood": 147,
+                         "confidence": 0.95, "bound_met": True},
+                 "test": {"food_false_reject": 0.0119, "n_food": 168},
+                 "nonfood_held_out": {"nonfood_caught": 1.0, "n_nonfood": 71},
+                 "nonfood_all": {"nonfood_caught": 1.0, "n_nonfood": 218}},
 }
 # The weights' own ImageNet evaluation pipeline (FACTS.md), whatever size `train` uses for Lite0.
 PREPROCESSING = {"resize": 256, "crop": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],

