@@ -22,6 +22,7 @@ import numpy as np
 
 from food_classifier import runtime
 from food_classifier.bundle import CASCADE, Bundle, BundleError, load_newest
+from food_classifier.not_food import NOT_FOOD, reject
 from food_classifier.preprocessing import DEFAULT_MAX_PIXELS, ImageInput, preprocess
 
 if TYPE_CHECKING:
@@ -86,6 +87,12 @@ class Classifier:
         self.outputs_probs = self.bundle.meta.output is not None and self.bundle.meta.output.kind == "probs"
         self.abstain_threshold = (self.cascade.abstain_threshold if self.cascade is not None
                                   else self.bundle.abstain_threshold)
+        # The not-food rule reads the first graph's ImageNet output, when the bundle has a rule and the graph
+        # that output (a cascade's stage 1, the built-in model; not a plain ensemble graph).
+        self.not_food = self.bundle.meta.not_food
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._imagenet = outputs.index(self.not_food.output) if self.not_food and self.not_food.output in outputs \
+            else None
 
     @property
     def name(self) -> str:
@@ -111,12 +118,16 @@ class Classifier:
         n, c = len(batch), len(self.labels)
         rows = np.zeros((n, c + EXTRA), dtype=np.float32)
         rows[:, c] = 1
-        if self.cascade is None:
-            rows[:, :c] = softmax(self.logits(batch), self.bundle.temperature)
-            return rows
         batch = np.ascontiguousarray(batch, dtype=np.float32)
+        first = self.session.run(None, {self.session.get_inputs()[0].name: batch})
+        if self._imagenet is not None:
+            rows[:, c + 1] = reject(first[self._imagenet], self.not_food)
+        if self.cascade is None:
+            logits = np.log(np.maximum(first[0], 1e-30)) if self.outputs_probs else first[0]
+            rows[:, :c] = softmax(logits, self.bundle.temperature)
+            return rows
         stages = self.cascade.stages
-        logits, features, *_ = self.session.run(None, {"image": batch})
+        logits, features = first[0], first[1]
         active = np.arange(n)
         for k, stage in enumerate(stages):
             if k:
@@ -147,9 +158,10 @@ class Classifier:
         """Calibrated class probabilities for a preprocessed batch ([N, *spec.input_shape])."""
         return self.infer(batch)[:, :len(self.labels)]
 
-    def decide(self, rows: np.ndarray, top_k: int | None = None,
-               threshold: float | None = None) -> list[Prediction]:
-        """Turn `infer` rows (or bare probability rows) into predictions, abstaining below the threshold."""
+    def decide(self, rows: np.ndarray, top_k: int | None = None, threshold: float | None = None,
+               reject_not_food: bool = True) -> list[Prediction]:
+        """Turn `infer` rows (or bare probability rows) into predictions: "not_food" where the rule flagged
+        the photo (unless `reject_not_food` is off), else abstaining below the threshold. Both keep top_k."""
         c = len(self.labels)
         k = min(top_k or self.top_k, c)
         thr = self.abstain_threshold if threshold is None else threshold
@@ -160,28 +172,31 @@ class Classifier:
             idx = int(order[0])
             conf = float(row[idx])
             unsure = thr is not None and conf < thr
+            other = bool(reject_not_food and len(full) > c + 1 and full[c + 1] > 0.5)
             out.append(Prediction(
-                label=UNSURE if unsure else self.labels[idx], label_idx=idx, confidence=conf,
+                label=NOT_FOOD if other else UNSURE if unsure else self.labels[idx], label_idx=idx, confidence=conf,
                 top_k=[{"label": self.labels[i], "probability": float(row[i])} for i in order],
-                abstained=unsure, stage=int(full[c]) if len(full) > c else 1))
+                abstained=unsure or other, stage=int(full[c]) if len(full) > c else 1))
         return out
 
-    def predict(self, image: ImageInput, top_k: int | None = None, threshold: float | None = None) -> Prediction:
+    def predict(self, image: ImageInput, top_k: int | None = None, threshold: float | None = None,
+                reject_not_food: bool = True) -> Prediction:
         if self.cache is not None:
-            return self.predict_batch([image], top_k, threshold)[0]
-        return self.decide(self.infer(self.preprocess(image)[None]), top_k, threshold)[0]
+            return self.predict_batch([image], top_k, threshold, reject_not_food=reject_not_food)[0]
+        return self.decide(self.infer(self.preprocess(image)[None]), top_k, threshold, reject_not_food)[0]
 
     def predict_batch(self, images: Sequence[ImageInput], top_k: int | None = None,
-                      threshold: float | None = None, batch_size: int = 32) -> list[Prediction]:
+                      threshold: float | None = None, batch_size: int = 32,
+                      reject_not_food: bool = True) -> list[Prediction]:
         """Decode in a thread pool (Pillow releases the GIL), run the model in chunks."""
         if self.cache is not None:
-            probs, outcomes = self.cache.proba_batch(self, images, batch_size)
-            preds = self.decide(probs, top_k, threshold)
+            rows, outcomes = self.cache.proba_batch(self, images, batch_size)
+            preds = self.decide(rows, top_k, threshold, reject_not_food)
             for pred, outcome in zip(preds, outcomes, strict=True):
                 pred.cache = outcome
             return preds
-        probs = runtime.map_batched(images, self.preprocess, self.infer, batch_size)
-        return [p for chunk in probs for p in self.decide(chunk, top_k, threshold)]
+        rows = runtime.map_batched(images, self.preprocess, self.infer, batch_size)
+        return [p for chunk in rows for p in self.decide(chunk, top_k, threshold, reject_not_food)]
 
 
 def _session(model: Path, threads: int | None):

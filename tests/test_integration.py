@@ -66,3 +66,44 @@ def test_served_predictions_match_the_evaluation(default_run):
     assert all(p.label == "unsure" for p in preds if p.abstained)
     single = clf.predict(test[0].path)
     assert single.label == preds[0].label and single.confidence == pytest.approx(preds[0].confidence, abs=1e-5)
+
+
+def test_the_default_bundle_is_a_cascade_as_accurate_as_the_whole_ensemble(default_run):
+    """Issue: stage 1 (Lite0) answers what it is sure of; thresholds from out-of-fold logits keep the
+    cascade within 0.1 points of the full ensemble there; the test tier is only measured."""
+    from food_classifier.bundle import load_bundle
+    from food_classifier.inference import Classifier
+
+    rows, run, bundle, metrics = default_run
+    meta = load_bundle(bundle).meta
+    assert meta.recommended_variant() == "cascade" and [s.members for s in meta.cascade.stages] == \
+        [["efficientnet_lite0"], ["efficientnet_lite0", "efficientnet_lite1"]]
+    measured = meta.cascade.measured
+    assert measured["oof"]["accuracy"] >= measured["oof"]["full_accuracy"] - 0.001
+    assert measured["oof"]["reached"][1] < 0.25  # most photos stop at stage 1
+    assert measured["parity"]["max_abs_prob_diff"] < 1e-4  # the last stage is the plain ensemble
+    test_acc = metrics["tiers"]["test"]["accuracy"]
+    assert measured["test"]["accuracy"] >= test_acc - 1.5 / measured["test"]["n"]  # one photo at most
+    assert measured["oof"]["ece"] <= 0.03
+    clf = Classifier(bundle, variant="auto")
+    test = [r for r in rows if r.tier == "test"][::3]
+    preds = clf.predict_batch([r.path for r in test], reject_not_food=False)
+    assert np.mean([p.top_k[0]["label"] == r.label for p, r in zip(preds, test, strict=True)]) >= 0.93
+    assert {p.stage for p in preds} <= {1, 2} and np.mean([p.stage == 1 for p in preds]) > 0.75
+
+
+def test_the_default_bundle_says_not_food_for_packaged_non_food_photos(default_run):
+    from PIL import Image
+    from skimage import data as skdata
+
+    from food_classifier.bundle import load_bundle
+    from food_classifier.inference import Classifier
+
+    rows, run, bundle, metrics = default_run
+    rule = load_bundle(bundle).meta.not_food
+    assert rule is not None and rule.measured["fit"]["food_false_reject"] <= 0.01
+    assert rule.measured["nonfood_held_out"]["nonfood_caught"] >= 0.9
+    clf = Classifier(bundle, variant="auto")
+    for name in ("astronaut", "chelsea", "rocket"):
+        pred = clf.predict(Image.fromarray(getattr(skdata, name)()))
+        assert pred.label == "not_food" and pred.abstained and pred.top_k, name

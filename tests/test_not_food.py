@@ -69,6 +69,21 @@ def test_builtin_graph_rejects_astronaut_and_chelsea_keeps_coffee(bundle):
     assert logits[1].argmax() in (281, 282, 285)  # the cat really is a cat to ImageNet
 
 
+def test_the_builtin_classifier_answers_not_food_and_the_switch_turns_it_off(bundle):
+    from PIL import Image
+
+    from food_classifier.inference import Classifier
+
+    clf = Classifier(bundle)
+    cat = Image.fromarray(skimage_data.chelsea())
+    pred = clf.predict(cat)
+    assert pred.label == "not_food" and pred.abstained and len(pred.top_k) == 5
+    kept = clf.predict(cat, reject_not_food=False)
+    assert kept.label != "not_food" and kept.top_k == pred.top_k
+    coffee = clf.predict(Image.fromarray(skimage_data.coffee()))
+    assert coffee.label == "espresso" and not coffee.abstained
+
+
 @pytest.fixture(scope="module")
 def shared_food_logits(bundle) -> np.ndarray:
     if not SHARED_DATA.is_dir():

@@ -88,6 +88,10 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
                                              cascade=cascade)
     typer.echo(format_table(metrics))
     typer.echo(format_calibration(run))
+    if cascade and "+" in config.arch:
+        from food_classifier.training.cascade import format_cascade
+
+        typer.echo(format_cascade(bundle))
     if cv:
         from food_classifier.training.cv import cross_validate, format_cv
 

@@ -41,7 +41,7 @@ from food_classifier.serving.settings import ServeSettings
 log = logging.getLogger("food_classifier.serving")
 STATIC = Path(__file__).parent / "static"
 EXIT_NO_MODEL = 3  # the server started but no model could be loaded (as uvicorn's own startup failure)
-TopK, Threshold = schemas.TopKQuery, schemas.ThresholdQuery
+TopK, Threshold, NotFood = schemas.TopKQuery, schemas.ThresholdQuery, schemas.NotFoodQuery
 MODEL_ERRORS = schemas.AUTH | schemas.errors({404: "Unknown model", 503: "Models still loading"})
 router = APIRouter()
 
@@ -110,26 +110,26 @@ async def model_info(request: Request, name: str) -> schemas.ModelInfo:
 @router.post("/v1/models/{name}/predict", tags=["predict"], responses=schemas.ERRORS,
              openapi_extra=schemas.IMAGE_BODY)
 async def predict(request: Request, response: Response, name: str, top_k: TopK = None,
-                  threshold: Threshold = None) -> schemas.Prediction:
+                  threshold: Threshold = None, reject_not_food: NotFood = True) -> schemas.Prediction:
     """Classify one image: multipart file, raw image body, or JSON `{"image": base64}`."""
     _tag(request, name)
     svc = _svc(request)
     svc.registry.get(name)  # 404/503 before reading the body
     body = schemas.Prediction.model_validate(await svc.predict(name, await read_image(request), top_k, threshold,
-                                                               _rid(request)))
+                                                               _rid(request), reject_not_food))
     _x_cache(response, body.cache)
     return body
 
 
 @router.post("/predict", tags=["predict"], responses=schemas.ERRORS, openapi_extra=schemas.IMAGE_BODY)
 async def predict_default(request: Request, response: Response, top_k: TopK = None,
-                          threshold: Threshold = None) -> schemas.Prediction:
+                          threshold: Threshold = None, reject_not_food: NotFood = True) -> schemas.Prediction:
     """Like `/v1/models/{name}/predict`, with the default model."""
     _tag(request, None)
     svc = _svc(request)
     svc.registry.get(None)
     body = schemas.Prediction.model_validate(await svc.predict(None, await read_image(request), top_k, threshold,
-                                                               _rid(request)))
+                                                               _rid(request), reject_not_food))
     _x_cache(response, body.cache)
     return body
 
@@ -137,7 +137,7 @@ async def predict_default(request: Request, response: Response, top_k: TopK = No
 @router.post("/v1/models/{name}/predict-batch", tags=["predict"], responses=schemas.ERRORS,
              openapi_extra=schemas.BATCH_BODY)
 async def predict_batch(request: Request, response: Response, name: str, top_k: TopK = None,
-                        threshold: Threshold = None) -> schemas.BatchPrediction:
+                        threshold: Threshold = None, reject_not_food: NotFood = True) -> schemas.BatchPrediction:
     """Many images (multipart files, any field name) -> results in the same order; bad images are
     error entries."""
     _tag(request, name)
@@ -145,7 +145,7 @@ async def predict_batch(request: Request, response: Response, name: str, top_k: 
     svc.registry.get(name)
     images = await read_images(request, svc.settings.max_batch_images)
     body = schemas.BatchPrediction.model_validate(await svc.predict_batch(name, images, top_k, threshold,
-                                                                          _rid(request)))
+                                                                          _rid(request), reject_not_food))
     outcomes = {r.cache for r in body.results if isinstance(r, schemas.BatchResult)}
     if outcomes:  # one value when all answered images agree, else "mixed" (each result has its own `cache`)
         _x_cache(response, outcomes.pop() if len(outcomes) == 1 else "mixed")
@@ -154,8 +154,9 @@ async def predict_batch(request: Request, response: Response, name: str, top_k: 
 
 @router.post("/predict-batch", tags=["predict"], responses=schemas.ERRORS, openapi_extra=schemas.BATCH_BODY)
 async def predict_batch_default(request: Request, response: Response, top_k: TopK = None,
-                                threshold: Threshold = None) -> schemas.BatchPrediction:
-    return await predict_batch(request, response, None, top_k, threshold)
+                                threshold: Threshold = None,
+                                reject_not_food: NotFood = True) -> schemas.BatchPrediction:
+    return await predict_batch(request, response, None, top_k, threshold, reject_not_food)
 
 
 @router.get("/predict", tags=["predict"],

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 TopKQuery = Annotated[int | None, Query(ge=1, le=1000, description="How many classes to return in top_k.")]
 ThresholdQuery = Annotated[float | None, Query(ge=0.0, le=1.0, description="Abstain (label 'unsure') below this "
                                                                            "confidence; default: the bundle's.")]
+NotFoodQuery = Annotated[bool, Query(description="false: never answer 'not_food' (the bundle's rule is off for "
+                                                "this request; the food labels and probabilities are unchanged).")]
 
 
 class Wire(BaseModel):

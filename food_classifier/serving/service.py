@@ -192,7 +192,7 @@ class PredictionService:
 
     async def _classify(self, model: LoadedModel, data: bytes | np.ndarray, top_k: int | None,
                         threshold: float | None, request_id: str | None = None,
-                        probabilities: bool = False) -> dict[str, Any]:
+                        probabilities: bool = False, reject_not_food: bool = True) -> dict[str, Any]:
         start = time.perf_counter()
         try:
             look, res, waited = await self._infer(model, data)
@@ -202,7 +202,7 @@ class PredictionService:
         row = look.probs if res is None else res.output  # Classifier.infer's row: probabilities, stage, flag
         if res is not None and look.keys:
             await self._store(look, row)
-        pred = model.classifier.decide(row[None], top_k, threshold)[0]
+        pred = model.classifier.decide(row[None], top_k, threshold, reject_not_food)[0]
         probs = row[:len(model.labels)]
         self._count(model, "ok")
         if self.metrics:
@@ -234,12 +234,15 @@ class PredictionService:
             self.metrics.images.labels(model.name, outcome).inc()
 
     async def predict(self, name: str | None, image: ImageUpload, top_k: int | None = None,
-                      threshold: float | None = None, request_id: str | None = None) -> dict[str, Any]:
+                      threshold: float | None = None, request_id: str | None = None,
+                      reject_not_food: bool = True) -> dict[str, Any]:
         """One image through the model's micro-batcher (`request_id`: the transport's, else a new one)."""
-        return await self._classify(self.registry.get(name), image.data, top_k, threshold, request_id)
+        return await self._classify(self.registry.get(name), image.data, top_k, threshold, request_id,
+                                    reject_not_food=reject_not_food)
 
     async def predict_batch(self, name: str | None, images: list[ImageUpload], top_k: int | None = None,
-                            threshold: float | None = None, request_id: str | None = None) -> dict[str, Any]:
+                            threshold: float | None = None, request_id: str | None = None,
+                            reject_not_food: bool = True) -> dict[str, Any]:
         """Many images, answers in input order; a bad image is an error entry, not a failed batch."""
         start = time.perf_counter()
         model = self.registry.get(name)  # one model version for the whole batch, even during a reload
@@ -248,7 +251,8 @@ class PredictionService:
         async def one(i: int, img: ImageUpload) -> dict[str, Any]:
             head = {"index": i, "filename": img.filename}
             try:
-                res = await self._classify(model, img.data, top_k, threshold, f"{rid}-{i}")
+                res = await self._classify(model, img.data, top_k, threshold, f"{rid}-{i}",
+                                           reject_not_food=reject_not_food)
             except ServiceError as exc:
                 return {**head, **exc.to_dict(), "status": exc.status}
             res.pop("model")
@@ -261,15 +265,16 @@ class PredictionService:
                 "failed": failed, "results": results, "timing": {"total_ms": _ms(time.perf_counter() - start)}}
 
     async def predict_tensors(self, name: str | None, items: list[bytes | np.ndarray], top_k: int | None = None,
-                              threshold: float | None = None,
-                              request_id: str | None = None) -> tuple[LoadedModel, list[dict[str, Any]]]:
+                              threshold: float | None = None, request_id: str | None = None,
+                              reject_not_food: bool = True) -> tuple[LoadedModel, list[dict[str, Any]]]:
         """For tensor protocols (Open Inference Protocol): encoded images (bytes) or preprocessed crops
         (float32 [3, crop, crop], no decoding), all through the same cache, batcher and model. All or
         nothing: the first error fails the request. Each answer also has its `probabilities` row."""
         model = self.registry.get(name)
         rid = request_id or new_request_id()
         tasks = [asyncio.ensure_future(self._classify(model, item, top_k, threshold,
-                                                      rid if len(items) == 1 else f"{rid}-{i}", probabilities=True))
+                                                      rid if len(items) == 1 else f"{rid}-{i}", probabilities=True,
+                                                      reject_not_food=reject_not_food))
                  for i, item in enumerate(items)]
         try:
             return model, list(await asyncio.gather(*tasks))

@@ -20,7 +20,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
-VARIANT_AUTO = "auto"  # int8 when the bundle ships it (and did not mark it recommended: false), else fp32
+VARIANT_AUTO = "auto"  # the bundle's recommended variant (BundleMeta.recommended_variant)
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,9 @@ class ServeSettings(BaseSettings):
     default_model: str | None = Field(None, description="Model behind /predict (default: the first one).")
     variant: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Model variant: auto (default: the bundle's recommended one, int8 when it ships one that "
-                    "its own measurement did not advise against, else fp32), fp32 or int8, for all models, or "
-                    "NAME=VARIANT for one model.")
+        description="Model variant: auto (default: the bundle's recommended one: its cascade when it ships one, "
+                    "else int8 when its own measurement did not advise against it, else fp32), cascade, fp32 "
+                    "(the whole graph) or int8, for all models, or NAME=VARIANT for one model.")
     api_key: SecretStr | None = Field(None, description="Require this key (X-API-Key, Bearer, or Basic password) "
                                                         "on every endpoint but /healthz and /readyz; prefer the "
                                                         "env var, flags show up in `ps`.")

@@ -27,11 +27,14 @@ from torch import nn
 from food_classifier import runtime
 from food_classifier.bundle import CASCADE, Bundle, BundleMeta, file_sha256
 from food_classifier.inference import Classifier, softmax
+from food_classifier.training import features as F
 from food_classifier.training.calibrate import choose_threshold, fit_temperature
 from food_classifier.training.data import Row
 from food_classifier.training.export import ExportError, parity_images
+from food_classifier.training.head import backbone_keys
 from food_classifier.training.metrics import expected_calibration_error
 from food_classifier.training.models import lite_weights_path, members
+from food_classifier.training.not_food import fit_for
 from food_classifier.training.runs import HeldOut
 from food_classifier.training.train import Fitted
 
@@ -173,14 +176,15 @@ def export_stages(model: nn.Module, arch: str, weights: str | None, run: Path, c
 # --- the step ---------------------------------------------------------------------------------------
 
 def build_cascade(fitted: Fitted, exported: Bundle, rows: list[Row],
-                  target_precision: float) -> tuple[dict, dict[str, Path]]:
-    """Plan on the OOF logits, export the stages, check the last one against the plain graph, measure
-    the test tier. Returns the bundle's `cascade` section and its files (in the run dir)."""
+                  target_precision: float) -> tuple[dict, dict | None, dict[str, Path]]:
+    """Plan on the OOF logits, export the stages, fit the not-food rule on stage 1's ImageNet output,
+    check the last stage against the plain graph, measure the test tier. Returns the bundle's `cascade`
+    and `not_food` sections and the stage files (in the run dir)."""
     assert fitted.oof is not None
     t0 = time.perf_counter()
-    arch, meta = fitted.meta.arch, exported.meta
+    arch, meta, config = fitted.meta.arch, exported.meta, fitted.meta.config
     chosen = plan(fitted.oof, target_precision)
-    paths = export_stages(fitted.model, arch, fitted.meta.config.weights, exported.path, meta.spec.crop)
+    paths = export_stages(fitted.model, arch, config.weights, exported.path, meta.spec.crop)
     names = members(arch)
     stages = [{"file": p.name, "sha256": file_sha256(p), "size_bytes": p.stat().st_size,
                "members": names[:k + 1], "temperature": chosen["temperatures"][k],
@@ -188,11 +192,32 @@ def build_cascade(fitted: Fitted, exported: Bundle, rows: list[Row],
               for k, p in enumerate(paths)]
     section = {"stages": stages, "abstain_threshold": chosen["abstain_threshold"],
                "measured": {"oof": chosen["oof"]}}
-    bundle = Bundle(exported.path, BundleMeta.model_validate(meta.to_json_dict() | {"cascade": section}))
+    rule = _not_food_rule(fitted, paths[0], [r for r in rows if r.tier in fitted.meta.fit_tiers])
+    extra = {"cascade": section} | ({"not_food": rule} if rule else {})
+    bundle = Bundle(exported.path, BundleMeta.model_validate(meta.to_json_dict() | extra))
     section["measured"]["parity"] = _parity(bundle, parity_images(fitted.meta.manifest))
     section["measured"]["test"] = measure(bundle, [r for r in rows if r.tier == "test"])
+    if rule:
+        rule["measured"]["test"] = {"n": section["measured"]["test"].get("n", 0),
+                                    "false_reject": section["measured"]["test"].get("not_food", 0.0)}
     section["measured"]["seconds"] = round(time.perf_counter() - t0, 1)
-    return section, {p.name: p for p in paths}
+    return section, rule, {p.name: p for p in paths}
+
+
+def _not_food_rule(fitted: Fitted, stage1: Path, food: list[Row]) -> dict | None:
+    """The not-food rule for stage 1's ImageNet output: food = the fitted tiers' photos (their cached
+    eval-view features through the ImageNet head: no backbone run), non-food = packaged photos."""
+    config, spec = fitted.meta.config, fitted.meta.preprocessing
+    head = imagenet_head(members(fitted.meta.arch)[0], config.weights)
+    if head is None or not food:
+        return None
+    features = F.extract(food, fitted.model.members[0], backbone_keys(config)[0], spec, views=1 + config.aug_views,
+                         aug_strength=config.aug_strength, seed=config.seed)[:, 0]
+    with torch.no_grad():
+        food_logits = head(torch.from_numpy(features)).numpy()
+    session = runtime.create_session(stage1)
+    rule = fit_for(lambda x: session.run(None, {"image": x})[2], spec, food_logits, chosen_on="fitted tiers")
+    return rule.model_dump(mode="json", exclude_none=True)
 
 
 def _parity(bundle: Bundle, images: list[Path]) -> dict:
@@ -220,4 +245,35 @@ def measure(bundle: Bundle, rows: list[Row]) -> dict:
     c = len(clf.labels)
     probs, stage = out[:, :c], out[:, c].astype(int)
     return {"n": len(rows), "accuracy": _acc(probs, y), "ece": round(expected_calibration_error(probs, y), 4),
-            "reached": _shares(stage, len(bundle.meta.cascade.stages))}
+            "reached": _shares(stage, len(bundle.meta.cascade.stages)),
+            "not_food": round(float(out[:, c + 1].mean()), 4)}  # food photos called not food
+
+
+def format_cascade(bundle: str | Path) -> str:
+    """What `train` prints about the cascade: stages, thresholds, escalation, accuracy vs the ensemble."""
+    from food_classifier.bundle import load_bundle
+
+    meta = load_bundle(bundle, verify=False).meta
+    if meta.cascade is None:
+        return ""
+    c, m = meta.cascade, meta.cascade.measured
+    lines = ["cascade (served by default; `--variant fp32` serves the whole ensemble):"]
+    for k, s in enumerate(c.stages):
+        stop = f"answers when confidence >= {s.threshold:.3f}" if s.threshold is not None else "answers the rest"
+        reached = m.get("oof", {}).get("reached", [None] * len(c.stages))[k]
+        lines.append(f"  stage {k + 1}: {' + '.join(s.members)}, {stop} (out-of-fold: {100 * reached:.1f} % of photos "
+                     "reach it)" if reached is not None else f"  stage {k + 1}: {' + '.join(s.members)}, {stop}")
+    oof, test = m.get("oof", {}), m.get("test", {})
+    if oof:
+        lines.append(f"  out-of-fold accuracy {oof['accuracy']:.4f} (whole ensemble {oof['full_accuracy']:.4f}), "
+                     f"ECE {oof['ece']:.4f}")
+    if test:
+        lines.append(f"  test accuracy {test['accuracy']:.4f} on {test['n']} photos, "
+                     f"{100 * test['reached'][1]:.1f} % escalated")
+    if meta.not_food is not None:
+        nf = meta.not_food.measured
+        lines.append(f"  not food: threshold {meta.not_food.threshold:.3f}; food photos rejected "
+                     f"{100 * nf.get('fit', {}).get('food_false_reject', 0):.1f} % (fitted), "
+                     f"{100 * nf.get('test', {}).get('false_reject', 0):.1f} % (test); non-food caught "
+                     f"{100 * nf.get('nonfood_held_out', {}).get('nonfood_caught', 0):.0f} % (held out)")
+    return "\n".join(lines)

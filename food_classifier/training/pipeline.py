@@ -36,6 +36,7 @@ class Run:
     scores: Scores | None = None         # its logits on every manifest image (evaluate)
     calibrated: Calibrated | None = None  # temperature, abstention, metrics with T (calibrate)
     cascade: dict | None = None          # an ensemble's stages, thresholds and measurements (cascade)
+    not_food: dict | None = None         # the rule on stage 1's ImageNet output (cascade)
     int8: dict | None = None             # the measured int8 variant, if it was made (quantize)
     bundle: Path | None = None           # where it was published (publish)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage, in order (timings.json)
@@ -55,6 +56,8 @@ class Run:
             data["variants"] = data["variants"] | {"int8": self.int8}
         if self.cascade:
             data["cascade"] = self.cascade
+        if self.not_food:
+            data["not_food"] = self.not_food
         return BundleMeta.model_validate(data)
 
 
@@ -108,8 +111,8 @@ def finalize(run: str | Path | Fitted, models_dir: str | Path | None = "models",
         from food_classifier.training.cascade import build_cascade
 
         with stage(r.seconds, "cascade"):
-            r.cascade, _ = build_cascade(r.fitted, r.exported, rows, target_precision)
-            runs.write_json(r.dir, "cascade.json", r.cascade)
+            r.cascade, r.not_food, _ = build_cascade(r.fitted, r.exported, rows, target_precision)
+            runs.write_json(r.dir, "cascade.json", {"cascade": r.cascade, "not_food": r.not_food})
     if int8:  # quantized variant, measured against fp32 on the test tier
         from food_classifier.training.quantize import try_int8
 

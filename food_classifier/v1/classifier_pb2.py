@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#food_classifier/v1/classifier.proto\x12\x12\x66ood_classifier.v1\x1a\x1cgoogle/protobuf/struct.proto\"s\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tthreshold\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_top_kB\x0c\n\n_threshold\"*\n\x04TopK\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\"m\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\"6\n\x05\x45rror\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\x05\"\xa3\x02\n\x10\x43lassifyResponse\x12\r\n\x05label\x18\x01 \x01(\t\x12\x11\n\tlabel_idx\x18\x02 \x01(\x05\x12\x12\n\nconfidence\x18\x03 \x01(\x01\x12\'\n\x05top_k\x18\x04 \x03(\x0b\x32\x18.food_classifier.v1.TopK\x12\x11\n\tabstained\x18\x05 \x01(\x08\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12*\n\x06timing\x18\n \x01(\x0b\x32\x1a.food_classifier.v1.Timing\x12(\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x19.food_classifier.v1.Error\"\x13\n\x11ListModelsRequest\"\xa8\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x10\n\x08variants\x18\x05 \x03(\t\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x11\n\x04\x61rch\x18\x07 \x01(\tH\x00\x88\x01\x01\x12\x17\n\ncreated_at\x18\x08 \x01(\tH\x01\x88\x01\x01\x12(\n\x07metrics\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\rpreprocessing\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0btemperature\x18\x0b \x01(\x01\x12\x1e\n\x11\x61\x62stain_threshold\x18\x0c \x01(\x01H\x02\x88\x01\x01\x12\x0f\n\x07\x62uiltin\x18\r \x01(\x08\x12\x18\n\x0b\x64\x65scription\x18\x0e \x01(\tH\x03\x88\x01\x01\x12\x11\n\tloaded_at\x18\x0f \x01(\tB\x07\n\x05_archB\r\n\x0b_created_atB\x14\n\x12_abstain_thresholdB\x0e\n\x0c_description\"Z\n\x12ListModelsResponse\x12\x15\n\rdefault_model\x18\x01 \x01(\t\x12-\n\x06models\x18\x02 \x03(\x0b\x32\x1d.food_classifier.v1.ModelInfo2\xa1\x02\n\nClassifier\x12U\n\x08\x43lassify\x12#.food_classifier.v1.ClassifyRequest\x1a$.food_classifier.v1.ClassifyResponse\x12_\n\x0e\x43lassifyStream\x12#.food_classifier.v1.ClassifyRequest\x1a$.food_classifier.v1.ClassifyResponse(\x01\x30\x01\x12[\n\nListModels\x12%.food_classifier.v1.ListModelsRequest\x1a&.food_classifier.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#food_classifier/v1/classifier.proto\x12\x12\x66ood_classifier.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xa5\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tthreshold\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0freject_not_food\x18\x05 \x01(\x08H\x02\x88\x01\x01\x42\x08\n\x06_top_kB\x0c\n\n_thresholdB\x12\n\x10_reject_not_food\"*\n\x04TopK\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\"m\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\"6\n\x05\x45rror\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\x05\"\xb2\x02\n\x10\x43lassifyResponse\x12\r\n\x05label\x18\x01 \x01(\t\x12\x11\n\tlabel_idx\x18\x02 \x01(\x05\x12\x12\n\nconfidence\x18\x03 \x01(\x01\x12\'\n\x05top_k\x18\x04 \x03(\x0b\x32\x18.food_classifier.v1.TopK\x12\x11\n\tabstained\x18\x05 \x01(\x08\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12*\n\x06timing\x18\n \x01(\x0b\x32\x1a.food_classifier.v1.Timing\x12(\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x19.food_classifier.v1.Error\x12\r\n\x05stage\x18\x0c \x01(\x05\"\x13\n\x11ListModelsRequest\"\xa8\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x10\n\x08variants\x18\x05 \x03(\t\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x11\n\x04\x61rch\x18\x07 \x01(\tH\x00\x88\x01\x01\x12\x17\n\ncreated_at\x18\x08 \x01(\tH\x01\x88\x01\x01\x12(\n\x07metrics\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\rpreprocessing\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0btemperature\x18\x0b \x01(\x01\x12\x1e\n\x11\x61\x62stain_threshold\x18\x0c \x01(\x01H\x02\x88\x01\x01\x12\x0f\n\x07\x62uiltin\x18\r \x01(\x08\x12\x18\n\x0b\x64\x65scription\x18\x0e \x01(\tH\x03\x88\x01\x01\x12\x11\n\tloaded_at\x18\x0f \x01(\tB\x07\n\x05_archB\r\n\x0b_created_atB\x14\n\x12_abstain_thresholdB\x0e\n\x0c_description\"Z\n\x12ListModelsResponse\x12\x15\n\rdefault_model\x18\x01 \x01(\t\x12-\n\x06models\x18\x02 \x03(\x0b\x32\x1d.food_classifier.v1.ModelInfo2\xa1\x02\n\nClassifier\x12U\n\x08\x43lassify\x12#.food_classifier.v1.ClassifyRequest\x1a$.food_classifier.v1.ClassifyResponse\x12_\n\x0e\x43lassifyStream\x12#.food_classifier.v1.ClassifyRequest\x1a$.food_classifier.v1.ClassifyResponse(\x01\x30\x01\x12[\n\nListModels\x12%.food_classifier.v1.ListModelsRequest\x1a&.food_classifier.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'food_classifier.v1.classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CLASSIFYREQUEST']._serialized_start=89
-  _globals['_CLASSIFYREQUEST']._serialized_end=204
-  _globals['_TOPK']._serialized_start=206
-  _globals['_TOPK']._serialized_end=248
-  _globals['_TIMING']._serialized_start=250
-  _globals['_TIMING']._serialized_end=359
-  _globals['_ERROR']._serialized_start=361
-  _globals['_ERROR']._serialized_end=415
-  _globals['_CLASSIFYRESPONSE']._serialized_start=418
-  _globals['_CLASSIFYRESPONSE']._serialized_end=709
-  _globals['_LISTMODELSREQUEST']._serialized_start=711
-  _globals['_LISTMODELSREQUEST']._serialized_end=730
-  _globals['_MODELINFO']._serialized_start=733
-  _globals['_MODELINFO']._serialized_end=1157
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1159
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1249
-  _globals['_CLASSIFIER']._serialized_start=1252
-  _globals['_CLASSIFIER']._serialized_end=1541
+  _globals['_CLASSIFYREQUEST']._serialized_start=90
+  _globals['_CLASSIFYREQUEST']._serialized_end=255
+  _globals['_TOPK']._serialized_start=257
+  _globals['_TOPK']._serialized_end=299
+  _globals['_TIMING']._serialized_start=301
+  _globals['_TIMING']._serialized_end=410
+  _globals['_ERROR']._serialized_start=412
+  _globals['_ERROR']._serialized_end=466
+  _globals['_CLASSIFYRESPONSE']._serialized_start=469
+  _globals['_CLASSIFYRESPONSE']._serialized_end=775
+  _globals['_LISTMODELSREQUEST']._serialized_start=777
+  _globals['_LISTMODELSREQUEST']._serialized_end=796
+  _globals['_MODELINFO']._serialized_start=799
+  _globals['_MODELINFO']._serialized_end=1223
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1225
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1315
+  _globals['_CLASSIFIER']._serialized_start=1318
+  _globals['_CLASSIFIER']._serialized_end=1607
 # @@protoc_insertion_point(module_scope)

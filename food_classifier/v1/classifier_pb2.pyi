@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model", "image", "top_k", "threshold")
+    __slots__ = ("model", "image", "top_k", "threshold", "reject_not_food")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REJECT_NOT_FOOD_FIELD_NUMBER: _ClassVar[int]
     model: str
     image: bytes
     top_k: int
     threshold: float
-    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
+    reject_not_food: bool
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., threshold: _Optional[float] = ..., reject_not_food: _Optional[bool] = ...) -> None: ...
 
 class TopK(_message.Message):
     __slots__ = ("label", "probability")
@@ -52,7 +54,7 @@ class Error(_message.Message):
     def __init__(self, error: _Optional[str] = ..., detail: _Optional[str] = ..., status: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("label", "label_idx", "confidence", "top_k", "abstained", "model", "model_version", "cache", "request_id", "timing", "error")
+    __slots__ = ("label", "label_idx", "confidence", "top_k", "abstained", "model", "model_version", "cache", "request_id", "timing", "error", "stage")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     LABEL_IDX_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +66,7 @@ class ClassifyResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     label: str
     label_idx: int
     confidence: float
@@ -75,7 +78,8 @@ class ClassifyResponse(_message.Message):
     request_id: str
     timing: Timing
     error: Error
-    def __init__(self, label: _Optional[str] = ..., label_idx: _Optional[int] = ..., confidence: _Optional[float] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., abstained: _Optional[bool] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., cache: _Optional[str] = ..., request_id: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    stage: int
+    def __init__(self, label: _Optional[str] = ..., label_idx: _Optional[int] = ..., confidence: _Optional[float] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., abstained: _Optional[bool] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., cache: _Optional[str] = ..., request_id: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., stage: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

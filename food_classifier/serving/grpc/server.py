@@ -64,7 +64,7 @@ def _response(res: dict[str, Any]) -> Any:
     return pb2.ClassifyResponse(
         label=res["label"], label_idx=res["label_idx"], confidence=res["confidence"],
         top_k=[pb2.TopK(label=t["label"], probability=t["probability"]) for t in res["top_k"]],
-        abstained=res["abstained"], model=res["model"], model_version=res["model_version"],
+        abstained=res["abstained"], stage=res["stage"], model=res["model"], model_version=res["model_version"],
         cache=res.get("cache", ""), request_id=res["request_id"], timing=pb2.Timing(**res["timing"]))
 
 
@@ -100,7 +100,9 @@ class ClassifierServicer(pb2_grpc.ClassifierServicer):
             raise MissingImage("no image in the request: set the image field to the photo's bytes")
         if len(req.image) > self.limit:
             raise BodyTooLarge(f"request body is {len(req.image)} bytes, limit is {self.limit}")
-        return await self.service.predict(req.model or None, ImageUpload(req.image), top_k, threshold)
+        reject = req.reject_not_food if req.HasField("reject_not_food") else True
+        return await self.service.predict(req.model or None, ImageUpload(req.image), top_k, threshold,
+                                          reject_not_food=reject)
 
     async def Classify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         start = time.perf_counter()

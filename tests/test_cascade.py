@@ -1,0 +1,196 @@
+"""The cascade and the not-food rule: threshold choice on numbers, and a real two-stage ONNX bundle
+served by `Classifier`, the cache and the real server.
+
+The tiny cascade is a genuine pair of ONNX graphs over the colour photos of conftest: stage 1 is sure
+of red only (its other weights are weak), stage 2 (fed stage 1's features) is sure of every colour, and
+stage 1's "ImageNet" output calls blue photos not food. So every routing decision is known exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import colour_image, image_bytes
+
+from food_classifier.bundle import CASCADE, load_bundle, write_bundle
+from food_classifier.cache import PredictionCache
+from food_classifier.inference import Classifier
+from food_classifier.preprocessing import PreprocessSpec
+
+LABELS = ["red", "green", "blue"]
+THRESHOLD = 0.9
+
+
+def make_cascade_bundle(target: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    spec = PreprocessSpec(resize=36, crop=32)
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, spec.crop, spec.crop])
+    pool = [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"], axis=1)]
+    w1 = np.diag([8.0, 1.0, 1.0]).astype(np.float32)  # sure of red only
+    wi = np.zeros((4, 3), np.float32)
+    wi[3, 2] = 4.0  # "ImageNet" class 3 (not food) lights up on blue
+    stage1 = helper.make_graph(
+        pool + [helper.make_node("Gemm", ["flat", "W1", "Z3"], ["logits"], transB=1),
+                helper.make_node("Identity", ["flat"], ["features"]),
+                helper.make_node("Gemm", ["flat", "WI", "Z4"], ["imagenet_logits"], transB=1)],
+        "stage1", [image],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("imagenet_logits", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(wi, "WI"),
+         numpy_helper.from_array(np.zeros(3, np.float32), "Z3"),
+         numpy_helper.from_array(np.zeros(4, np.float32), "Z4")])
+    w2 = np.concatenate([np.eye(3) * 8.0, np.zeros((3, 3))], axis=1).astype(np.float32)
+    stage2 = helper.make_graph(
+        pool + [helper.make_node("Concat", ["features", "flat"], ["features_out"], axis=1),
+                helper.make_node("Gemm", ["features_out", "W2", "Z3"], ["logits"], transB=1)],
+        "stage2", [image, helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("features_out", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(w2, "W2"), numpy_helper.from_array(np.zeros(3, np.float32), "Z3")])
+    plain = helper.make_graph(  # the "whole ensemble" graph: stage 2's answer without a cascade
+        pool + [helper.make_node("Gemm", ["flat", "W", "Z3"], ["logits"], transB=1)], "plain", [image],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array((np.eye(3) * 8.0).astype(np.float32), "W"),
+         numpy_helper.from_array(np.zeros(3, np.float32), "Z3")])
+    graphs = {"model.onnx": plain, "stage1.onnx": stage1, "stage2.onnx": stage2}
+    meta = {"name": "cascade", "version": "20260101T000000-cascade", "arch": "colour_cascade", "labels": LABELS,
+            "preprocessing": spec.to_dict(),
+            "cascade": {"stages": [{"file": "stage1.onnx", "members": ["a"], "threshold": THRESHOLD},
+                                   {"file": "stage2.onnx", "members": ["a", "b"]}], "abstain_threshold": 0.5},
+            "not_food": {"food_classes": [0, 1, 2], "threshold": 0.5}}
+
+    def save(d: Path) -> None:
+        for name, graph in graphs.items():
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            model.ir_version = 8
+            onnx.save(model, str(d / name))
+
+    return write_bundle(target, meta, save)
+
+
+@pytest.fixture(scope="module")
+def cascade_models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cascade_models")
+    make_cascade_bundle(root / "cascade" / "20260101T000000-cascade")
+    return root / "cascade"
+
+
+def photo(colour: str, seed: int = 0) -> bytes:
+    return image_bytes(colour_image(colour, seed=seed))
+
+
+# --- choosing thresholds on out-of-fold numbers -----------------------------------------------------
+
+def test_thresholds_keep_the_full_accuracy_with_the_fewest_escalations():
+    from food_classifier.training.cascade import cascade_answer, choose_thresholds
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    y = rng.integers(0, 3, n)
+    conf1 = rng.uniform(0.34, 1.0, n)
+    right1 = rng.uniform(0, 1, n) < conf1  # stage 1 is calibrated: right as often as it is sure
+    right2 = rng.uniform(0, 1, n) < 0.97
+    def probs(right: np.ndarray, conf: np.ndarray) -> np.ndarray:
+        p = np.full((n, 3), 0.0)
+        pred = np.where(right, y, (y + 1) % 3)
+        p[np.arange(n), pred] = conf
+        p[np.arange(n), (pred + 2) % 3] = 1 - conf
+        return p
+    p1, p2 = probs(right1, conf1), probs(right2, np.full(n, 0.9))
+    (t,) = choose_thresholds([p1, p2], y, tolerance=0.001)
+    answered, stage = cascade_answer([p1, p2], [t])
+    full = (p2.argmax(1) == y).mean()
+    assert (answered.argmax(1) == y).mean() >= full - 0.001
+    assert 0.05 < (stage == 2).mean() < 0.95  # it escalates some, not all
+    for higher in np.linspace(t, 1.0, 20):  # no lucky dip: every higher threshold keeps the bound too
+        assert (cascade_answer([p1, p2], [higher])[0].argmax(1) == y).mean() >= full - 0.001 - 1e-12
+    lower = t - 0.02  # and a lower one would not: the choice is the fewest escalations that hold
+    assert (cascade_answer([p1, p2], [lower])[0].argmax(1) == y).mean() < full - 0.001
+
+
+def test_a_sure_first_stage_never_escalates_and_a_useless_one_always_does():
+    from food_classifier.training.cascade import choose_thresholds
+
+    y = np.array([0, 1, 2, 0, 1, 2])
+    right = np.eye(3)[y] * 0.98 + 0.01
+    wrong = np.eye(3)[(y + 1) % 3] * 0.6 + 0.2
+    assert choose_thresholds([right, right], y) == [0.0]
+    assert choose_thresholds([wrong, right], y)[0] > 0.6
+
+
+# --- a real cascade bundle ------------------------------------------------------------------------
+
+def test_stage_one_answers_what_it_is_sure_of_and_the_rest_escalate(cascade_models):
+    clf = Classifier(cascade_models, variant="auto")
+    assert clf.variant == CASCADE and len(clf.sessions) == 2
+    preds = clf.predict_batch([photo(c, seed=i) for i in range(3) for c in ("red", "green")])
+    assert [p.label for p in preds] == ["red", "green"] * 3
+    assert [p.stage for p in preds] == [1, 2] * 3
+    assert all(p.confidence > THRESHOLD for p in preds)
+    plain = Classifier(cascade_models, variant="fp32").predict(photo("green"))
+    assert plain.stage == 1 and plain.label == "green"  # the whole graph, no cascade
+
+
+def test_not_food_is_an_abstention_with_top_k_and_can_be_turned_off(cascade_models):
+    clf = Classifier(cascade_models, variant=CASCADE)
+    blue = clf.predict(photo("blue"))
+    assert blue.label == "not_food" and blue.abstained and blue.top_k[0]["label"] == "blue"
+    kept = clf.predict(photo("blue"), reject_not_food=False)
+    assert kept.label == "blue" and not kept.abstained and kept.confidence == pytest.approx(blue.confidence)
+    assert clf.predict(photo("red")).label == "red"
+
+
+def test_cached_answers_keep_their_stage_and_not_food_flag(cascade_models):
+    clf = Classifier(cascade_models, variant=CASCADE, cache=PredictionCache())
+    images = [photo("red"), photo("green"), photo("blue")]
+    first = clf.predict_batch(images)
+    again = clf.predict_batch(images)
+    assert [p.cache for p in first] == ["miss"] * 3 and [p.cache for p in again] == ["hit-bytes"] * 3
+    assert [(p.label, p.stage) for p in again] == [(p.label, p.stage) for p in first] == \
+        [("red", 1), ("green", 2), ("not_food", 2)]
+
+
+def test_a_broken_stage_file_is_named(cascade_models, tmp_path):
+    import shutil
+
+    from food_classifier.bundle import BundleError
+
+    bad = tmp_path / "v"
+    shutil.copytree(load_bundle(cascade_models / "20260101T000000-cascade").path, bad)
+    (bad / "stage2.onnx").write_bytes(b"not onnx")
+    with pytest.raises(BundleError, match="stage2.onnx"):
+        Classifier(load_bundle(bad, verify=False), variant=CASCADE)
+
+
+def test_the_server_reports_the_stage_and_counts_it(cascade_models):
+    from food_classifier.testing import ServerProcess
+
+    with ServerProcess([cascade_models], args=["--ort-threads", "1"]) as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            jpeg = {"content-type": "image/jpeg"}
+            red = http.post("/predict", content=photo("red"), headers=jpeg).json()
+            green = http.post("/predict", content=photo("green"), headers=jpeg).json()
+            blue = http.post("/predict", content=photo("blue"), headers=jpeg).json()
+            blue_kept = http.post("/predict?reject_not_food=false", content=photo("blue", seed=3),
+                                  headers=jpeg).json()
+            assert (red["label"], red["stage"]) == ("red", 1) and (green["label"], green["stage"]) == ("green", 2)
+            assert blue["label"] == "not_food" and blue["abstained"] is True
+            assert blue_kept["label"] == "blue" and blue_kept["abstained"] is False
+            files = [("files", (f"{c}.jpg", photo(c, seed=5), "image/jpeg")) for c in LABELS]
+            batch = http.post("/predict-batch", files=files).json()
+            assert [(r["label"], r["stage"]) for r in batch["results"]] == \
+                [("red", 1), ("green", 2), ("not_food", 2)]
+            assert http.post("/predict?reject_not_food=maybe", content=photo("red"), headers=jpeg).status_code == 422
+            info = http.get("/v1/models/cascade").json()
+            assert info["variant"] == CASCADE and info["abstain_threshold"] == 0.5
+            metrics = http.get("/metrics").text
+    counts = {line.split("stage=")[1][1]: float(line.split()[-1]) for line in metrics.splitlines()
+              if line.startswith("food_classifier_cascade_stage_total{")}
+    assert counts == {"1": 2.0, "2": 5.0}  # stage 1: both reds; stage 2: both greens and the three blues
