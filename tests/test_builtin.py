@@ -90,9 +90,12 @@ def test_non_food_photos_get_unsure_from_the_chosen_threshold(food_bundle, food_
     photos = {"rocket": skimage_data.rocket(), "astronaut": skimage_data.astronaut(), "cat": skimage_data.chelsea(),
               "bricks": skimage_data.brick(), "temple": load_sample_image("china.jpg")}
     for name, pixels in photos.items():
-        pred = food_clf.predict(Image.fromarray(pixels))
+        pred = food_clf.predict(Image.fromarray(pixels), reject_not_food=False)  # the threshold alone
         assert pred.abstained and pred.label == "unsure", (name, pred)
         assert pred.top_k[0]["label"] != "unsure"  # the guess is still there, for who wants it
+        # and with the not-food rule (issue 14, on by default) they are not food, same guess kept
+        ruled = food_clf.predict(Image.fromarray(pixels))
+        assert ruled.label == "not_food" and ruled.abstained and ruled.top_k == pred.top_k, name
     assert not food_clf.predict(coffee()).abstained
 
 
