@@ -72,7 +72,7 @@ class ServeBatchIngress(FoodClassifierIngress):
         await super().reconfigure(config)
         registry = self.fc_app.state.registry
         for model in registry.models():
-            model.batcher = ServeBatcher(model.classifier.predict_proba, registry.executor, 8,
+            model.batcher = ServeBatcher(model.classifier.infer, registry.executor, 8,
                                          self.settings.inference_workers)
 
 

@@ -43,7 +43,9 @@ def report(run: Path = typer.Argument(..., help="A run dir from `train` (uses it
 
 def export(run: Path = typer.Argument(..., help="A run dir from `train`."),
            models_dir: Path = typer.Option(Path("models")), name: str = typer.Option("food"),
-           int8: bool = typer.Option(True, "--int8/--no-int8", help="Also add the quantized int8 variant.")) -> None:
+           int8: bool | None = typer.Option(None, "--int8/--no-int8", show_default="auto",
+                                            help="Also add the quantized int8 variant (auto: unless the bundle "
+                                                 "is a cascade).")) -> None:
     """Re-export a run to a new bundle version. Exports the run's best checkpoint, evaluates and
     publishes it."""
     need_training_extras()

@@ -47,9 +47,10 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
           cv: int = typer.Option(0, "--cv", min=0, metavar="K",
                                  help="Also retrain on K folds of train+validation (test untouched) and report "
                                       "accuracy / macro-F1 mean ± std; writes RUN/cv.json."),
-          int8: bool = typer.Option(True, "--int8/--no-int8",
-                                    help="Also add a quantized int8 variant (~20 s), with its test accuracy and "
-                                         "speed vs fp32 in bundle.json."),
+          int8: bool | None = typer.Option(None, "--int8/--no-int8", show_default="auto",
+                                           help="Also add a quantized int8 variant of the whole graph (~1 min), "
+                                                "with its test accuracy and speed vs fp32 in bundle.json; auto: "
+                                                "yes, unless the bundle is a cascade (served instead)."),
           cascade: bool = typer.Option(True, "--cascade/--no-cascade",
                                        help="An ensemble also becomes a cascade (served by default): its first "
                                             "backbone answers the photos it is sure of, the rest go on.")) -> None:

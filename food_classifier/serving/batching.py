@@ -5,7 +5,7 @@ costs latency. The batcher is adaptive: it never waits when nothing else is on t
 request runs at once), and while other requests are still decoding it waits for them at most
 `max_wait_ms`. Whatever queues up while a batch runs goes into the next batch.
 
-Works on any `run(batch [N,...]) -> [N,...]` function, e.g. `Classifier.predict_proba`.
+Works on any `run(batch [N,...]) -> [N,...]` function, e.g. `Classifier.infer`.
 """
 
 from __future__ import annotations

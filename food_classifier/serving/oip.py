@@ -11,7 +11,8 @@ tensors. The model, seen through the protocol:
   FP32 [N, C] (calibrated). With Triton's classification extension (`classification: k` on the
   requested output, or the request parameter `top_k`), `probabilities` is instead BYTES [N, k] of
   "probability:index:label", best first.
-- request parameters: `top_k` (1-1000) and `threshold` (0-1), checked as the HTTP API checks them.
+- request parameters: `top_k` (1-1000), `threshold` (0-1) and `reject_not_food` (bool), checked as the HTTP
+  API checks them.
 """
 
 from __future__ import annotations
@@ -164,8 +165,9 @@ def from_values(name: str, datatype: str, shape: list[int], values: Any,
 
 
 # --- request -> core call -> outputs ----------------------------------------------------------------
-def options(parameters: dict[str, Any]) -> tuple[int | None, float | None]:
-    """`top_k` and `threshold` from the request parameters, checked as the HTTP API checks them."""
+def options(parameters: dict[str, Any]) -> tuple[int | None, float | None, bool]:
+    """`top_k`, `threshold` and `reject_not_food` (default true) from the request parameters, checked as
+    the HTTP API checks them."""
     found = []
     for key, adapter in (("top_k", _TOP_K), ("threshold", _THRESHOLD)):
         value = parameters.get(key)
@@ -175,7 +177,10 @@ def options(parameters: dict[str, Any]) -> tuple[int | None, float | None]:
             found.append(adapter.validate_python(value))
         except ValidationError as e:
             raise BadTensor(f"parameter {key}: {e.errors()[0]['msg']}") from None
-    return found[0], found[1]
+    reject = parameters.get("reject_not_food", True)
+    if not isinstance(reject, bool):
+        raise BadTensor("parameter reject_not_food: expected true or false")
+    return found[0], found[1], reject
 
 
 def items(request: InferRequest, model: LoadedModel, max_images: int) -> list[bytes | np.ndarray]:

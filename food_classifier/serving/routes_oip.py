@@ -124,7 +124,7 @@ _TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "propert
     "datatype": {"type": "string"}, "parameters": {"type": "object"}, "data": {"type": "array"}}}
 INFER_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
-        "id": {"type": "string"}, "parameters": {"type": "object", "description": "top_k, threshold"},
+        "id": {"type": "string"}, "parameters": {"type": "object", "description": "top_k, threshold, reject_not_food"},
         "inputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1,
                    "description": "image (BYTES, base64 in JSON) or pixels"},
         "outputs": {"type": "array", "items": {"type": "object", "properties": {
@@ -202,7 +202,7 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 @_oip_errors
 async def infer(request: Request, name: str, version: str | None = None) -> InferResponse:
     """Classify the photos of input `image` (BYTES: base64 strings in JSON, raw with binary data) or the
-    preprocessed crops of input `pixels` (FP32). Parameters `top_k` and `threshold`; per output
+    preprocessed crops of input `pixels` (FP32). Parameters `top_k`, `threshold` and `reject_not_food`; per output
     `binary_data` and `classification`."""
     svc = _svc(request)
     model = _model(request, name, version)  # 404 / 503 before reading the body
@@ -210,11 +210,12 @@ async def infer(request: Request, name: str, version: str | None = None) -> Infe
     parse = functools.partial(_parse, body, request.headers.get(HEADER))
     req = parse() if len(body) < OFFLOAD_BYTES else \
         await asyncio.get_running_loop().run_in_executor(svc.decode_pool, parse)
-    top_k, threshold = oip.options(req.parameters)
+    top_k, threshold, reject = oip.options(req.parameters)
     outs, need = oip.requested(req, top_k)
     images = oip.items(req, model, svc.settings.max_batch_images)
     rid = getattr(request.state, "request_id", None) or new_request_id()  # the middleware's X-Request-ID
-    model, results = await svc.predict_tensors(model.name, images, need or None, threshold, rid)
+    model, results = await svc.predict_tensors(model.name, images, need or None, threshold, rid,
+                                               reject_not_food=reject)
     tensors = oip.outputs(model, results, outs, top_k)
     binary_default = req.parameters.get("binary_data_output") is True
     binary = [o.parameters.get("binary_data", binary_default) is True for o in outs]

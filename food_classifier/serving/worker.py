@@ -159,7 +159,7 @@ class StreamWorker:
 
 
 def _answer(a: dict[str, Any]) -> dict[str, Any]:
-    keys = ("label", "label_idx", "confidence", "top_k", "abstained", "cache")
+    keys = ("label", "label_idx", "confidence", "top_k", "abstained", "stage", "cache")
     if "error" in a:
         return {**dict.fromkeys(keys), "error": a["error"], "detail": a["detail"]}
     return {**{k: a[k] for k in keys}, "error": None, "detail": None}

@@ -86,7 +86,7 @@ def format_timings(seconds: dict[str, float], total: float | None = None) -> str
 
 
 def finalize(run: str | Path | Fitted, models_dir: str | Path | None = "models", name: str = "food",
-             target_precision: float = DEFAULT_TARGET_PRECISION, int8: bool = True,
+             target_precision: float = DEFAULT_TARGET_PRECISION, int8: bool | None = None,
              seconds: dict[str, float] | None = None, cascade: bool = True) -> tuple[Path, dict]:
     """Export a fitted run (in memory, or read back from its dir), measure it on every tier,
     calibrate it, add the int8 variant, publish it: to `models_dir/name/version`, or with no
@@ -113,7 +113,8 @@ def finalize(run: str | Path | Fitted, models_dir: str | Path | None = "models",
         with stage(r.seconds, "cascade"):
             r.cascade, r.not_food, _ = build_cascade(r.fitted, r.exported, rows, target_precision)
             runs.write_json(r.dir, "cascade.json", {"cascade": r.cascade, "not_food": r.not_food})
-    if int8:  # quantized variant, measured against fp32 on the test tier
+    # int8 (None = auto): a cascade is what gets served, so its whole-graph int8 is made only when asked
+    if int8 or (int8 is None and r.cascade is None):  # quantized variant, measured against fp32 on test
         from food_classifier.training.quantize import try_int8
 
         with stage(r.seconds, "int8"):
@@ -133,7 +134,7 @@ def train_and_publish(manifest: str | Path, config: TrainConfig, runs_dir: str |
                       models_dir: str | Path | None = "models", name: str = "food",
                       resume: str | Path | None = None,
                       target_precision: float = DEFAULT_TARGET_PRECISION,
-                      int8: bool = True, seconds: dict[str, float] | None = None,
+                      int8: bool | None = None, seconds: dict[str, float] | None = None,
                       cascade: bool = True) -> tuple[Path, Path, dict]:
     """Fit, then `finalize`; `seconds` (stage -> wall time) gets "fit" and the later stages."""
     seconds = seconds if seconds is not None else {}

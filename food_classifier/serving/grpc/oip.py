@@ -118,11 +118,12 @@ class OipServicer(pb2_grpc.GRPCInferenceServiceServicer):
         async def answer() -> Any:
             model = oip.check_version(self.registry.get(request.model_name), request.model_version)
             req = _request(request)
-            top_k, threshold = oip.options(req.parameters)
+            top_k, threshold, reject = oip.options(req.parameters)
             outs, need = oip.requested(req, top_k)
             images = oip.items(req, model, self.service.settings.max_batch_images)
             rid = new_request_id()
-            model, results = await self.service.predict_tensors(model.name, images, need or None, threshold, rid)
+            model, results = await self.service.predict_tensors(model.name, images, need or None, threshold, rid,
+                                                                reject_not_food=reject)
             tensors = oip.outputs(model, results, outs, top_k)
             out = pb2.ModelInferResponse.InferOutputTensor
             return pb2.ModelInferResponse(
