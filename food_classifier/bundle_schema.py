@@ -187,6 +187,7 @@ class Stage(Variant):
     members: list[str] = Field(min_length=1)
     temperature: float = Field(default=1.0, gt=0)
     threshold: float | None = Field(default=None, ge=0)  # escalate when confidence < it (> 1: all); None: last
+    int8: Variant | None = None  # the same stage quantized, served instead when present (training measured it)
 
 
 class Cascade(Section):
@@ -198,6 +199,10 @@ class Cascade(Section):
     stages: list[Stage] = Field(min_length=2)
     abstain_threshold: float | None = None
     measured: dict[str, Any] = Field(default_factory=dict)
+
+    def files(self) -> list[Variant]:
+        """Every file of the stages (each stage's graph and its int8 twin), for checks and publishing."""
+        return [v for s in self.stages for v in (s, s.int8) if v is not None]
 
     @model_validator(mode="after")
     def _thresholds(self) -> Cascade:

@@ -74,7 +74,7 @@ class Classifier:
         if self.variant == CASCADE and self.cascade is None:
             raise BundleError(f"bundle {self.bundle.name}:{self.bundle.version} has no cascade "
                               f"(has: {', '.join(sorted(self.bundle.variants))})")
-        files = ([self.bundle.path / s.file for s in self.cascade.stages] if self.cascade
+        files = ([self.bundle.path / (s.int8 or s).file for s in self.cascade.stages] if self.cascade
                  else [self.bundle.model_file(self.variant)])
         self.sessions = [_session(f, threads) for f in files]
         self.session = self.sessions[0]

@@ -157,6 +157,33 @@ def test_cached_answers_keep_their_stage_and_not_food_flag(cascade_models):
         [("red", 1), ("green", 2), ("not_food", 2)]
 
 
+def test_a_stage_int8_twin_is_served_instead_when_the_bundle_lists_it(cascade_models, tmp_path):
+    """training/cascade.py ships stage1.int8.onnx only when it measured it faster and as accurate; the
+    cascade then runs it in place of stage1.onnx (here: a twin whose red weight is weaker, so red escalates)."""
+    import json
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from food_classifier.bundle import file_sha256
+
+    src = load_bundle(cascade_models / "20260101T000000-cascade").path
+    twin = tmp_path / "v"
+    shutil.copytree(src, twin)
+    model = onnx.load(str(twin / "stage1.onnx"))
+    w1 = next(t for t in model.graph.initializer if t.name == "W1")
+    w1.CopyFrom(numpy_helper.from_array(np.diag([1.0, 1.0, 1.0]).astype(np.float32), "W1"))
+    onnx.save(model, str(twin / "stage1.int8.onnx"))
+    meta = json.loads((twin / "bundle.json").read_text())
+    digest = file_sha256(twin / "stage1.int8.onnx")
+    meta["cascade"]["stages"][0]["int8"] = {"file": "stage1.int8.onnx", "sha256": digest}
+    (twin / "bundle.json").write_text(json.dumps(meta))
+    assert Classifier(cascade_models, variant=CASCADE).predict(photo("red")).stage == 1
+    pred = Classifier(load_bundle(twin), variant=CASCADE).predict(photo("red"))
+    assert (pred.label, pred.stage) == ("red", 2)
+
+
 def test_a_broken_stage_file_is_named(cascade_models, tmp_path):
     import shutil
 

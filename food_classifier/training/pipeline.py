@@ -121,7 +121,7 @@ def finalize(run: str | Path | Fitted, models_dir: str | Path | None = "models",
             r.int8 = try_int8(r.exported, rows)
     with stage(r.seconds, "publish"):
         meta = r.final_meta()
-        listed = list(meta.variants.values()) + (list(meta.cascade.stages) if meta.cascade else [])
+        listed = list(meta.variants.values()) + (meta.cascade.files() if meta.cascade else [])
         files = {v.file: r.dir / v.file for v in listed}
         target = Path(models_dir) / name / meta.version if models_dir else r.dir / runs.BUNDLE_DIR
         r.bundle = publish(meta, files, target, move=True, replace=not models_dir)
