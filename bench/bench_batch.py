@@ -32,6 +32,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from bench_cache import DATA, cpu_flags  # noqa: E402
 
+from food_classifier.testing import process_tree  # noqa: E402
+
 NAIVE = """
 import sys, time
 from food_classifier.batch import read_source
@@ -45,27 +47,10 @@ for i, p in enumerate(paths, 1):
 """
 
 
-def tree(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        found.add(p)
-        todo += children.get(p, [])
-    return found
-
-
 def sample(pid: int, cpu: dict[int, float]) -> float:
     """Record each process's CPU seconds (its last value survives its exit); return the tree's RSS in MiB."""
     rss, tick = 0.0, os.sysconf("SC_CLK_TCK")
-    for p in tree(pid):
+    for p in process_tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             status = Path(f"/proc/{p}/status").read_text()

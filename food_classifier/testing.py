@@ -35,6 +35,24 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def process_tree(pid: int) -> set[int]:
+    """`pid` and every process below it (Linux /proc): what a test or bench checks or measures as one."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        found.add(p)
+        todo += children.get(p, [])
+    return found
+
+
 class ServerProcess:
     def __init__(self, bundles: Sequence[str | Path], args: Sequence[str] = (), env: dict[str, str] | None = None,
                  port: int | None = None, ready_timeout: float = 60.0, log_path: str | Path | None = None,

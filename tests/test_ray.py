@@ -29,27 +29,12 @@ from food_classifier.batch import predict_dir, read_source  # noqa: E402
 from food_classifier.ray_batch import RayEngine  # noqa: E402
 from food_classifier.serving.ray_serve import APP_NAME, application, deployment_options  # noqa: E402
 from food_classifier.serving.settings import ServeSettings  # noqa: E402
-from food_classifier.testing import free_port  # noqa: E402
+from food_classifier.testing import free_port, process_tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside Ray (pydantic, Ray Data)
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        found.add(p)
-        todo += children.get(p, [])
-    return found
 
 
 def _listening(pids: set[int]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -96,7 +81,7 @@ def test_serve_engine_ray_from_the_cli_listens_on_loopback_only_and_drains_on_si
         assert ready, f"not ready (exit status {proc.poll()})"
         r = httpx.post(f"http://127.0.0.1:{port}/predict", content=image_bytes(colour_image("blue")), timeout=30)
         assert r.status_code == 200 and r.json()["label"] == "blue"
-        tree = _descendants(proc.pid)
+        tree = process_tree(proc.pid)
         addresses = _listening(tree)
         assert len(tree) > 5 and len(addresses) > 5  # GCS, raylet, workers, Serve proxy and replica
         assert all(_loopback(a) for a in addresses), addresses
