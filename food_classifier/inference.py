@@ -58,7 +58,7 @@ class Classifier:
     """A loaded bundle + ONNX Runtime session. Thread-safe: ORT's `run` may be called concurrently.
 
     A path loads the promoted, else the newest valid version; `variant="auto"` takes the bundle's
-    recommended one. A graph ORT cannot load, or whose output width is not the
+    recommended one (its cascade when it ships one: see `infer`). A graph ORT cannot load, or whose output width is not the
     number of labels, is a `BundleError` naming the file (the session is the one place that sees it)."""
 
     def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, variant: str = "fp32",
