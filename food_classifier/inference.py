@@ -59,7 +59,8 @@ class Classifier:
 
     A path loads the promoted, else the newest valid version; `variant="auto"` takes the bundle's
     recommended one (its cascade when it ships one: see `infer`). A graph ORT cannot load, or whose
-    output width is not the number of labels, is a `BundleError` naming the file (the session is the one place that sees it)."""
+    output width is not the number of labels, is a `BundleError` naming the file (the session is the
+    one place that sees it)."""
 
     def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, variant: str = "fp32",
                  top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS, cache: PredictionCache | None = None):
