@@ -31,8 +31,11 @@ function showVersion() {
 }
 
 function render(p) {
-  $("label").textContent = p.label;
-  $("confidence").textContent = (100 * p.confidence).toFixed(1) + "%";
+  $("label").textContent = p.label === "not_food" ? "not food" : p.label;
+  // not food: the percentage is the best food guess's, kept below as top-k; a cascade says which stage answered
+  const stage = p.stage > 1 ? ` · stage ${p.stage}` : "";
+  $("confidence").textContent = p.label === "not_food" ? "(no food recognised)" + stage
+    : (100 * p.confidence).toFixed(1) + "%" + stage;
   const list = $("topk");
   list.innerHTML = "";
   for (const t of p.top_k) {
