@@ -58,8 +58,16 @@ def food_bundle(tmp_path_factory) -> Path:
 
     base = load_bundle(builtin_bundle_path(quiet=True))
     model = onnx.load(str(base.model_file()))
-    gemm = model.graph.node[-1]
-    assert gemm.op_type == "Gemm"
+    # the built-in graph ends in Lite0's whole ImageNet head (a Gemm: `imagenet_logits`) and a Gather of its
+    # food rows (`logits`): keep the graph up to the Gemm, which becomes this 3-class model's head
+    nodes = list(model.graph.node)
+    gemm = next(n for n in nodes if n.op_type == "Gemm")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[:nodes.index(gemm) + 1])
+    gemm = model.graph.node[-1]  # extend copied the nodes: edit the one in the graph
+    gemm.output[0] = "logits"
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 1000]))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.append(onnx.helper.make_tensor_value_info(gemm.input[0], onnx.TensorProto.FLOAT, None))
