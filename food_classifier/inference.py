@@ -111,8 +111,19 @@ class Classifier:
         return len(self.labels) + EXTRA
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        out = runtime.run(self.session, batch)
+        return self._as_logits(runtime.run(self.session, batch))
+
+    def _as_logits(self, out: np.ndarray) -> np.ndarray:
         return np.log(np.maximum(out, 1e-30)) if self.outputs_probs else out
+
+    def every_stage(self, batch: np.ndarray) -> np.ndarray:
+        """The last cascade stage's logits with every stage run on every image, whatever the thresholds
+        (warm-up, and training's check that the last stage is the whole graph)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        logits, features = self.session.run(None, {"image": batch})[:2]
+        for session in self.sessions[1:]:
+            logits, features = session.run(None, {"image": batch, "features": features})
+        return logits
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """[N, labels + 2] rows for a preprocessed batch: calibrated probabilities, stage, not-food flag."""
@@ -124,8 +135,7 @@ class Classifier:
         if self._imagenet is not None:
             rows[:, c + 1] = reject(first[self._imagenet], self.not_food)
         if self.cascade is None:
-            logits = np.log(np.maximum(first[0], 1e-30)) if self.outputs_probs else first[0]
-            rows[:, :c] = softmax(logits, self.bundle.temperature)
+            rows[:, :c] = softmax(self._as_logits(first[0]), self.bundle.temperature)
             return rows
         stages = self.cascade.stages
         logits, features = first[0], first[1]
@@ -150,10 +160,8 @@ class Classifier:
             x = np.zeros((n, *self.spec.input_shape), dtype=np.float32)
             if self.cascade is None:
                 self.infer(x)
-                continue
-            features = self.session.run(None, {"image": x})[1]
-            for session in self.sessions[1:]:
-                features = session.run(None, {"image": x, "features": features})[1]
+            else:
+                self.every_stage(x)
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities for a preprocessed batch ([N, *spec.input_shape])."""

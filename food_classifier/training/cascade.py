@@ -15,7 +15,6 @@ the cascade's abstention threshold (its answers mix stages). The test tier is th
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -142,20 +141,6 @@ def imagenet_head(arch: str, weights: str | None) -> nn.Linear | None:
     return head.eval()
 
 
-def _export(module: nn.Module, path: Path, crop: int, dim: int | None, outputs: list[str]) -> None:
-    module = module.eval()
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    image = torch.randn(2, 3, crop, crop)
-    args, names, shapes = (image,), ["image"], ({0: batch},)
-    if dim is not None:
-        args, names, shapes = (image, torch.randn(2, dim)), ["image", "features"], ({0: batch}, {0: batch})
-    tmp = path.with_suffix(f".tmp{os.getpid()}.onnx")
-    prog = torch.onnx.export(module, args, input_names=names, output_names=outputs, dynamic_shapes=shapes,
-                             dynamo=True, verbose=False)
-    prog.save(str(tmp))
-    os.replace(tmp, path)
-
-
 def export_stages(model: nn.Module, arch: str, weights: str | None, run: Path, crop: int) -> list[Path]:
     """stage1.onnx .. stageM.onnx in the run dir, from the fitted `Ensemble`."""
     backbones, head = list(model.members), model.classifier
@@ -165,10 +150,10 @@ def export_stages(model: nn.Module, arch: str, weights: str | None, run: Path, c
         if k == 0:
             imagenet = imagenet_head(members(arch)[0], weights)
             outs = ["logits", "features"] + (["imagenet_logits"] if imagenet is not None else [])
-            _export(_First(backbone, head.heads[0], imagenet), path, crop, None, outs)
+            F.export_onnx(_First(backbone, head.heads[0], imagenet), path, crop, outs)
         else:
-            _export(_Next(backbone, list(head.heads[:k + 1]), head.dims[:k + 1]), path, crop,
-                    sum(head.dims[:k]), ["logits", "features_out"])
+            F.export_onnx(_Next(backbone, list(head.heads[:k + 1]), head.dims[:k + 1]), path, crop,
+                          ["logits", "features_out"], features_dim=sum(head.dims[:k]))
         paths.append(path)
     return paths
 
@@ -176,10 +161,10 @@ def export_stages(model: nn.Module, arch: str, weights: str | None, run: Path, c
 # --- the step ---------------------------------------------------------------------------------------
 
 def build_cascade(fitted: Fitted, exported: Bundle, rows: list[Row],
-                  target_precision: float) -> tuple[dict, dict | None, dict[str, Path]]:
+                  target_precision: float) -> tuple[dict, dict | None]:
     """Plan on the OOF logits, export the stages, fit the not-food rule on stage 1's ImageNet output,
     check the last stage against the plain graph, measure the test tier. Returns the bundle's `cascade`
-    and `not_food` sections and the stage files (in the run dir)."""
+    and `not_food` sections (their files are in the run dir, listed by `Cascade.files`)."""
     assert fitted.oof is not None
     t0 = time.perf_counter()
     arch, meta, config = fitted.meta.arch, exported.meta, fitted.meta.config
@@ -204,7 +189,7 @@ def build_cascade(fitted: Fitted, exported: Bundle, rows: list[Row],
         rule["measured"]["test"] = {"n": section["measured"]["test"].get("n", 0),
                                     "false_reject": section["measured"]["test"].get("not_food", 0.0)}
     section["measured"]["seconds"] = round(time.perf_counter() - t0, 1)
-    return section, rule, {p.name: p for p in paths}
+    return section, rule
 
 
 def _not_food_rule(fitted: Fitted, stage1: Path, food: list[Row]) -> dict | None:
@@ -260,11 +245,8 @@ def _parity(bundle: Bundle, images: list[Path]) -> dict:
     """The last stage, fed stage 1's features, must give the plain ensemble graph's probabilities."""
     clf = Classifier(bundle, variant=CASCADE)
     x = np.stack([clf.preprocess(p) for p in images])
-    features = clf.sessions[0].run(None, {"image": x})[1]
-    for session in clf.sessions[1:]:
-        logits, features = session.run(None, {"image": x, "features": features})
     plain = runtime.run(runtime.create_session(bundle.model_file("fp32")), x)
-    diff = float(np.abs(softmax(logits) - softmax(plain)).max())
+    diff = float(np.abs(softmax(clf.every_stage(x)) - softmax(plain)).max())
     if diff >= PARITY_TOLERANCE:
         raise ExportError(f"the cascade's last stage disagrees with the plain graph: max |delta p| {diff:.2e}")
     return {"n_images": len(images), "max_abs_prob_diff": diff}

@@ -78,17 +78,21 @@ class _Features(nn.Module):
         return self.model.forward_features(image)
 
 
-def export_onnx(module: nn.Module, path: Path, crop: int, output_name: str | list[str]) -> Path:
+def export_onnx(module: nn.Module, path: Path, crop: int, output_name: str | list[str],
+                features_dim: int | None = None) -> Path:
     """Dynamo export (FACTS: the legacy exporter keeps run-time padding and is ~50% slower). A list of
-    output names names each output of a module that returns a tuple."""
+    output names names each output of a module that returns a tuple; `features_dim` adds a second input
+    `features` [N, features_dim] (a later cascade stage's)."""
     module = module.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.onnx")
-    example = (torch.randn(2, 3, crop, crop),)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    example, inputs, shapes = (torch.randn(2, 3, crop, crop),), ["image"], ({0: batch},)
+    if features_dim is not None:
+        example, inputs, shapes = (*example, torch.randn(2, features_dim)), [*inputs, "features"], (*shapes, {0: batch})
     names = [output_name] if isinstance(output_name, str) else output_name
-    prog = torch.onnx.export(module, example, input_names=["image"], output_names=names,
-                             dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+    prog = torch.onnx.export(module, example, input_names=inputs, output_names=names,
+                             dynamic_shapes=shapes, dynamo=True, verbose=False)
     prog.save(str(tmp))
     os.replace(tmp, path)
     return path

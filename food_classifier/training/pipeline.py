@@ -111,7 +111,7 @@ def finalize(run: str | Path | Fitted, models_dir: str | Path | None = "models",
         from food_classifier.training.cascade import build_cascade
 
         with stage(r.seconds, "cascade"):
-            r.cascade, r.not_food, _ = build_cascade(r.fitted, r.exported, rows, target_precision)
+            r.cascade, r.not_food = build_cascade(r.fitted, r.exported, rows, target_precision)
             runs.write_json(r.dir, "cascade.json", {"cascade": r.cascade, "not_food": r.not_food})
     # int8 (None = auto): a cascade is what gets served, so its whole-graph int8 is made only when asked
     if int8 or (int8 is None and r.cascade is None):  # quantized variant, measured against fp32 on test
