@@ -186,7 +186,8 @@ HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENI
 def _prediction(r: Any) -> dict[str, Any]:
     out = {"label": r.label, "label_idx": r.label_idx, "confidence": r.confidence,
            "top_k": [{"label": t.label, "probability": t.probability} for t in r.top_k], "abstained": r.abstained,
-           "stage": r.stage, "model": r.model, "model_version": r.model_version, "request_id": r.request_id,
+           "reason": r.reason or None, "stage": r.stage, "model": r.model, "model_version": r.model_version,
+           "request_id": r.request_id,
            "timing": {"total_ms": r.timing.total_ms, "preprocess_ms": r.timing.preprocess_ms,
                       "queue_ms": r.timing.queue_ms, "inference_ms": r.timing.inference_ms,
                       "batch_size": r.timing.batch_size}}

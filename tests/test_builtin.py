@@ -76,7 +76,7 @@ def test_bundle_is_cached_where_documented_with_complete_metadata(food_bundle, c
 def test_coffee_photo_is_espresso(food_clf):
     pred = food_clf.predict(coffee())
     assert pred.label == "espresso" and pred.confidence > 0.5, pred
-    assert sum(t["probability"] for t in pred.top_k) <= 1.0 + 1e-6
+    assert sum(t.probability for t in pred.top_k) <= 1.0 + 1e-6
 
 
 def test_non_food_photos_get_unsure_from_the_chosen_threshold(food_bundle, food_clf):
@@ -92,7 +92,7 @@ def test_non_food_photos_get_unsure_from_the_chosen_threshold(food_bundle, food_
     for name, pixels in photos.items():
         pred = food_clf.predict(Image.fromarray(pixels), reject_not_food=False)  # the threshold alone
         assert pred.abstained and pred.label == "unsure", (name, pred)
-        assert pred.top_k[0]["label"] != "unsure"  # the guess is still there, for who wants it
+        assert pred.top_k[0].label != "unsure"  # the guess is still there, for who wants it
         # and with the not-food rule (issue 14, on by default) they are not food, same guess kept
         ruled = food_clf.predict(Image.fromarray(pixels))
         assert ruled.label == "not_food" and ruled.abstained and ruled.top_k == pred.top_k, name

@@ -187,14 +187,14 @@ def _in_thread(coro_fn) -> None:
 
 
 def test_health_is_serving_only_once_models_are_loaded(colour_bundle):
-    from food_classifier.serving.app import create_app
+    from food_classifier.serving.compose import build_app
     from food_classifier.serving.settings import ServeSettings
 
     async def scenario() -> None:
         for default, final in (("colour", health_pb2.HealthCheckResponse.SERVING),
                                ("nope", health_pb2.HealthCheckResponse.NOT_SERVING)):  # loading fails
             port = free_port()
-            app = create_app(ServeSettings(bundles=[colour_bundle], grpc_port=port, host="127.0.0.1",
+            app = build_app(ServeSettings(bundles=[colour_bundle], grpc_port=port, host="127.0.0.1",
                                            default_model=default))
             gate, warm = asyncio.Event(), app.state.service.warm_up
 

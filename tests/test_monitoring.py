@@ -10,12 +10,14 @@ import hashlib
 import json
 import math
 import threading
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import colour_image, image_bytes, make_colour_bundle
 
+from food_classifier.answer import Timings
 from food_classifier.bundle import BundleMeta, load_bundle
 from food_classifier.inference import Classifier
 from food_classifier.monitoring import (
@@ -173,10 +175,10 @@ def colour_model(tmp_path_factory):
 def _observe(monitor: ServingMonitor, model, colour: str, rid: str, cache: str = "off", seed: int = 0) -> dict:
     data = image_bytes(colour_image(colour, seed=seed))
     probs = model.classifier.predict_proba(model.classifier.preprocess(data)[None])[0]
-    pred = model.classifier.decide(probs[None])[0]
-    result = {**pred.to_dict(), "request_id": rid, "cache": cache, "timing": {"total_ms": 1.0}}
-    monitor.observe(model, probs, result, data)
-    return {"data": data, **result}
+    answer = replace(model.classifier.decide(probs[None], outcomes=[cache])[0], request_id=rid,
+                     timings=Timings(total_ms=1.0))
+    monitor.observe(model, answer, data)
+    return {"data": data, **answer.to_dict()}
 
 
 def test_cache_hits_stay_out_of_the_window(colour_model):

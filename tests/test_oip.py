@@ -71,7 +71,7 @@ def outputs(binary: bool, class_count: int = 0) -> list[th.InferRequestedOutput]
 def expected(clf: Classifier, photos: list[bytes], threshold: float | None = None, k: int = 3):
     preds = [clf.predict(p, top_k=k, threshold=threshold) for p in photos]
     probs = clf.predict_proba(np.stack([clf.preprocess(p) for p in photos]))
-    top = [[f"{t['probability']:f}:{clf.labels.index(t['label'])}:{t['label']}" for t in p.top_k] for p in preds]
+    top = [[f"{t.probability:f}:{clf.labels.index(t.label)}:{t.label}" for t in p.top_k] for p in preds]
     return [p.label for p in preds], [p.label_idx for p in preds], probs, top
 
 
@@ -186,7 +186,9 @@ def test_compressed_requests_health_metadata_and_the_same_core(served, clf):
                     "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
                     "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                                 {"name": "label_idx", "datatype": "INT64", "shape": [-1]},
-                                {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]}
+                                {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
+                                {"name": "stage", "datatype": "INT64", "shape": [-1]},
+                                {"name": "reason", "datatype": "BYTES", "shape": [-1]}]}
     assert client.get_server_metadata(headers=auth())["extensions"] == ["binary_tensor_data", "classification",
                                                                      "parameters"]
     photo = jpg("red", seed=41)
@@ -268,7 +270,7 @@ def test_a_real_photo_through_the_builtin_model():
                                   th.InferRequestedOutput("probabilities", class_count=3)])
     assert r.as_numpy("label").tolist() == [want.label.encode()]
     assert [float(s.split(b":")[0]) for s in r.as_numpy("probabilities")[0]] == pytest.approx(
-        [t["probability"] for t in want.top_k], abs=1e-5)
+        [t.probability for t in want.top_k], abs=1e-5)
 
 
 KSERVE_CLIENT = """

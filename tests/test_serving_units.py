@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from food_classifier.answer import Options
 from food_classifier.serving.batching import MicroBatcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,13 +275,13 @@ def test_decoded_images_waiting_for_the_model_are_bounded(colour_bundle):
                 live -= 1
 
         images = [ImageUpload(image_bytes(colour_image("blue", seed=i))) for i in range(40)]
-        return await asyncio.gather(*(done_hook(service._classify(registry.get(), im.data, None, None))
+        return await asyncio.gather(*(done_hook(service._classify(registry.get(), im.data, Options()))
                                       for im in images))
 
     results = asyncio.run(main())
     service.close()
     registry.close()
-    assert all(r["label"] == "blue" for r in results)
+    assert all(r.label == "blue" for r in results)
     assert service.pending_limit == 2 * (2 + 1 * 2) and peak <= service.pending_limit
 
 

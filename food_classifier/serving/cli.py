@@ -122,7 +122,7 @@ def run_server(settings: Any) -> None:
     from food_classifier.bundle import BundleError
     from food_classifier.cache import CacheError
     from food_classifier.serving import memory
-    from food_classifier.serving.app import create_app
+    from food_classifier.serving.compose import build_app
     from food_classifier.serving.protocol import protocol_class
     from food_classifier.v1 import GrpcMissing
 
@@ -133,7 +133,7 @@ def run_server(settings: Any) -> None:
     if settings.engine == "ray":
         _run_ray(settings)
     try:
-        app = create_app(settings)
+        app = build_app(settings)
     except (BundleError, CacheError, GrpcMissing, OSError) as e:  # OSError: a taken gRPC port, an unwritable log dir
         _fail(str(e))
     s = settings

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from food_classifier.answer import Answer
 from food_classifier.monitoring import RollingWindow, drift, entropy
 from food_classifier.prediction_log import PredictionLog
 from food_classifier.serving.errors import InvalidInput, NotFound
@@ -81,33 +82,27 @@ class ServingMonitor:
             self.log.close()
 
     # --- predictions ---------------------------------------------------------------------------------
-    def observe(self, model: Served, probs: np.ndarray, result: dict[str, Any], data: bytes) -> None:
-        """One answered image: `result` is the service's answer (label, request_id, cache, timing...)."""
-        cache = result.get("cache", "off")
+    def observe(self, model: Served, answer: Answer, data: bytes) -> None:
+        """One answered image (its `Answer` carries the whole probability row, the request id, cache, timings)."""
+        cache, probs = answer.cache, answer.probabilities
         state = self._state(model)
         if cache.startswith("hit"):
             state.cache_hits += 1
         else:
-            state.window.add(probs, result["abstained"])
+            state.window.add(probs, answer.abstained)
         if not self.memory and self.log is None:
             return
         sha = hashlib.sha256(data).hexdigest()
-        rid = result["request_id"]
+        rid = answer.request_id or ""
         if self.memory:
             with self._lock:
-                self._recent[rid] = _Remembered(model.name, model.version, result["label_idx"], sha, model.labels)
+                self._recent[rid] = _Remembered(model.name, model.version, answer.label_idx, sha, model.labels)
                 self._by_sha[(model.name, sha)] = rid
                 while len(self._recent) > self.memory:
                     _, old = self._recent.popitem(last=False)
                     self._by_sha.pop((old.model, old.sha256), None)
         if self.log is not None:
-            record = {"kind": "prediction", "time": _now(), "request_id": rid, "model": model.name,
-                      "version": model.version, "sha256": sha, "label": result["label"],
-                      "label_idx": result["label_idx"], "confidence": round(result["confidence"], 6),
-                      "abstained": result["abstained"], "entropy": round(float(entropy(probs[None])[0]), 6),
-                      "top_k": [[t["label"], round(t["probability"], 6)] for t in result["top_k"]],
-                      "cache": cache, "latency_ms": result["timing"]["total_ms"]}
-            self._write(record, data)
+            self._write(log_record(answer, sha, float(entropy(probs[None])[0])), data)
 
     def _state(self, model: Served) -> _ModelState:
         state = self._models.get(model.name)
@@ -175,3 +170,13 @@ class ServingMonitor:
             stats["feedback_window"] = float(len(fb))
             out.append({"model": name, "cache_hits": state.cache_hits, "stats": stats})
         return out
+
+
+def log_record(answer: Answer, sha256: str, entropy_: float) -> dict[str, Any]:
+    """An `Answer` as a prediction-log line (the log's one wire format; `monitor` reads it back)."""
+    return {"kind": "prediction", "time": _now(), "request_id": answer.request_id, "model": answer.model,
+            "version": answer.model_version, "sha256": sha256, "label": answer.label, "label_idx": answer.label_idx,
+            "confidence": round(answer.confidence, 6), "abstained": answer.abstained, "reason": answer.reason,
+            "stage": answer.stage, "entropy": round(entropy_, 6),
+            "top_k": [[t.label, round(t.probability, 6)] for t in answer.top_k],
+            "cache": answer.cache, "latency_ms": answer.timings.total_ms}

@@ -210,15 +210,10 @@ async def infer(request: Request, name: str, version: str | None = None) -> Infe
     parse = functools.partial(_parse, body, request.headers.get(HEADER))
     req = parse() if len(body) < OFFLOAD_BYTES else \
         await asyncio.get_running_loop().run_in_executor(svc.decode_pool, parse)
-    top_k, threshold, reject = oip.options(req.parameters)
-    outs, need = oip.requested(req, top_k)
-    images = oip.items(req, model, svc.settings.max_batch_images)
     rid = getattr(request.state, "request_id", None) or new_request_id()  # the middleware's X-Request-ID
-    model, results = await svc.predict_tensors(model.name, images, need or None, threshold, rid,
-                                               reject_not_food=reject)
-    tensors = oip.outputs(model, results, outs, top_k)
+    model, tensors = await oip.infer(svc, model, req, rid)
     binary_default = req.parameters.get("binary_data_output") is True
-    binary = [o.parameters.get("binary_data", binary_default) is True for o in outs]
+    binary = [t.parameters.get("binary_data", binary_default) is True for t in tensors]
     answer = {"model_name": model.name, "model_version": model.version, "id": req.id or rid,
               "parameters": {"request_id": rid},
               "outputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in tensors]}

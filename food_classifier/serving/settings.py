@@ -19,8 +19,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from food_classifier.answer import AUTO as VARIANT_AUTO
+
 MiB = 1024 * 1024
-VARIANT_AUTO = "auto"  # the bundle's recommended variant (BundleMeta.recommended_variant)
 
 
 @dataclass(frozen=True)

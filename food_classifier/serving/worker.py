@@ -27,11 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from food_classifier.bundle import model_sources
-from food_classifier.serving.metrics import ServingMetrics, WorkerMetrics
-from food_classifier.serving.monitor import ServingMonitor
-from food_classifier.serving.registry import ModelRegistry
-from food_classifier.serving.service import ImageUpload, PredictionService
+from food_classifier.answer import Answer, Options
+from food_classifier.serving.errors import ServiceError
+from food_classifier.serving.metrics import WorkerMetrics
+from food_classifier.serving.service import ImageUpload, PredictionService, build_service
 from food_classifier.serving.settings import ServeSettings
 
 log = logging.getLogger("food_classifier.worker")
@@ -108,7 +107,7 @@ class StreamWorker:
     def __init__(self, service: PredictionService, transport: Any, metrics: WorkerMetrics,
                  model: str | None = None, top_k: int | None = None, batch_size: int = 32, poll_s: float = 0.5):
         self.service, self.transport, self.metrics = service, transport, metrics
-        self.model, self.top_k = model, top_k
+        self.model, self.options = model, Options(top_k=top_k)
         self.batch_size, self.poll_s = batch_size, poll_s
         self.stopping = False
 
@@ -142,13 +141,13 @@ class StreamWorker:
             except WireError as e:
                 parsed.append((m, e.ident, None, e))
         uploads = [ImageUpload(data) for _, _, data, _ in parsed if data is not None]
-        answers = iter((await self.service.predict_batch(model.name, uploads, self.top_k))["results"])
+        answers = iter((await self.service.predict_batch(model.name, uploads, self.options)).results)
         out = []
         for m, ident, data, wire_error in parsed:
             base = {"id": ident if ident is not None else f"{m.topic}/{m.partition}/{m.offset}", "key": _text(m.key),
                     "model": model.name, "model_version": model.version,
                     "image_sha256": hashlib.sha256(data).hexdigest() if data is not None else None}
-            answer = next(answers) if data is not None else {"error": wire_error.code, "detail": wire_error.detail}
+            answer = next(answers) if data is not None else wire_error
             result = {**base, **_answer(answer)}
             dead = None
             if result["error"]:
@@ -158,11 +157,16 @@ class StreamWorker:
         return out
 
 
-def _answer(a: dict[str, Any]) -> dict[str, Any]:
-    keys = ("label", "label_idx", "confidence", "top_k", "abstained", "stage", "cache")
-    if "error" in a:
-        return {**dict.fromkeys(keys), "error": a["error"], "detail": a["detail"]}
-    return {**{k: a[k] for k in keys}, "error": None, "detail": None}
+ANSWER_KEYS = ("label", "label_idx", "confidence", "top_k", "abstained", "reason", "stage", "cache")
+
+
+def _answer(a: Answer | ServiceError | WireError) -> dict[str, Any]:
+    """An `Answer` (or the error in its place) as the worker's result fields: its one wire function."""
+    if isinstance(a, ServiceError | WireError):
+        code = a.code
+        return {**dict.fromkeys(ANSWER_KEYS), "error": code, "detail": a.detail}
+    body = a.to_dict()
+    return {**{k: body[k] for k in ANSWER_KEYS}, "error": None, "detail": None}
 
 
 class KafkaTransport:
@@ -265,12 +269,9 @@ def run_worker(settings: ServeSettings, make_transport: Callable[[WorkerMetrics]
                top_k: int | None = None, batch_size: int = 32, metrics_port: int = 0,
                metrics_host: str = "0.0.0.0") -> None:
     """Load the models, serve metrics, run until SIGTERM/SIGINT, drain, close."""
-    serving_metrics = ServingMetrics()
+    service = build_service(settings)  # drift gauges and the prediction log cover streamed images too
+    registry, serving_metrics = service.registry, service.metrics
     metrics = WorkerMetrics(serving_metrics.registry)
-    registry = ModelRegistry(model_sources(settings.bundles), settings, serving_metrics)
-    monitor = ServingMonitor(settings)  # drift gauges and the prediction log cover streamed images too
-    serving_metrics.watch_monitor(monitor)
-    service = PredictionService(registry, settings, serving_metrics, monitor=monitor)
     loop = asyncio.new_event_loop()
     http = None
     try:
@@ -293,7 +294,5 @@ def run_worker(settings: ServeSettings, make_transport: Callable[[WorkerMetrics]
     finally:
         if http is not None:
             http.shutdown()
-        service.close()
-        registry.close()
-        monitor.close()
+        service.shutdown()
         loop.close()

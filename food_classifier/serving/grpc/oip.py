@@ -118,13 +118,8 @@ class OipServicer(pb2_grpc.GRPCInferenceServiceServicer):
         async def answer() -> Any:
             model = oip.check_version(self.registry.get(request.model_name), request.model_version)
             req = _request(request)
-            top_k, threshold, reject = oip.options(req.parameters)
-            outs, need = oip.requested(req, top_k)
-            images = oip.items(req, model, self.service.settings.max_batch_images)
             rid = new_request_id()
-            model, results = await self.service.predict_tensors(model.name, images, need or None, threshold, rid,
-                                                                reject_not_food=reject)
-            tensors = oip.outputs(model, results, outs, top_k)
+            model, tensors = await oip.infer(self.service, model, req, rid)
             out = pb2.ModelInferResponse.InferOutputTensor
             return pb2.ModelInferResponse(
                 model_name=model.name, model_version=model.version, id=req.id or rid,
