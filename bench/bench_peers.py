@@ -92,8 +92,8 @@ def servers(work: Path, bundle: Path, config: Path, model: str, peers: list[str]
     env = {"FC_PEER_CONFIG": str(config), "PYTHONPATH": os.pathsep.join([str(PEERS), str(ROOT)]),
            "FC_BENTO_WORKERS": str(workers)}
     port = free_port()
-    ours = [sys.executable, "-m", "food_classifier.serving", str(bundle), "--host", "127.0.0.1", "--port", str(port),
-            "--cache-bytes", "0"]  # the photos repeat: no prediction cache, for every server
+    ours = [sys.executable, "-m", "food_classifier.cli", "serve", str(bundle), "--host", "127.0.0.1",
+            "--port", str(port), "--cache-bytes", "0"]  # the photos repeat: no prediction cache, for every server
     out: list[Server | str] = [Server("ours", ours, f"http://127.0.0.1:{port}", "/readyz", "raw JPEG body",
                                       {"PYTHONPATH": str(ROOT)})]
     if "ours-oip" in peers:

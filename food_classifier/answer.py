@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from numbers import Integral, Real
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is not imported here: the CLI reads AUTO without loading it
+    import numpy as np
 
 AUTO = "auto"  # the variant the bundle recommends (BundleMeta.recommended_variant): declared once, here
 UNSURE = "unsure"  # the label of an answer below the abstention threshold
@@ -37,14 +39,15 @@ class Options:
     variant: str | None = None
 
     def __post_init__(self) -> None:
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int | np.integer)
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, Integral)
                                        or not 1 <= self.top_k <= MAX_TOP_K):
             raise OptionsError(f"top_k must be a whole number from 1 to {MAX_TOP_K} (or unset), got {self.top_k!r}")
         if self.threshold is not None and (isinstance(self.threshold, bool)
-                                           or not isinstance(self.threshold, int | float | np.floating)
+                                           or not isinstance(self.threshold, Real)
                                            or not math.isfinite(self.threshold) or not 0 <= self.threshold <= 1):
             raise OptionsError(f"threshold must be a number from 0 to 1 (or unset), got {self.threshold!r}")
-        if not isinstance(self.reject_not_food, bool | np.bool_):
+        if not (isinstance(self.reject_not_food, bool) or getattr(getattr(self.reject_not_food, "dtype", None),
+                                                                  "kind", None) == "b"):
             raise OptionsError(f"reject_not_food must be true or false, got {self.reject_not_food!r}")
         if self.variant is not None and (not isinstance(self.variant, str) or not self.variant):
             raise OptionsError(f"variant must be a variant name or '{AUTO}', got {self.variant!r}")

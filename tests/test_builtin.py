@@ -200,7 +200,7 @@ def test_int8_recipe_on_the_real_lite0_graph(food_bundle, food_clf, tmp_path):
 def test_served_listing_says_builtin(food_bundle):
     from fastapi.testclient import TestClient
 
-    from food_classifier.serving.app import create_app
+    from food_classifier.serving.http.app import create_app
     from food_classifier.serving.settings import ServeSettings
 
     with TestClient(create_app(ServeSettings(bundles=[food_bundle]))) as client:

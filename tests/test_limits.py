@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from test_serving import JPEG, assert_error, jpg, ready_client
 
 from food_classifier.serving.admission import DecodeBudget
-from food_classifier.serving.app import create_app
+from food_classifier.serving.http.app import create_app
 from food_classifier.serving.settings import ServeSettings
 from food_classifier.testing import ServerProcess
 

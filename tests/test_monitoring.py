@@ -20,7 +20,8 @@ from conftest import colour_image, image_bytes, make_colour_bundle
 from food_classifier.answer import Timings
 from food_classifier.bundle import BundleMeta, load_bundle
 from food_classifier.inference import Classifier
-from food_classifier.monitoring import (
+from food_classifier.monitoring.log import PredictionLog, log_files, read_log, rotated_files
+from food_classifier.monitoring.statistics import (
     CONFIDENCE_EDGES,
     RollingWindow,
     chi2_pvalue,
@@ -31,9 +32,8 @@ from food_classifier.monitoring import (
     psi,
     reference_stats,
 )
-from food_classifier.prediction_log import PredictionLog, log_files, read_log, rotated_files
 from food_classifier.serving.errors import ServiceError
-from food_classifier.serving.monitor import ServingMonitor
+from food_classifier.serving.observer import ServingMonitor
 from food_classifier.serving.settings import ServeSettings
 
 

@@ -24,7 +24,7 @@ from conftest import colour_image, image_bytes
 from PIL import Image
 from services import KafkaBroker
 
-from food_classifier.batch import local_engine, predict_dir
+from food_classifier.batch.job import local_engine, predict_dir
 from food_classifier.inference import Classifier
 from food_classifier.testing import ServerProcess, free_port
 

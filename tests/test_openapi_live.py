@@ -184,7 +184,7 @@ def test_not_ready_answers_match_the_schema(tmp_path):
     app's lifespan has loaded anything."""
     from fastapi.testclient import TestClient
 
-    from food_classifier.serving.app import create_app
+    from food_classifier.serving.http.app import create_app
     from food_classifier.serving.settings import ServeSettings
 
     make_colour_bundle(tmp_path / "colour" / "v1", version="v1")

@@ -25,8 +25,8 @@ from food_classifier.ray_env import LOCAL_ENV
 os.environ.update(LOCAL_ENV)
 ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed (pip install 'food-classifier[ray]')")
 
-from food_classifier.batch import predict_dir, read_source  # noqa: E402
-from food_classifier.ray_batch import RayEngine  # noqa: E402
+from food_classifier.batch.job import predict_dir, read_source  # noqa: E402
+from food_classifier.batch.ray_engine import RayEngine  # noqa: E402
 from food_classifier.serving.ray_serve import APP_NAME, application, deployment_options  # noqa: E402
 from food_classifier.serving.settings import ServeSettings  # noqa: E402
 from food_classifier.testing import free_port, process_tree  # noqa: E402

@@ -175,7 +175,7 @@ def test_server_never_imports_torch(colour_bundle):
 
 
 def test_cli_module_imports_cheaply():
-    code = ("import sys, food_classifier.serving.cli; "
+    code = ("import sys, food_classifier.cli.serve; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'fastapi', 'uvicorn', 'onnxruntime', 'numpy', 'PIL', 'torch', 'pydantic', 'starlette'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -187,7 +187,7 @@ def test_cli_module_imports_cheaply():
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-m", "food_classifier.serving", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "food_classifier.cli", "serve", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env={**os.environ, **(env or {})})
 
 
@@ -199,7 +199,7 @@ def invoke_serve(monkeypatch, builtin, *args: str):
     import uvicorn
     from typer.testing import CliRunner
 
-    from food_classifier.serving.cli import serve
+    from food_classifier.cli.serve import serve
 
     if builtin is None:
         monkeypatch.setitem(sys.modules, "food_classifier.builtin", None)  # import fails

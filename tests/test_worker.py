@@ -18,7 +18,7 @@ from conftest import COLOURS, colour_image, image_bytes
 from services import KafkaBroker
 from typer.testing import CliRunner
 
-from food_classifier.serving.worker import WireError, parse_value
+from food_classifier.serving.stream.worker import WireError, parse_value
 from food_classifier.testing import free_port
 
 ck = pytest.importorskip("confluent_kafka")

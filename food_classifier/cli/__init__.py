@@ -28,7 +28,7 @@ def _single(function: Callable[..., None], name: str) -> Any:
 
 
 def _serve() -> Any:
-    from food_classifier.serving.cli import serve_command
+    from food_classifier.cli.serve import serve_command
 
     return serve_command("serve")
 
@@ -80,7 +80,7 @@ app.add_typer(models_app, name="models")
 
 def _register_worker() -> None:
     try:
-        from food_classifier.serving.worker_cli import worker
+        from food_classifier.cli.worker import worker
     except ImportError:
         return
     app.command("worker", short_help="Classify images from Kafka or Redis Streams.")(worker)

@@ -51,7 +51,7 @@ def monitor(log_dir: Path = typer.Argument(..., help="A `serve --prediction-log`
             out: Path | None = typer.Option(None, help="HTML page to write (default LOG_DIR/report.html).")) -> None:
     """Report on a prediction log, offline. Drift per time window, abstention, estimated vs feedback
     accuracy."""
-    from food_classifier.monitor_report import ReportError, build_report
+    from food_classifier.monitoring.report import ReportError, build_report
 
     try:
         table, html = build_report(log_dir, model, window, out)
@@ -92,12 +92,12 @@ def predict_dir_cmd(
     """Score a folder of photos into a results file.
 
     Every image of a folder, manifest or path list becomes one row of a Parquet or JSONL file."""
-    from food_classifier.batch import BatchError, local_engine, predict_dir
+    from food_classifier.batch.job import BatchError, local_engine, predict_dir
     from food_classifier.bundle import BundleError
     from food_classifier.ray_env import MissingExtra
 
     if engine == "ray":
-        from food_classifier.ray_batch import RayEngine
+        from food_classifier.batch.ray_engine import RayEngine
 
         runner = RayEngine(ray_address, variant=variant)
     else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from food_classifier.serving.app import Sibling, create_app
+from food_classifier.serving.http.app import Sibling, create_app
 from food_classifier.serving.service import build_service
 from food_classifier.serving.settings import ServeSettings
 

@@ -32,7 +32,7 @@ from food_classifier.serving.settings import ServeSettings
 
 if TYPE_CHECKING:
     from food_classifier.inference import Classifier
-    from food_classifier.serving.monitor import ServingMonitor
+    from food_classifier.serving.observer import ServingMonitor
 
 log = logging.getLogger("food_classifier.serving")
 
@@ -82,7 +82,7 @@ def build_service(settings: ServeSettings) -> PredictionService:
     """The one composition root: metrics, the model registry, the monitor and the service over them, for every
     process that serves (the HTTP app with its gRPC server, the stream worker, each Ray Serve replica)."""
     from food_classifier.bundle import model_sources
-    from food_classifier.serving.monitor import ServingMonitor
+    from food_classifier.serving.observer import ServingMonitor
 
     metrics = ServingMetrics()
     registry = ModelRegistry(model_sources(settings.bundles), settings, metrics)

@@ -1,7 +1,7 @@
 """Server configuration: the one declaration of every serve setting.
 
 Each field is, at once: a `food-classifier serve` flag (`--kebab-name`, built from this class by
-`serving/cli.py`, its help from the `description`, its default shown from the field's default), an
+`cli/serve.py`, its help from the `description`, its default shown from the field's default), an
 environment variable `FOOD_CLASSIFIER_<FIELD>` (list fields take comma-separated values) and what the
 app and the middleware read. Adding a field adds the flag. The CLI passes only the flags that were
 given, so flags win over the environment and the environment wins over the defaults below. The
@@ -85,7 +85,7 @@ class ServeSettings(BaseSettings):
                                                           "decoded; larger images wait their turn (not an "
                                                           "error), small ones (<= 1/16 of it) never wait.")
 
-    # Connection limits, enforced by uvicorn and serving/protocol.py (docs/SERVING.md, "Limits").
+    # Connection limits, enforced by uvicorn and serving/http/protocol.py (docs/SERVING.md, "Limits").
     limit_concurrency: int = Field(512, ge=1, description="Open connections + requests in progress; above it "
                                                           "uvicorn answers 503 (plain text).")
     header_timeout: float = Field(10.0, gt=0, description="Seconds for a client to send the request line and "

@@ -46,7 +46,7 @@ STATUS_CODES = {400: C.INVALID_ARGUMENT, 401: C.UNAUTHENTICATED, 403: C.PERMISSI
 
 
 def _trailer(code: str, status: int) -> tuple[tuple[str, str], ...]:
-    """The HTTP API's error code and status, for clients that branch on them (`client_grpc`)."""
+    """The HTTP API's error code and status, for clients that branch on them (`client.GrpcClient`)."""
     return (("fc-error", code), ("fc-status", str(status)))
 
 

@@ -1,14 +1,14 @@
 """`predict-dir`: score a folder, a manifest or a list of image files into a resumable results file.
 
     predict_dir("photos/", "models/food", "results.parquet")        # the local engine
-    predict_dir(..., engine=RayEngine("auto"))                       # food_classifier/ray_batch.py
+    predict_dir(..., engine=RayEngine("auto"))                       # food_classifier/batch/ray_engine.py
 
 The prediction is `Classifier`'s (preprocess -> infer -> decide), run in batches through
 `runtime.iter_batched` by `Scorer`, which both engines use: the local engine in this process (decode
 in a thread pool, ONNX Runtime in batches), the Ray engine inside each actor of a Ray Data pipeline.
 This module never imports Ray: the caller hands the Ray engine in.
 
-Resumable: rows are appended as each batch finishes (batch_store.py). A rerun with the same `--out`
+Resumable: rows are appended as each batch finishes (batch/store.py). A rerun with the same `--out`
 skips images already scored by the same model version, keyed by (image sha256, model version): a file
 whose bytes already have a row under another path gets a copy of that row, not a model run. A file
 that cannot be read or decoded is a row with `error`, never a failed job.
@@ -31,7 +31,7 @@ import numpy as np
 
 from food_classifier import runtime
 from food_classifier.answer import AUTO, Answer
-from food_classifier.batch_store import BatchError, open_store
+from food_classifier.batch.store import BatchError, open_store
 from food_classifier.bundle import Bundle, load_newest
 from food_classifier.inference import Classifier
 from food_classifier.preprocessing import ImageError

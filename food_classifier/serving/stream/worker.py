@@ -1,5 +1,5 @@
 """The stream worker: Kafka messages in, one JSON result per message out, through `PredictionService`.
-(Redis Streams is a second transport under the same loop: serving/redis_stream.py.)
+(Redis Streams is a second transport under the same loop: serving/stream/redis_stream.py.)
 
 A thin adapter. It parses its wire format (a message value is raw image bytes, or JSON
 `{"id": ..., "image_b64": ...}`), hands each micro-batch to `PredictionService.predict_batch` (the

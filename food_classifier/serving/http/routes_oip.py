@@ -22,8 +22,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from food_classifier.serving import oip, schemas
+from food_classifier.serving import oip
 from food_classifier.serving.errors import BodyTooLarge, ServiceError, UnsupportedMediaType
+from food_classifier.serving.http import schemas
 from food_classifier.serving.oip import BadTensor
 from food_classifier.serving.registry import ModelRegistry
 from food_classifier.serving.service import PredictionService, new_request_id

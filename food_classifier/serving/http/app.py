@@ -29,12 +29,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from food_classifier.answer import Options, OptionsError
-from food_classifier.serving import routes_feedback, routes_oip, schemas
 from food_classifier.serving.errors import InvalidInput, NotReady, ServiceError
-from food_classifier.serving.inputs import read_image, read_images
+from food_classifier.serving.http import routes_feedback, routes_oip, schemas
+from food_classifier.serving.http.inputs import read_image, read_images
+from food_classifier.serving.http.middleware import ServingMiddleware
+from food_classifier.serving.http.paths import PathGuard
 from food_classifier.serving.metrics import ServingMetrics
-from food_classifier.serving.middleware import ServingMiddleware
-from food_classifier.serving.paths import PathGuard
 from food_classifier.serving.registry import LoadedModel, ModelRegistry
 from food_classifier.serving.service import ImageUpload, PredictionService, build_service
 from food_classifier.serving.settings import ServeSettings

@@ -8,8 +8,8 @@ Adding a field adds the flag. Importing this module stays cheap (typer only): th
 on first use, since pydantic-settings alone takes ~0.3 s to import, and FastAPI, uvicorn and ONNX
 Runtime are imported only when `serve` runs.
 
-    from food_classifier.serving.cli import serve        # the function, for typer.run / app.command
-    from food_classifier.serving.cli import serve_command   # a ready click command
+    from food_classifier.cli.serve import serve        # the function, for typer.run / app.command
+    from food_classifier.cli.serve import serve_command   # a ready click command
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def run_server(settings: Any) -> None:
     from food_classifier.cache import CacheError
     from food_classifier.serving import memory
     from food_classifier.serving.compose import build_app
-    from food_classifier.serving.protocol import protocol_class
+    from food_classifier.serving.http.protocol import protocol_class
     from food_classifier.v1 import GrpcMissing
 
     memory.limit_arenas(2)  # before any worker thread allocates: keeps RSS from creeping (memory.py)

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from food_classifier.answer import Answer
-from food_classifier.monitoring import RollingWindow, drift, entropy
-from food_classifier.prediction_log import PredictionLog
+from food_classifier.monitoring.log import PredictionLog
+from food_classifier.monitoring.statistics import RollingWindow, drift, entropy
 from food_classifier.serving.errors import InvalidInput, NotFound
 from food_classifier.serving.settings import ServeSettings
 

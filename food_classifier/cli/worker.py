@@ -59,7 +59,7 @@ def worker(
     from food_classifier.bundle import BundleError
     from food_classifier.cache import CacheError
     from food_classifier.serving.settings import ServeSettings
-    from food_classifier.serving.worker import DeliveryFailed, KafkaTransport, WorkerError, run_worker
+    from food_classifier.serving.stream.worker import DeliveryFailed, KafkaTransport, WorkerError, run_worker
 
     if bool(kafka) == bool(redis_stream):
         _fail("give one of --kafka BOOTSTRAP (e.g. --kafka localhost:9092) or --redis-stream URL")
@@ -77,14 +77,14 @@ def worker(
         first = e.errors()[0]
         _fail(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}")
     if not settings.bundles:
-        from food_classifier.serving.cli import _builtin_bundle
+        from food_classifier.cli.serve import _builtin_bundle
 
         settings = settings.model_copy(update={"bundles": [_builtin_bundle()]})
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def transport(metrics):
         if redis_stream:
-            from food_classifier.serving.redis_stream import RedisStreamTransport
+            from food_classifier.serving.stream.redis_stream import RedisStreamTransport
 
             return RedisStreamTransport(redis_stream, in_topic, out_topic, group, dlq_topic or None, metrics,
                                         claim_idle_ms, max_deliveries)

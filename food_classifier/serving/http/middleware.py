@@ -32,8 +32,8 @@ from food_classifier.serving.errors import (
     ShuttingDown,
     Unauthorized,
 )
+from food_classifier.serving.http.schemas import Error
 from food_classifier.serving.metrics import ServingMetrics
-from food_classifier.serving.schemas import Error
 from food_classifier.serving.service import new_request_id
 from food_classifier.serving.settings import ServeSettings
 

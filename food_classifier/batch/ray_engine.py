@@ -1,7 +1,7 @@
 """predict-dir's Ray engine: a Ray Data pipeline over the same `Scorer` as the local engine.
 
     paths (ray.data.from_items) -> map_batches(_RayScorer, compute=ActorPoolStrategy(...)) -> rows
-    streamed back to the driver, which writes them with the same store (batch_store.py)
+    streamed back to the driver, which writes them with the same store (batch/store.py)
 
 Each actor holds one `Classifier` (one ONNX Runtime session) for its whole life. The bundle travels
 once: its files are put in the object store by the driver, and each actor writes them to a temporary
@@ -26,8 +26,8 @@ import numpy as np
 
 from food_classifier import ray_env
 from food_classifier.answer import AUTO
-from food_classifier.batch import Chunk, Done, Scorer
-from food_classifier.batch_store import COLUMNS, parquet_schema
+from food_classifier.batch.job import Chunk, Done, Scorer
+from food_classifier.batch.store import COLUMNS, parquet_schema
 from food_classifier.bundle import Bundle
 from food_classifier.inference import Classifier
 
