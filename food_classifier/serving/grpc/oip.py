@@ -9,6 +9,7 @@ covers these calls too, except ServerLive and ServerReady (probes, like /healthz
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,6 +24,7 @@ from food_classifier.v1 import load_oip_stubs
 pb2, pb2_grpc = load_oip_stubs()
 import grpc  # noqa: E402  (after load_oip_stubs: a missing extra is one clear error)
 
+log = logging.getLogger("food_classifier.serving")
 SERVICE = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 OPEN_METHODS = frozenset({f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady"})
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -82,6 +84,11 @@ class OipServicer(pb2_grpc.GRPCInferenceServiceServicer):
             code = self.codes.get(exc.status, grpc.StatusCode.UNKNOWN)
             self._observe(method, code, start)
             await context.abort(code, exc.detail, trailing_metadata=self.trailer(exc.code, exc.status))
+        except Exception:  # a bug: logged once, counted, and INTERNAL without the exception's text (as HTTP's 500)
+            log.exception("unhandled error in %s", method)
+            self._observe(method, grpc.StatusCode.INTERNAL, start)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error",
+                                trailing_metadata=self.trailer("internal_error", 500))
         self._observe(method, grpc.StatusCode.OK, start)
         return result
 
