@@ -224,3 +224,33 @@ def test_pixels_of_odd_modes_are_right():
     assert list(rgb48) == [8000 // 256, 9000 // 256, 60000 // 256]
     half = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
     assert open_image(image_bytes(half, "PNG")).getpixel((0, 0)) == (127, 127, 127)
+
+
+def _metric(client: httpx.Client, series: str) -> float | None:
+    line = next((x for x in client.get("/metrics").text.splitlines() if x.startswith(series + " ")), None)
+    return None if line is None else float(line.rsplit(" ", 1)[1])
+
+
+def test_feedback_cannot_be_rigged(live):
+    """Issue 22 #13: 60 cache-hit requests for one photo + a wrong-label feedback on each moved
+    live_accuracy from 1.0 to 0.032, and 100 posts on one request id counted 100. Now one vote per
+    image per model version; repeats change nothing and say so (`vote`)."""
+    client, _ = live
+    feedback = "/v1/models/colour/feedback"
+    honest = client.post("/predict", content=image_bytes(colour_image("red", seed=901)), headers=OCTET).json()
+    assert client.post(feedback, json={"request_id": honest["request_id"], "label": "red"}).json()["vote"] == "new"
+    photo = image_bytes(colour_image("blue", seed=902))
+    ids = [client.post("/predict", content=photo, headers=OCTET).json()["request_id"] for _ in range(60)]
+    votes = [client.post(feedback, json={"request_id": rid, "label": "green"}).json() for rid in ids]
+    assert [v["vote"] for v in votes] == ["new"] + ["unchanged"] * 59 and not votes[0]["correct"]
+    for _ in range(100):  # the same request id again and again
+        assert client.post(feedback, json={"request_id": ids[0], "label": "green"}).json()["vote"] == "unchanged"
+    assert _metric(client, 'food_classifier_live_accuracy{model="colour"}') == 0.5  # 2 images, 1 right
+    assert _metric(client, 'food_classifier_feedback_window{model="colour"}') == 2
+    assert _metric(client, 'food_classifier_feedback_total{model="colour",outcome="wrong"}') == 1
+    fixed = client.post(feedback, json={"request_id": ids[-1], "label": "blue"}).json()  # a correction: replaces
+    assert (fixed["vote"], fixed["correct"]) == ("replaced", True)
+    assert _metric(client, 'food_classifier_live_accuracy{model="colour"}') == 1.0
+    long_label = client.post(feedback, json={"request_id": ids[0], "label": "x" * 1_900_000})  # limit: 2 MB
+    body = assert_error(long_label, 422, "unknown_label")  # the label is not echoed back whole
+    assert len(long_label.content) < 2000 and "1,900,000 characters" in body["detail"]

@@ -201,6 +201,7 @@ class FeedbackOut(Wire):
     label: str
     predicted: str  # the top-1 label of the prediction (also when it abstained)
     correct: bool
+    vote: Literal["new", "replaced", "unchanged"]  # one vote per image per model version: repeats count once
 
 
 def prediction(answer: Answer) -> Prediction:
