@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from food_classifier.serving import oip, schemas
+from food_classifier.serving.admission import Grant, tensor_body_cost
 from food_classifier.serving.errors import BodyTooLarge, ServiceError, UnsupportedMediaType
 from food_classifier.serving.oip import BadTensor
 from food_classifier.serving.registry import ModelRegistry
@@ -206,10 +207,25 @@ async def infer(request: Request, name: str, version: str | None = None) -> Infe
     `binary_data` and `classification`."""
     svc = _svc(request)
     model = _model(request, name, version)  # 404 / 503 before reading the body
+    cost = tensor_body_cost(request.headers.get("content-length"), request.headers.get(HEADER),
+                            request.headers.get("content-encoding", "identity").strip().lower() != "identity",
+                            svc.settings.max_body_bytes)
+    if cost <= svc.budget.small:  # as a small image: never waits
+        return await _infer(request, svc, model, None)
+    grant = await svc.budget.acquire(cost)  # before the body is read: waiting bodies stay with their clients
+    try:
+        return await _infer(request, svc, model, grant)
+    finally:
+        grant.release()
+
+
+async def _infer(request: Request, svc: PredictionService, model: Any, grant: Grant | None) -> Response:
     body = await _body(request, svc.settings.max_body_bytes)
     parse = functools.partial(_parse, body, request.headers.get(HEADER))
     req = parse() if len(body) < OFFLOAD_BYTES else \
         await asyncio.get_running_loop().run_in_executor(svc.decode_pool, parse)
+    if grant is not None and not (len(req.inputs) == 1 and req.inputs[0].name == oip.PIXELS):
+        grant.release()  # photos are decoded under grants of their own: holding this one could deadlock
     rid = getattr(request.state, "request_id", None) or new_request_id()  # the middleware's X-Request-ID
     model, tensors = await oip.infer(svc, model, req, rid)
     binary_default = req.parameters.get("binary_data_output") is True
