@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from food_classifier.serving import oip, schemas
 from food_classifier.serving.admission import Grant, tensor_body_cost
-from food_classifier.serving.errors import BodyTooLarge, ServiceError, UnsupportedMediaType
+from food_classifier.serving.errors import BodyTooLarge, RequestTimeout, ServiceError, UnsupportedMediaType
 from food_classifier.serving.oip import BadTensor
 from food_classifier.serving.registry import ModelRegistry
 from food_classifier.serving.service import PredictionService, new_request_id
@@ -212,7 +212,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Infe
                             svc.settings.max_body_bytes)
     if cost <= svc.budget.small:  # as a small image: never waits
         return await _infer(request, svc, model, None)
-    grant = await svc.budget.acquire(cost)  # before the body is read: waiting bodies stay with their clients
+    grant = await svc.budget.acquire(cost, slot=False)  # before the body is read: waiting ones stay with clients
     try:
         return await _infer(request, svc, model, grant)
     finally:
@@ -220,12 +220,21 @@ async def infer(request: Request, name: str, version: str | None = None) -> Infe
 
 
 async def _infer(request: Request, svc: PredictionService, model: Any, grant: Grant | None) -> Response:
-    body = await _body(request, svc.settings.max_body_bytes)
+    if grant is None:
+        body = await _body(request, svc.settings.max_body_bytes)
+    else:  # a slow sender must not sit on the budget: the whole body within --body-timeout
+        try:
+            async with asyncio.timeout(svc.settings.body_timeout):
+                body = await _body(request, svc.settings.max_body_bytes)
+        except TimeoutError:
+            raise RequestTimeout(f"a tensor body of this size must arrive within {svc.settings.body_timeout:g} s "
+                                 "(it holds decode memory meanwhile); send it faster, smaller, or with the "
+                                 "binary-data extension", headers={"Connection": "close"}) from None
     parse = functools.partial(_parse, body, request.headers.get(HEADER))
     req = parse() if len(body) < OFFLOAD_BYTES else \
         await asyncio.get_running_loop().run_in_executor(svc.decode_pool, parse)
     if grant is not None and not (len(req.inputs) == 1 and req.inputs[0].name == oip.PIXELS):
-        grant.release()  # photos are decoded under grants of their own: holding this one could deadlock
+        grant.release()  # photos are decoded under grants of their own
     rid = getattr(request.state, "request_id", None) or new_request_id()  # the middleware's X-Request-ID
     model, tensors = await oip.infer(svc, model, req, rid)
     binary_default = req.parameters.get("binary_data_output") is True
