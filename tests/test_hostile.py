@@ -11,6 +11,7 @@ must still classify a good image.
 from __future__ import annotations
 
 import base64
+import time
 
 import httpx
 import numpy as np
@@ -254,3 +255,49 @@ def test_feedback_cannot_be_rigged(live):
     long_label = client.post(feedback, json={"request_id": ids[0], "label": "x" * 1_900_000})  # limit: 2 MB
     body = assert_error(long_label, 422, "unknown_label")  # the label is not echoed back whole
     assert len(long_label.content) < 2000 and "1,900,000 characters" in body["detail"]
+
+
+def test_small_ones_head_probes_admin_key_on_grpc_and_a_full_redis(tmp_path):
+    """Issue 22 #17: HEAD on the OIP health probes was a 405; the admin key, which SERVING.md says passes
+    wherever the API key does, was refused on gRPC; /readyz said the cache was "ok" while an out-of-memory
+    Redis refused every write."""
+    import grpc
+    import redis
+    from services import RedisServer
+
+    from food_classifier.client import GrpcClient
+    from food_classifier.testing import free_port
+
+    if RedisServer.binary() is None:
+        pytest.skip("redis-server not installed (apt)")
+    make_colour_bundle(tmp_path / "colour" / "v1", version="v1")
+    grpc_port = free_port()
+    env = {"FOOD_CLASSIFIER_API_KEY": "api-key", "FOOD_CLASSIFIER_ADMIN_KEY": "admin-key",
+           "FOOD_CLASSIFIER_CACHE_BREAKER_S": "0.2"}
+    with RedisServer() as store:
+        full = redis.Redis.from_url(store.url)
+        full.set("ballast", b"x" * 3_000_000)
+        full.config_set("maxmemory-policy", "noeviction")
+        full.config_set("maxmemory", "2mb")  # below what is used: every write is refused (OOM), reads work
+        srv = ServerProcess([tmp_path / "colour"], env=env, args=["--grpc-port", str(grpc_port), "--cache-url",
+                                                                   store.url, "--ort-threads", "1"])
+        with srv, httpx.Client(base_url=srv.url, headers={"X-API-Key": "api-key"}, timeout=30) as client:
+            for path in ("/v2/health/live", "/v2/health/ready"):
+                r = httpx.head(srv.url + path)
+                assert r.status_code == 200 and r.content == b"", (path, r.status_code)
+            with GrpcClient(f"127.0.0.1:{grpc_port}", api_key="admin-key") as g:
+                assert g.predict(GOOD)["label"] == "green"  # the admin key passes on gRPC as on HTTP
+            with GrpcClient(f"127.0.0.1:{grpc_port}", api_key="wrong") as g, pytest.raises(Exception) as e:
+                g.predict(GOOD)
+            assert getattr(e.value, "grpc_code", None) == grpc.StatusCode.UNAUTHENTICATED, e.value
+            fresh = image_bytes(colour_image("blue", seed=78))
+            assert client.post("/predict", content=fresh, headers=OCTET).json()["cache"] == "miss"  # write refused
+            time.sleep(0.5)  # past the breaker: a ping succeeds again
+            cache = client.get("/readyz").json()["cache"]
+            assert cache["state"] == "degraded" and cache["redis"]["state"] == "read_only", cache
+            assert "OutOfMemoryError" in cache["redis"]["error"]
+            full.delete("ballast")
+            assert client.post("/predict", content=image_bytes(colour_image("red", seed=77)),
+                               headers=OCTET).json()["label"] == "red"  # a write succeeds: healthy again
+            assert client.get("/readyz").json()["cache"]["state"] == "ok"
+        full.close()

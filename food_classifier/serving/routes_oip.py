@@ -119,6 +119,7 @@ def _errors(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
 
 MODEL_ERRORS = schemas.AUTH | _errors({404: "Unknown model or version", 503: "Models still loading"})
 INFER_ERRORS = MODEL_ERRORS | _errors({400: "Invalid tensors or parameters", 413: "Body, image or batch too large",
+                                       408: "A large JSON tensor body did not arrive within --body-timeout",
                                        415: "Not a readable image / unsupported content encoding"})
 _TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
     "name": {"type": "string", "enum": ["image", "pixels"]}, "shape": {"type": "array", "items": {"type": "integer"}},
@@ -167,12 +168,14 @@ async def server_metadata() -> ServerMetadata:
 
 
 @router.get("/v2/health/live")
+@router.head("/v2/health/live", include_in_schema=False)  # load balancers probe with HEAD, as /healthz
 async def server_live() -> ServerLive:
     """The process is up (no API key needed, like /healthz)."""
     return ServerLive(live=True)
 
 
 @router.get("/v2/health/ready", responses={503: {"model": ServerReady, "description": "Models still loading"}})
+@router.head("/v2/health/ready", include_in_schema=False)
 async def server_ready(request: Request) -> Any:
     """Every model is loaded and warm (no API key needed, like /readyz)."""
     ready = request.app.state.registry.ready

@@ -54,12 +54,12 @@ class CacheMemory(Wire):
 
 
 class CacheRedis(Wire):
-    state: Literal["ok", "down"]
+    state: Literal["ok", "down", "read_only"]  # read_only: answers reads, refuses writes (e.g. out of memory)
     error: str | None
 
 
 class CacheStatus(Wire):
-    state: Literal["ok", "degraded", "off"]  # degraded: Redis failing, answers still served
+    state: Literal["ok", "degraded", "off"]  # degraded: Redis failing (or refusing writes), answers still served
     ttl_s: float
     memory: CacheMemory | None = None
     redis: CacheRedis | None = None
