@@ -156,13 +156,13 @@ class StreamWorker:
             if not messages:
                 continue
             start = time.perf_counter()
-            out = self._answer(loop, messages)
+            out = self._answers(loop, messages)
             self.transport.deliver(out)  # raises DeliveryFailed: nothing committed, the batch replays
             self.transport.commit(messages)
             failed = sum(1 for o in out if o.dead_letter)
             self.metrics.observe_batch(len(out) - failed, failed, time.perf_counter() - start)
 
-    def _answer(self, loop: asyncio.AbstractEventLoop, messages: list[InMessage]) -> list[OutMessage]:
+    def _answers(self, loop: asyncio.AbstractEventLoop, messages: list[InMessage]) -> list[OutMessage]:
         """The batch's answers; if the batch fails unexpectedly (a bug, not a bad input), each message is
         answered alone and the one that still fails gets an `internal_error` result and a dead letter, so
         no message can stop its partition (a crash would replay it forever)."""
@@ -179,7 +179,7 @@ class StreamWorker:
                 source = f"{m.topic}/{m.partition}/{m.offset}"
                 detail = f"the worker failed on this message ({e.__class__.__name__})"
                 result = {"id": source, "key": _text(m.key), "model": None, "model_version": None,
-                          "image_sha256": None, **_answer({"error": "internal_error", "detail": detail})}
+                          "image_sha256": None, **_answer(ServiceError(detail, status=500, code="internal_error"))}
                 out.append(OutMessage(result, m.key, {"error": "internal_error", "detail": detail, "id": source,
                                                       "source": source}, m))
         return out
