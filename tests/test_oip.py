@@ -330,11 +330,12 @@ HOSTILE_TENSORS = [  # issue 22 #12: each was a JSON 500 internal_error (np.prod
 ]
 
 
-def test_hostile_tensors_are_400_over_rest_and_invalid_argument_over_grpc(served):
+def test_hostile_tensors_are_400_over_rest_and_invalid_argument_over_grpc(served, clf):
     """Out-of-range values and absurd shapes: a 400 with a clear message on REST (JSON and binary) and
     INVALID_ARGUMENT on gRPC, counted in the gRPC metrics; never a 500 / UNKNOWN leaking the exception."""
     import grpc
 
+    from food_classifier.serving.oip import split_bytes
     from food_classifier.v1 import load_oip_stubs
 
     _, http, _, port = served
@@ -374,5 +375,11 @@ def test_hostile_tensors_are_400_over_rest_and_invalid_argument_over_grpc(served
                 stub.ModelInfer(request, metadata=[("x-api-key", KEY)], timeout=10)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details(), e.value
             assert "Unexpected" not in e.value.details()
+        crop = clf.preprocess(jpg("red", seed=5))  # typed contents (read through the field's buffer) still work
+        typed = stub.ModelInfer(pb2.ModelInferRequest(model_name="colour", inputs=[tensor(
+            name="pixels", datatype="FP32", shape=[1, *crop.shape],
+            contents=pb2.InferTensorContents(fp32_contents=crop.reshape(-1).tolist()))]),
+            metadata=[("x-api-key", KEY)], timeout=10)
+        assert split_bytes(typed.raw_output_contents[0], "label") == [b"red"]
     assert invalid() == before + 3  # counted (an UNKNOWN escaped the metrics)
     assert 'status="500"' not in http.get("/metrics").text

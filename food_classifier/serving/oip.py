@@ -176,9 +176,14 @@ def from_values(name: str, datatype: str, shape: list[int], values: Any,
     n = elements(shape)
     if datatype not in DTYPES:
         raise BadTensor(f"input {name!r}: unknown datatype {datatype!r}")
+    dtype = DTYPES[datatype]
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu" and dtype.kind in "iu" and values.size:
+        info = np.iinfo(dtype)  # an array's cast would wrap silently (gRPC's uint32 300 -> UINT8 44)
+        if values.min() < info.min or values.max() > info.max:
+            raise BadTensor(f"input {name!r}: a value is out of range for {datatype}{_range(datatype)}")
     try:
         with np.errstate(all="ignore"):  # a float past FP32's range becomes inf: the crop check refuses it
-            array = np.asarray(values, dtype=DTYPES[datatype]).reshape(-1)
+            array = np.asarray(values, dtype=dtype).reshape(-1)
     except OverflowError:  # numpy 2: an int outside the type's range (UINT8 300 or -1, INT64 2**70)
         raise BadTensor(f"input {name!r}: a value is out of range for {datatype}{_range(datatype)}") from None
     except (TypeError, ValueError) as e:

@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
+
 from food_classifier.serving import oip
 from food_classifier.serving.errors import NotReady, ServiceError
 from food_classifier.serving.metrics import ServingMetrics
@@ -54,8 +56,10 @@ def _request(req: Any) -> oip.InferRequest:
         elif t.datatype == "BYTES":
             inputs.append(oip.bytes_tensor(t.name, shape, list(t.contents.bytes_contents), params))
         elif t.datatype in CONTENTS:
-            inputs.append(oip.from_values(t.name, t.datatype, shape, list(getattr(t.contents, CONTENTS[t.datatype])),
-                                          params))
+            # the repeated field as an array through its buffer (14 ms and 10 MB for 2.5 M floats; a list
+            # of Python floats took 4.7 s of the event loop and 90 MB)
+            inputs.append(oip.from_values(t.name, t.datatype, shape,
+                                          np.asarray(getattr(t.contents, CONTENTS[t.datatype])), params))
         else:
             raise BadTensor(f"input {t.name!r}: datatype {t.datatype!r} needs raw_input_contents")
     outputs = []
