@@ -198,7 +198,7 @@ def test_feedback_by_request_id_and_sha256(colour_model, tmp_path):
     sha = hashlib.sha256(seen[1]["data"]).hexdigest()
     wrong = monitor.feedback("colour", "blue", sha256=sha.upper())
     assert wrong == {"request_id": "id1", "model": "colour", "model_version": "v1", "label": "blue",
-                     "predicted": "green", "correct": False}
+                     "predicted": "green", "correct": False, "vote": "new"}
     assert monitor.snapshot()[0]["stats"]["live_accuracy"] == 0.5
     monitor.feedback("colour", "green", request_id="id1")  # a correction replaces the earlier feedback
     assert monitor.snapshot()[0]["stats"]["live_accuracy"] == 1.0

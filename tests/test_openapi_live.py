@@ -136,7 +136,7 @@ def test_live_responses_match_the_published_schema(live, models):
     by_sha = {"sha256": hashlib.sha256(jpg("red", 7)).hexdigest(), "label": "blue"}
     assert check(c.post(feedback, json=by_sha), 200) == {
         "request_id": pred["request_id"], "model": "colour", "model_version": "v1", "label": "blue",
-        "predicted": "red", "correct": False}
+        "predicted": "red", "correct": False, "vote": "replaced"}
     check(c.post(feedback, json={"request_id": "nope", "label": "red"}), 404)
     check(c.post(feedback, json={"request_id": pred["request_id"], "label": "purple"}), 422)
     check(c.post(feedback, json={"label": "red"}), 422)

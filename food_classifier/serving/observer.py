@@ -68,7 +68,8 @@ class ServingMonitor:
         self._models: dict[str, _ModelState] = {}
         self._recent: OrderedDict[str, _Remembered] = OrderedDict()  # request_id -> what was predicted
         self._by_sha: dict[tuple[str, str], str] = {}  # (model, sha256) -> latest request_id
-        self._feedback: dict[str, OrderedDict[str, bool]] = {}  # model -> request_id -> correct (rolling)
+        # model -> (version, image sha256) -> (label given, correct), rolling: one vote per image per version
+        self._feedback: dict[str, OrderedDict[tuple[str, str], tuple[str, bool]]] = {}
         self.feedback_counts: Counter[tuple[str, str]] = Counter()  # (model, correct|wrong)
         self.log_errors = 0
         self._lock = threading.Lock()
@@ -126,7 +127,10 @@ class ServingMonitor:
     def feedback(self, model: str, label: str, request_id: str | None = None,
                  sha256: str | None = None) -> dict[str, Any]:
         """Record the true label of an earlier prediction of `model` (by its request_id, or the latest
-        prediction of the image with this sha256)."""
+        prediction of the image with this sha256). One vote per image (sha256) per model version, so
+        feedback on many requests for one photo (cache hits) or many posts on one request count once:
+        `vote` says "new", "replaced" (another label for the same image) or "unchanged" (a repeat, which
+        changes nothing and is not logged again)."""
         with self._lock:
             rid = request_id if request_id is not None else self._by_sha.get((model, (sha256 or "").lower()))
             seen = self._recent.get(rid) if rid is not None else None
@@ -135,19 +139,24 @@ class ServingMonitor:
             raise UnknownPrediction(f"no recent prediction of model {model!r} with {what} (the server remembers "
                                     f"the last {self.memory} predictions)")
         if label not in seen.labels:
-            raise InvalidInput(f"label {label!r} is not a label of {model}:{seen.version} "
+            shown = label if len(label) <= 100 else f"{label[:100]}... ({len(label):,} characters)"
+            raise InvalidInput(f"label {shown!r} is not a label of {model}:{seen.version} "
                                f"({', '.join(seen.labels)})", code="unknown_label")
         correct = seen.labels.index(label) == seen.label_idx
+        key = (seen.version, seen.sha256)
         with self._lock:
             window = self._feedback.setdefault(model, OrderedDict())
-            window.pop(rid, None)  # feedback again for the same prediction replaces the earlier one
-            window[rid] = correct
-            while len(window) > self.window_size:
-                window.popitem(last=False)
-            self.feedback_counts[(model, "correct" if correct else "wrong")] += 1
+            before = window.get(key)
+            vote = "new" if before is None else "unchanged" if before[0] == label else "replaced"
+            if vote != "unchanged":
+                window.pop(key, None)  # another label for the same image replaces the earlier vote
+                window[key] = (label, correct)
+                while len(window) > self.window_size:
+                    window.popitem(last=False)
+                self.feedback_counts[(model, "correct" if correct else "wrong")] += 1
         answer = {"request_id": rid, "model": model, "model_version": seen.version, "label": label,
-                  "predicted": seen.labels[seen.label_idx], "correct": correct}
-        if self.log is not None:
+                  "predicted": seen.labels[seen.label_idx], "correct": correct, "vote": vote}
+        if self.log is not None and vote != "unchanged":
             self._write({"kind": "feedback", "time": _now(), "sha256": seen.sha256, **answer})
         return answer
 
@@ -164,7 +173,7 @@ class ServingMonitor:
                 if ref.get("mean_confidence") is not None:
                     stats["reference_estimated_accuracy"] = ref["mean_confidence"]
             with self._lock:
-                fb = list(self._feedback.get(name, {}).values())
+                fb = [correct for _, correct in self._feedback.get(name, {}).values()]
             if fb:
                 stats["live_accuracy"] = float(np.mean(fb))
             stats["feedback_window"] = float(len(fb))

@@ -18,6 +18,7 @@ tensors. The model, seen through the protocol:
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -100,10 +101,26 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
 
 
 # --- tensor bytes -----------------------------------------------------------------------------------
+MAX_DIMS = 32  # numpy's own limit is 64 (32 before numpy 2)
+MAX_ELEMENTS = 2**31 - 1  # per tensor; far above any body the server takes, far below numpy's index range
+
+
 def elements(shape: list[int]) -> int:
-    if any(not isinstance(d, int) or d < 0 for d in shape):
-        raise BadTensor(f"shape {shape}: every dimension must be a whole number >= 0")
-    return int(np.prod(shape, dtype=np.int64))
+    """The element count of `shape`, exactly (never `np.prod`, which wraps at 2**64 silently), or a
+    400 for a shape no request body could fill."""
+    if len(shape) > MAX_DIMS:
+        raise BadTensor(f"shape of {len(shape)} dimensions: at most {MAX_DIMS}")
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+        raise BadTensor(f"shape {_short(shape)}: every dimension must be a whole number >= 0")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # zero dims left out: numpy refuses [0, 2**62] too
+        raise BadTensor(f"shape {_short(shape)}: more than {MAX_ELEMENTS:,} elements")
+    return math.prod(shape)
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """A value as echoed in an error message: never more than `limit` characters of it."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def split_bytes(raw: bytes | memoryview, name: str) -> list[bytes]:
@@ -159,13 +176,29 @@ def from_values(name: str, datatype: str, shape: list[int], values: Any,
     n = elements(shape)
     if datatype not in DTYPES:
         raise BadTensor(f"input {name!r}: unknown datatype {datatype!r}")
+    dtype = DTYPES[datatype]
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu" and dtype.kind in "iu" and values.size:
+        info = np.iinfo(dtype)  # an array's cast would wrap silently (gRPC's uint32 300 -> UINT8 44)
+        if values.min() < info.min or values.max() > info.max:
+            raise BadTensor(f"input {name!r}: a value is out of range for {datatype}{_range(datatype)}")
     try:
-        array = np.asarray(values, dtype=DTYPES[datatype]).reshape(-1)
+        with np.errstate(all="ignore"):  # a float past FP32's range becomes inf: the crop check refuses it
+            array = np.asarray(values, dtype=dtype).reshape(-1)
+    except OverflowError:  # numpy 2: an int outside the type's range (UINT8 300 or -1, INT64 2**70)
+        raise BadTensor(f"input {name!r}: a value is out of range for {datatype}{_range(datatype)}") from None
     except (TypeError, ValueError) as e:
-        raise BadTensor(f"input {name!r}: data is not {datatype} values of one shape ({e})") from None
+        raise BadTensor(f"input {name!r}: data is not {datatype} values of one shape ({_short(e)})") from None
     if array.size != n:
         raise BadTensor(f"input {name!r}: shape {shape} needs {n} elements, the data has {array.size}")
     return Tensor(name, datatype, list(shape), array.reshape(shape), parameters or {})
+
+
+def _range(datatype: str) -> str:
+    dtype = DTYPES[datatype]
+    if dtype.kind not in "iu":
+        return ""
+    info = np.iinfo(dtype)
+    return f" ({info.min} to {info.max})"
 
 
 # --- request -> core call -> outputs ----------------------------------------------------------------

@@ -170,17 +170,19 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """The HTTP API's key rules on `authorization` (Bearer or Basic) or `x-api-key` metadata."""
+    """The HTTP API's key rules on `authorization` (Bearer or Basic) or `x-api-key` metadata: the API key,
+    or the admin key, which passes wherever the API key does (as over HTTP)."""
 
-    def __init__(self, key: str):
+    def __init__(self, key: str, admin_key: str | None = None):
         self.key = key.encode()
+        self.admin_key = admin_key.encode() if admin_key else None
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_PREFIX) or details.method in oip.OPEN_METHODS:
             return handler
         headers = {k.encode(): v.encode() for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
-        if key_matches(presented_key(headers), self.key):
+        if key_matches(presented_key(headers), self.key, self.admin_key):
             return handler
         return _denied(handler)
 
@@ -215,7 +217,8 @@ class GrpcServer:
         key = settings.api_key_value()
         options = [("grpc.max_receive_message_length", settings.max_body_bytes + MESSAGE_OVERHEAD),
                    ("grpc.so_reuseport", 0)]  # a port in use is an error, not a second silent listener
-        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(key)] if key else [], options=options)
+        interceptors = [ApiKeyInterceptor(key, settings.admin_key_value())] if key else []
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(service, metrics), server)
         oip.pb2_grpc.add_GRPCInferenceServiceServicer_to_server(  # the Open Inference Protocol, same core
             oip.OipServicer(service, STATUS_CODES, _trailer, metrics), server)

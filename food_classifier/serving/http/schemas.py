@@ -54,12 +54,12 @@ class CacheMemory(Wire):
 
 
 class CacheRedis(Wire):
-    state: Literal["ok", "down"]
+    state: Literal["ok", "down", "read_only"]  # read_only: answers reads, refuses writes (e.g. out of memory)
     error: str | None
 
 
 class CacheStatus(Wire):
-    state: Literal["ok", "degraded", "off"]  # degraded: Redis failing, answers still served
+    state: Literal["ok", "degraded", "off"]  # degraded: Redis failing (or refusing writes), answers still served
     ttl_s: float
     memory: CacheMemory | None = None
     redis: CacheRedis | None = None
@@ -201,6 +201,7 @@ class FeedbackOut(Wire):
     label: str
     predicted: str  # the top-1 label of the prediction (also when it abstained)
     correct: bool
+    vote: Literal["new", "replaced", "unchanged"]  # one vote per image per model version: repeats count once
 
 
 def prediction(answer: Answer) -> Prediction:

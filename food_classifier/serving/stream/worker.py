@@ -21,10 +21,12 @@ import binascii
 import hashlib
 import json
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from food_classifier.answer import Answer, Options
@@ -69,6 +71,35 @@ class OutMessage:
     source: InMessage | None = field(default=None, repr=False)
 
 
+MAX_ID_CHARS = 256  # a JSON id longer than this is refused (it is copied into every result and header)
+MAX_KEY_TEXT = 1024  # the message key as text in the result is cut here (the Kafka key itself is kept if it fits)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def check_id(ident: Any) -> Any:
+    """A JSON id must be a string (<= MAX_ID_CHARS) or a finite number that fits 64 bits, or absent: it is
+    copied into the result, the dead letter's headers and the prediction log, all strict JSON."""
+    if ident is None or isinstance(ident, str) and len(ident) <= MAX_ID_CHARS:
+        return ident
+    if isinstance(ident, int) and not isinstance(ident, bool) and -2**63 <= ident < 2**64:
+        return ident
+    if isinstance(ident, float) and math.isfinite(ident):
+        return ident
+    raise WireError("invalid_id", f"'id' must be a string of at most {MAX_ID_CHARS} characters or a finite "
+                                  f"64-bit number, got {_describe(ident)}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"an integer of {len(str(abs(value)))} digits"
+    return f"{value!r}" if isinstance(value, float | bool) else f"a JSON {type(value).__name__}"
+
+
 def parse_value(value: bytes | None, max_bytes: int) -> tuple[Any, bytes]:
     """(id from the JSON or None, image bytes). Raw images never start with '{', so JSON is unambiguous."""
     if not value:
@@ -78,12 +109,14 @@ def parse_value(value: bytes | None, max_bytes: int) -> tuple[Any, bytes]:
     if value[:1] != b"{":
         return None, value
     try:
-        payload = json.loads(value)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        payload = json.loads(value, parse_constant=_no_constant)
+    except RecursionError:  # the C decoder's depth limit: a hostile nesting must not kill the worker
+        raise WireError("invalid_json", "value looks like JSON but is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, NaN/Infinity, integers over 4300 digits
         raise WireError("invalid_json", f"value looks like JSON but is not: {e}") from None
     if not isinstance(payload, dict):
         raise WireError("invalid_json", "JSON value must be an object")
-    ident, b64 = payload.get("id"), payload.get("image_b64")
+    ident, b64 = check_id(payload.get("id")), payload.get("image_b64")
     if not isinstance(b64, str) or not b64:
         raise WireError("missing_image", "JSON value needs a non-empty base64 'image_b64' field", ident)
     try:
@@ -96,9 +129,10 @@ def _text(key: bytes | None) -> str | None:
     if key is None:
         return None
     try:
-        return key.decode()
+        text = key.decode()
     except UnicodeDecodeError:
-        return key.hex()
+        text = key.hex()
+    return text if len(text) <= MAX_KEY_TEXT else f"{text[:MAX_KEY_TEXT]}... ({len(key)} bytes)"
 
 
 class StreamWorker:
@@ -122,11 +156,33 @@ class StreamWorker:
             if not messages:
                 continue
             start = time.perf_counter()
-            out = loop.run_until_complete(self.process(messages))
+            out = self._answers(loop, messages)
             self.transport.deliver(out)  # raises DeliveryFailed: nothing committed, the batch replays
             self.transport.commit(messages)
             failed = sum(1 for o in out if o.dead_letter)
             self.metrics.observe_batch(len(out) - failed, failed, time.perf_counter() - start)
+
+    def _answers(self, loop: asyncio.AbstractEventLoop, messages: list[InMessage]) -> list[OutMessage]:
+        """The batch's answers; if the batch fails unexpectedly (a bug, not a bad input), each message is
+        answered alone and the one that still fails gets an `internal_error` result and a dead letter, so
+        no message can stop its partition (a crash would replay it forever)."""
+        try:
+            return loop.run_until_complete(self.process(messages))
+        except Exception:
+            log.exception("a batch of %d messages failed; answering them one by one", len(messages))
+        out = []
+        for m in messages:
+            try:
+                out += loop.run_until_complete(self.process([m]))
+            except Exception as e:
+                log.exception("message %s/%s/%s failed", m.topic, m.partition, m.offset)
+                source = f"{m.topic}/{m.partition}/{m.offset}"
+                detail = f"the worker failed on this message ({e.__class__.__name__})"
+                result = {"id": source, "key": _text(m.key), "model": None, "model_version": None,
+                          "image_sha256": None, **_answer(ServiceError(detail, status=500, code="internal_error"))}
+                out.append(OutMessage(result, m.key, {"error": "internal_error", "detail": detail, "id": source,
+                                                      "source": source}, m))
+        return out
 
     async def process(self, messages: list[InMessage]) -> list[OutMessage]:
         model = self.service.registry.get(self.model)  # one version for the whole batch
@@ -151,7 +207,7 @@ class StreamWorker:
             result = {**base, **_answer(answer)}
             dead = None
             if result["error"]:
-                dead = {"error": result["error"], "detail": result["detail"], "id": str(base["id"]),
+                dead = {"error": result["error"], "detail": result["detail"][:1000], "id": str(base["id"]),
                         "source": f"{m.topic}/{m.partition}/{m.offset}"}
             out.append(OutMessage(result, m.key, dead, m))
         return out
@@ -182,6 +238,9 @@ class KafkaTransport:
         self.ck, self.metrics = ck, metrics
         self.in_topic, self.out_topic, self.dlq_topic = in_topic, out_topic, dlq_topic
         self.flush_timeout_s = flush_timeout_s
+        self.max_message = int(extra.get("message.max.bytes", 1_000_000))  # librdkafka's default
+        self.max_key = min(MAX_KEY_BYTES, self.max_message // 4)
+        self.too_large = {ck.KafkaError.MSG_SIZE_TOO_LARGE, ck.KafkaError.RECORD_LIST_TOO_LARGE}
         common = {"bootstrap.servers": bootstrap, "error_cb": self._error}
         self.consumer = ck.Consumer({**common, "group.id": group, "enable.auto.commit": False,
                                      "auto.offset.reset": "earliest", **extra})
@@ -217,26 +276,64 @@ class KafkaTransport:
         return out
 
     def deliver(self, out: list[OutMessage]) -> None:
+        """Produce every result and dead letter, then flush. A record over the producer's (or the broker's)
+        size limit never fails the batch: an oversized key is left out and a dead letter whose value does
+        not fit becomes a headers-only marker (its `source` names the input's topic/partition/offset)."""
         failures: list[str] = []
+        retries: list[tuple[str, bytes | None, bytes, list]] = []
 
-        def done(err: Any, _msg: Any) -> None:
-            if err is not None:
-                failures.append(str(err))
+        def produce(topic: str, key: bytes | None, value: bytes, headers: list, marker: Any = None) -> None:
+            def done(err: Any, _msg: Any) -> None:
+                if err is not None and marker is not None and err.code() in self.too_large:
+                    retries.append(marker(f"the broker refused the copy ({err.name()})"))
+                elif err is not None:
+                    failures.append(str(err))
 
-        def produce(topic: str, key: bytes | None, value: bytes, headers: list | None = None) -> None:
             while True:
                 try:
-                    return self.producer.produce(topic, value, key, headers=headers, on_delivery=done)
+                    return self.producer.produce(topic, value, key, headers=headers or None, on_delivery=done)
                 except BufferError:  # local queue full: let deliveries drain
                     self.producer.poll(0.1)
+                except self.ck.KafkaException as e:
+                    if marker is None or e.args[0].code() not in self.too_large:
+                        raise DeliveryFailed(f"cannot produce to {topic}: {e}") from None
+                    topic, key, value, headers = marker(f"over the producer's limit ({e.args[0].name()})")
+                    marker = None
 
         for o in out:
-            produce(self.out_topic, o.key, json.dumps(o.result).encode())
+            key = o.key if o.key is None or len(o.key) <= self.max_key else None
+            produce(self.out_topic, key, json.dumps(o.result).encode(), [])
             if o.dead_letter and self.dlq_topic and o.source is not None:
-                produce(self.dlq_topic, o.key, o.source.value or b"", list(o.dead_letter.items()))
+                produce(*self._dead_letter(o, key), marker=partial(self._marker, o, key))
         left = self.producer.flush(self.flush_timeout_s)
+        for record in retries:  # dead letters the broker found too large: their markers
+            produce(*record)
+        left = self.producer.flush(self.flush_timeout_s) if retries else left
         if left or failures:
             raise DeliveryFailed(f"{left} results not flushed, {len(failures)} failed: {failures[:3]}")
+
+    def _dead_letter(self, o: OutMessage, key: bytes | None) -> tuple[str, bytes | None, bytes, list]:
+        """The DLQ record: the input's value with the error in headers, or its marker when it cannot fit."""
+        assert o.source is not None and o.dead_letter is not None and self.dlq_topic is not None
+        headers = [(k, str(v)) for k, v in o.dead_letter.items()]
+        if key is None and o.key is not None:
+            headers.append(("key_omitted", f"the key of {len(o.key)} bytes is over {self.max_key} bytes"))
+        value = o.source.value or b""
+        size = len(value) + len(key or b"") + sum(len(k) + len(v) for k, v in headers) + RECORD_OVERHEAD
+        if size > self.max_message:
+            return self._marker(o, key, f"over the producer's message.max.bytes of {self.max_message}")
+        return self.dlq_topic, key, value, headers
+
+    def _marker(self, o: OutMessage, key: bytes | None, why: str) -> tuple[str, bytes | None, bytes, list]:
+        """A headers-only dead letter for an input too large to copy: fetch it from `source` to replay it."""
+        assert o.source is not None and o.dead_letter is not None and self.dlq_topic is not None
+        size = len(o.source.value or b"")
+        headers = [(k, str(v)) for k, v in o.dead_letter.items()]
+        if key is None and o.key is not None:
+            headers.append(("key_omitted", f"the key of {len(o.key)} bytes is over {self.max_key} bytes"))
+        headers += [("value_bytes", str(size)),
+                    ("value_omitted", f"the value of {size} bytes was not copied: {why}; read it at source")]
+        return self.dlq_topic, key, b"", headers
 
     def commit(self, messages: list[InMessage]) -> None:
         last: dict[tuple[str, int], int] = {}
@@ -258,6 +355,10 @@ class KafkaTransport:
     def close(self) -> None:
         self.producer.flush(self.flush_timeout_s)
         self.consumer.close()  # leaves the group now: the partitions move to the other workers at once
+
+
+RECORD_OVERHEAD = 512  # bytes of a produced record beyond its key, value and headers (a generous bound)
+MAX_KEY_BYTES = 16 * 1024  # a longer input key is not copied to the result and dead letter (a key only routes)
 
 
 def _consumer_only(key: str) -> bool:
