@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -87,13 +87,16 @@ def _field_param(name: str, field: Any, env_prefix: str) -> inspect.Parameter:
                              annotation=Annotated[kind | None, info])
 
 
-def command_for(settings_cls: type, run: Callable[[Any], None], doc: str) -> Callable[..., None]:
-    """A Typer command function whose parameters are `settings_cls`'s fields; it builds the settings
-    from the flags that were given (env vars and defaults fill the rest) and calls `run(settings)`."""
+def command_for(settings_cls: type, run: Callable[[Any], None], doc: str,
+                fields: Sequence[str] | None = None) -> Callable[..., None]:
+    """A Typer command function whose parameters are `settings_cls`'s fields (or only `fields`, in that order);
+    it builds the settings from the flags that were given (env vars and defaults fill the rest) and calls
+    `run(settings)`."""
     from pydantic import ValidationError
 
     prefix = settings_cls.model_config.get("env_prefix", "")
-    params = [_field_param(n, f, prefix) for n, f in settings_cls.model_fields.items()]
+    names = fields or list(settings_cls.model_fields)
+    params = [_field_param(n, settings_cls.model_fields[n], prefix) for n in names]
 
     def command(**flags: Any) -> None:
         given = {k: v for k, v in flags.items() if v is not None and v != []}
@@ -101,7 +104,8 @@ def command_for(settings_cls: type, run: Callable[[Any], None], doc: str) -> Cal
             settings = settings_cls(**given)
         except ValidationError as e:
             first = e.errors()[0]
-            _fail(f"invalid setting {'.'.join(map(str, first['loc'])) or '?'}: {first['msg']}")
+            where, msg = ".".join(map(str, first["loc"])), first["msg"].removeprefix("Value error, ")
+            _fail(f"invalid setting {where}: {msg}" if where else msg)
         run(settings)
 
     command.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]

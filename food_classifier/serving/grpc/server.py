@@ -21,7 +21,7 @@ from typing import Any
 
 from food_classifier.answer import Answer, Options, OptionsError
 from food_classifier.serving.auth import AUTH_MESSAGE, key_matches, presented_key
-from food_classifier.serving.errors import BodyTooLarge, InvalidInput, MissingImage, ServiceError
+from food_classifier.serving.errors import BodyTooLarge, InvalidInput, ServiceError
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.service import ImageUpload, PredictionService
 from food_classifier.serving.settings import ServeSettings
@@ -91,8 +91,6 @@ class ClassifierServicer(pb2_grpc.ClassifierServicer):
                               reject_not_food=req.reject_not_food if req.HasField("reject_not_food") else True)
         except OptionsError as e:
             raise InvalidInput(str(e)) from None
-        if not req.image:
-            raise MissingImage("no image in the request: set the image field to the photo's bytes")
         if len(req.image) > self.limit:
             raise BodyTooLarge(f"request body is {len(req.image)} bytes, limit is {self.limit}")
         return await self.service.predict(req.model or None, ImageUpload(req.image), options)

@@ -11,8 +11,6 @@ middleware raises before routing (401, 413) keep the service's `{"error": code, 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import functools
 import zlib
 from collections.abc import Awaitable, Callable
@@ -24,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from food_classifier.serving import oip
 from food_classifier.serving.admission import Grant, tensor_body_cost
+from food_classifier.serving.codec import InvalidBase64, decode_base64
 from food_classifier.serving.errors import BodyTooLarge, RequestTimeout, ServiceError, UnsupportedMediaType
 from food_classifier.serving.http import schemas
 from food_classifier.serving.oip import BadTensor
@@ -327,11 +326,9 @@ def _flat(values: Any) -> list[Any]:
 
 
 def _b64(value: Any, name: str) -> bytes:
-    if not isinstance(value, str):
-        raise BadTensor(f"input {name!r}: BYTES elements in the JSON form must be base64 strings")
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadTensor(f"input {name!r}: BYTES elements in the JSON form must be base64 strings (the photo's "
-                        "bytes); or send them raw with the binary-data extension") from None
+        return decode_base64(value, f"input {name!r}: a BYTES element")
+    except InvalidBase64 as e:  # the protocol's own error shape (400 invalid_tensor), the core's one rule
+        raise BadTensor(f"{e.detail}: BYTES elements in the JSON form are the photo's bytes as base64; or send "
+                        "them raw with the binary-data extension") from None
 
