@@ -33,13 +33,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from food_classifier import runtime
+from food_classifier.defaults import CACHE_MEMORY_BYTES, CACHE_TTL_S
 from food_classifier.preprocessing import PIPELINE_VERSION, ImageInput, PreprocessSpec
 
 log = logging.getLogger("food_classifier.cache")
 
 HIT_BYTES, HIT_PIXELS, MISS, OFF = "hit-bytes", "hit-pixels", "miss", "off"
-DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
-DEFAULT_TTL_S = 24 * 3600.0
+DEFAULT_MEMORY_BYTES, DEFAULT_TTL_S = CACHE_MEMORY_BYTES, CACHE_TTL_S
 KEY_GRID, KEY_BITS, KEY_TABLES = 8, 4, 3  # the pixel key: 8x8 luma, 16 levels, 3 offset tables
 PRINT_GRID, PRINT_MAX_DIFF = 16, 2.0  # the fingerprint that verifies a pixel-level hit
 PRINT_BYTES = PRINT_GRID * PRINT_GRID * 3
