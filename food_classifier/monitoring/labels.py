@@ -121,12 +121,18 @@ class LabelWriter:
         check_class_name(label)
         target = self.data / self.relative(label, sha256, image_ext(image))
         target.parent.mkdir(parents=True, exist_ok=True)
+        existed = target.exists()
         write_atomic(target, image)
+        try:
+            self._append({"sha256": sha256, "label": label, "previous": previous, "model_version": model_version,
+                          "request_id": request_id, "time": utc_now(), "source": source})
+        except OSError:  # no provenance, no new photo: the folder stays as it was
+            if not existed:
+                target.unlink(missing_ok=True)
+            raise
         for other in self.copies(sha256):
             if other != target:
                 other.unlink(missing_ok=True)
-        self._append({"sha256": sha256, "label": label, "previous": previous, "model_version": model_version,
-                      "request_id": request_id, "time": utc_now(), "source": source})
         return target
 
     def remove(self, sha256: str, *, source: str, restore: tuple[str, bytes] | None = None) -> None:
