@@ -201,3 +201,54 @@ def test_feedback_on_a_kept_photo_lands_in_the_training_folder(colour_bundle, tm
     # the label page then starts with the photo already labelled
     s = Session(kept, kept / "labelled")
     assert s.state()["progress"]["labelled"] == 1 and not s.queue
+
+
+def test_the_labels_folder_is_what_train_data_reads(tmp_path):
+    """The written layout is an ImageFolder for the training side: the provenance and "not food" stay hidden."""
+    from food_classifier.training.data import find_image_root, scan
+
+    photos = [(image_bytes(blocks(50 + i)), [0.5, 0.4, 0.1]) for i in range(3)]
+    root, sha = kept_folder(tmp_path / "kept", photos)
+    data = tmp_path / "data"
+    s = Session(root, data)
+    for h, label in zip(sha, ["red", "not_food", "blue"], strict=True):
+        s.label(h, label)
+    assert find_image_root(data) == data
+    found = scan(data, progress=False)
+    assert sorted((it.label, it.sha256) for it in found.items) == sorted([("red", sha[0]), ("blue", sha[2])])
+    assert not found.rejected
+
+
+def test_a_read_only_kept_folder_is_labelled_into_a_writable_data_folder(tmp_path):
+    """An archived copy on a read-only disk: the lock moves to DATA, labels are written; a read-only DATA is
+    refused at start with a message naming --data."""
+    import os
+
+    from food_classifier.labeling.session import check_writable
+
+    root, sha = kept_folder(tmp_path / "kept", [(image_bytes(blocks(60)), [0.5, 0.4, 0.1])])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "--bind", str(root), str(ro)], check=True)
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+    else:
+        import shutil
+
+        shutil.copytree(root, ro, dirs_exist_ok=True)
+        ro.chmod(0o555)
+    try:
+        with pytest.raises(SessionError, match="cannot write labels to .* pass --data"):
+            check_writable(ro / "labelled")
+        data = tmp_path / "data"
+        check_writable(data)
+        fd = lock_folder(ro, data)
+        assert (data / ".label.lock").is_file()
+        with pytest.raises(FolderLocked):
+            lock_folder(ro, data)
+        os.close(fd)
+        Session(ro, data).label(sha[0], "red")
+        assert (data / "red" / f"{sha[0]}.jpg").is_file()
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)], check=True)
