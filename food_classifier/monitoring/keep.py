@@ -41,6 +41,7 @@ log = logging.getLogger("food_classifier.serving")
 
 PHOTOS = "photos"
 QUEUE_SIZE = 256  # photos waiting for the writer; more are dropped (counted), the answer never waits
+QUEUE_BYTES = 64 << 20  # and at most this many bytes of them (256 uploads of 10 MB would be 2.5 GB)
 
 
 @dataclass
@@ -95,6 +96,8 @@ class KeptPhotos:
         self._lock = threading.Lock()
         self._index: dict[str, Kept] = {}
         self.bytes = 0
+        self._queued_bytes = 0
+        self._qlock = threading.Lock()  # the event loop's side: never held while the writer scans the index
         self.kept = self.duplicates = self.evicted = self.errors = self.dropped = self.labels = 0
         self.broken: str | None = None  # why nothing can be kept (said once, at start)
         try:
@@ -143,15 +146,17 @@ class KeptPhotos:
         if sha256 is not None and sha256 in self._index:
             self.duplicates += 1
             return False
-        record = {"kept_at": time.time(), "time": utc_now(), "why": why, "informativeness": round(score, 6),
-                  "model": answer.model, "model_version": answer.model_version, "request_id": answer.request_id,
-                  "answer": {"label": answer.label, "confidence": round(answer.confidence, 6),
-                             "abstained": answer.abstained, "reason": answer.reason,
-                             "top_k": [[t.label, round(t.probability, 6)] for t in answer.top_k]},
-                  "labels": list(labels),
-                  "probabilities": ([round(float(p), 6) for p in answer.probabilities]
-                                    if answer.probabilities is not None else None)}
-        return self._put(("keep", (data, sha256, record)))
+        job = (data, sha256, answer, labels, score, why, time.time())  # the record is built on the writer
+        with self._qlock:
+            if self._queued_bytes + len(data) > QUEUE_BYTES:
+                self.dropped += 1
+                return False
+            self._queued_bytes += len(data)
+        if not self._put(("keep", job)):
+            with self._qlock:
+                self._queued_bytes -= len(data)
+            return False
+        return True
 
     def feedback(self, sha256: str, label: str, previous: dict[str, Any], model_version: str,
                  request_id: str | None) -> str | None:
@@ -175,6 +180,9 @@ class KeptPhotos:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             kind, args = item
+            if kind == "keep":
+                with self._qlock:
+                    self._queued_bytes -= len(args[0])
             try:
                 if self.broken:
                     raise OSError(self.broken)
@@ -196,11 +204,20 @@ class KeptPhotos:
                 self._queue.task_done()
         self._queue.task_done()
 
-    def _keep(self, data: bytes, sha256: str | None, record: dict[str, Any]) -> None:
+    def _keep(self, data: bytes, sha256: str | None, answer: Answer, labels: list[str], score: float, why: str,
+              kept_at: float) -> None:
         sha = sha256 or hashlib.sha256(data).hexdigest()
         if sha in self._index:
             self.duplicates += 1
             return
+        record = {"kept_at": kept_at, "time": utc_now(kept_at), "why": why, "informativeness": round(score, 6),
+                  "model": answer.model, "model_version": answer.model_version, "request_id": answer.request_id,
+                  "answer": {"label": answer.label, "confidence": round(answer.confidence, 6),
+                             "abstained": answer.abstained, "reason": answer.reason,
+                             "top_k": [[t.label, round(t.probability, 6)] for t in answer.top_k]},
+                  "labels": labels,
+                  "probabilities": ([round(float(p), 6) for p in answer.probabilities]
+                                    if answer.probabilities is not None else None)}
         ext = image_ext(data)
         body = json.dumps({"sha256": sha, "ext": ext, **record}, ensure_ascii=False).encode("utf-8")
         photo, meta = self.photos / f"{sha}.{ext}", self.photos / f"{sha}.json"
@@ -220,8 +237,8 @@ class KeptPhotos:
     def _evict(self) -> None:
         """Least informative (to 0.1) first, the oldest of those first, until the folder fits again."""
         while self.bytes > self.max_bytes and self._index:
+            victim = min(self._index.values(), key=lambda k: (round(k.score, 1), k.time))  # only this thread writes
             with self._lock:
-                victim = min(self._index.values(), key=lambda k: (round(k.score, 1), k.time))
                 del self._index[victim.sha256]
                 self.bytes -= victim.size
             (self.photos / f"{victim.sha256}.json").unlink(missing_ok=True)  # record first: never a photo-less one

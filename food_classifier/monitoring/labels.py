@@ -37,8 +37,8 @@ def image_ext(data: bytes) -> str:
     return next((ext for magic, ext in IMAGE_TYPES if data.startswith(magic)), "bin")
 
 
-def utc_now() -> str:
-    t = time.time()
+def utc_now(t: float | None = None) -> str:
+    t = time.time() if t is None else t
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
