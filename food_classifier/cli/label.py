@@ -18,8 +18,10 @@ def label(keep_dir: Path = typer.Argument(..., metavar="DIR", help="The kept-pho
                                                                 "DATA/<class>/<sha256>.jpg (default: DIR/labelled, "
                                                                 "where the server writes feedback labels)."),
           port: int = typer.Option(DEFAULT_PORT, "--port", min=0, max=65535, help="Port on 127.0.0.1.")) -> None:
-    """Open a labelling page: the kept photos most worth a label first, one at a time; keys 1-9 choose a
-    label, n not food, s skip, u undo. Every label is written at once."""
+    """Label kept photos in a page on 127.0.0.1.
+
+    The photos most worth a label come first, one at a time; keys 1-9 choose a label, n not food, s skip,
+    u undo. Every label is written at once."""
     from food_classifier.labeling.session import Session, SessionError, check_writable, lock_folder
 
     if not (keep_dir / "photos").is_dir():
