@@ -187,3 +187,25 @@ def test_a_corrupt_provenance_line_is_named_skipped_and_kept(tmp_path):
     assert prov.labels == {"a" * 64: "red", "c" * 64: "green"}
     assert len(prov.problems) == 1 and "line 2" in prov.problems[0] and "left as it is" in prov.problems[0]
     assert (tmp_path / PROVENANCE).read_bytes() == before  # nothing rewritten, nothing lost
+
+
+def test_feedback_on_a_kept_photo_is_written_and_on_an_evicted_one_is_said(tmp_path, caplog):
+    keep = KeptPhotos(tmp_path / "kept", max_bytes=10 << 20, margin=1.0, data=tmp_path / "data")
+    a, b = photo(60), photo(61)
+    sha_a, sha_b = (hashlib.sha256(x).hexdigest() for x in (a, b))
+    keep.offer(answer([0.5, 0.45, 0.05], rid="ra"), a, LABELS)
+    keep.offer(answer([0.5, 0.45, 0.05], rid="rb"), b, LABELS)
+    keep.flush()
+    assert keep.feedback(sha_a, "green", {"label": "red"}, "v1", "ra") == f"green/{sha_a}.jpg"
+    assert keep.feedback("0" * 64, "green", {"label": "red"}, "v1", "rx") is None  # never kept
+    for p in (tmp_path / "kept" / "photos").glob(f"{sha_b}.*"):  # evicted by another hand between the two steps
+        p.unlink()
+    with caplog.at_level("WARNING", logger="food_classifier.serving"):
+        keep.feedback(sha_b, "blue", {"label": "red"}, "v1", "rb")
+        keep.flush()
+    assert "after the photo was evicted" in caplog.text
+    assert (tmp_path / "data" / "green" / f"{sha_a}.jpg").read_bytes() == a
+    assert not (tmp_path / "data" / "blue").exists() and keep.labels == 1
+    line = json.loads((tmp_path / "data" / PROVENANCE).read_text())
+    assert line["source"] == "feedback" and line["previous"]["confidence"] == pytest.approx(0.5)
+    keep.close()

@@ -252,3 +252,19 @@ def test_a_read_only_kept_folder_is_labelled_into_a_writable_data_folder(tmp_pat
     finally:
         if os.geteuid() == 0:
             subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_model_rescores_the_queue_and_names_the_labels(colour_bundle, tmp_path):
+    """--model: the page scores photos with that model (the kept answers may be from an older version)."""
+    from conftest import colour_image
+
+    from food_classifier.inference import Classifier
+
+    photos = [(image_bytes(colour_image(c, size=(80, 60), noise=30, seed=i)), [0.34, 0.33, 0.33])
+              for i, c in enumerate(["red", "green", "blue"])]
+    root, sha = kept_folder(tmp_path / "kept", photos)
+    s = Session(root, tmp_path / "data", Classifier(colour_bundle))
+    assert s.labels == ["red", "green", "blue"]
+    predicted = {it.sha256: it.predicted for it in s.queue}
+    assert predicted == dict(zip(sha, ["red", "green", "blue"], strict=True))  # the model's, not the kept rows
+    assert all(it.score < 0.9 for it in s.queue)  # confident colours: far from the kept near-ties
