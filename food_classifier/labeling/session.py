@@ -157,6 +157,8 @@ class Session:
                 self.writer.write(sha256, image, label, previous=item.previous(),
                                   model_version=item.record.get("model_version"),
                                   request_id=item.record.get("request_id"), source=SOURCE)
+            except LabelError as exc:  # a model's own label that cannot be a folder name
+                raise SessionError(str(exc), 422, "bad_class_name") from None
             except OSError as exc:
                 raise SessionError(f"could not save the label in {self.data} ({exc.strerror or exc}): nothing was "
                                    f"written; free some space or pass --data to a writable folder", 507,

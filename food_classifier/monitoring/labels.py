@@ -25,7 +25,7 @@ PROVENANCE = ".labels.jsonl"
 NOT_FOOD_DIR = ".not_food"
 NOT_FOOD_LABEL = "not_food"
 IMAGE_TYPES = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG", "png"), (b"RIFF", "webp"), (b"GIF8", "gif"), (b"BM", "bmp"))
-CLASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_ -]{0,63}")
+CLASS_NAME = re.compile(r"\w[\w -]{0,63}")  # any script's letters and digits, "_", "-", " "
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -43,7 +43,7 @@ def utc_now(t: float | None = None) -> str:
 
 
 def check_class_name(label: str) -> str:
-    """A class becomes a folder name: letters, digits, '_', '-', ' ', at most 64, not hidden."""
+    """A class becomes a folder name: letters, digits, '_', '-', ' ', at most 64, not hidden, no path."""
     if label != NOT_FOOD_LABEL and not CLASS_NAME.fullmatch(label or ""):
         shown = label if len(label) <= 80 else label[:80] + "..."
         raise LabelError(f"class name {shown!r} cannot be a folder: use letters, digits, '_', '-' or spaces "
