@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -162,6 +163,13 @@ def test_label_command_locks_its_folder_and_explains_bad_folders(tmp_path):
         first.wait(15)
     missing = subprocess.run(_cli(str(tmp_path / "nowhere")), capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "--keep-photos" in missing.stderr and "Traceback" not in missing.stderr
+    other, _ = kept_folder(tmp_path / "other", [(image_bytes(blocks(41)), [0.5, 0.4, 0.1])])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = subprocess.run(_cli(str(other), "--port", str(busy.getsockname()[1])), capture_output=True,
+                               text=True, timeout=60)
+    assert taken.returncode == 1 and "pass another --port" in taken.stderr and "Traceback" not in taken.stderr
 
 
 @pytest.mark.live

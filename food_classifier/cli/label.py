@@ -38,10 +38,17 @@ def label(keep_dir: Path = typer.Argument(..., metavar="DIR", help="The kept-pho
         from food_classifier.inference import Classifier
 
         classifier = Classifier(model)
+    import socket
+
     import uvicorn
 
     from food_classifier.labeling.app import create_app
 
+    with socket.socket() as probe:  # say it in one line now, not in uvicorn's words after start-up
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            fail(f"cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}): pass another --port")
     session = Session(keep_dir, data, classifier)
     for problem in session.problems:
         typer.secho(f"warning: {problem}", fg=typer.colors.YELLOW, err=True)
