@@ -221,7 +221,7 @@ def test_stage_one_only_flags_what_the_server_would_escalate(cascade_bundle, pho
     info = json.loads((tmp_path / "m" / "mobile.json").read_text())
     assert info["stages"] == 1 and info["stages_served"] == 2
     p = info["parity"]
-    assert p["left_to_server"] > 0 and p["left_to_server_flagged"] == p["left_to_server"]
+    assert p["left_to_server"] > 0 and p["stage_disagreements"] == 0
     assert p["label_agreement"] == 1.0 and "flags them" in result.stdout
 
 
@@ -247,7 +247,8 @@ def test_the_graph_resizes_as_pillow_does(spec):
     rng = np.random.default_rng(0)
     step = spec.scale / 255 / min(spec.std) * 1.0001  # one grey level, normalized
     for w, h in [(1, 1), (3, 700), (9, 12), (200, 150), (spec.resize, spec.resize), (spec.resize + 1, 600),
-                 (384, 512), (512, 384), (640, 330), (4000, 3000), (3000, 4000), (5000, 900)]:
+                 (384, 512), (512, 384), (300, 600), (640, 330), (4000, 3000), (3000, 4000), (5000, 900),
+                 (1000, 3000)]:
         for kind in ("photo", "noise"):
             img = (photo.resize((w, h), Image.BICUBIC) if kind == "photo"
                    else Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
@@ -257,7 +258,7 @@ def test_the_graph_resizes_as_pillow_does(spec):
             off = np.abs(got - want)
             # ONNX Resize computes Pillow's weights in float32, not float64: a grey level here and there
             assert off.max() <= 2 * step and (off > step / 2).mean() < 0.02, (w, h, kind, off.max())
-            if min(w, h) <= spec.resize:  # the matrix route is Pillow's integer arithmetic exactly
+            if min(w, h) <= 3 * spec.resize:  # the matrix route (up to 3x) is Pillow's integer arithmetic exactly
                 assert off.max() < 1e-6, (w, h, kind)
 
 

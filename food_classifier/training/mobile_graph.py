@@ -68,10 +68,10 @@ def _rename_graph(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]) -> 
         init.name = new(init.name)
     for vi in (*graph.input, *graph.output, *graph.value_info):
         vi.name = new(vi.name)
-    for node in graph.node:
+    for i, node in enumerate(graph.node):
         node.input[:] = [new(n) for n in node.input]
         node.output[:] = [new(n) for n in node.output]
-        node.name = prefix + node.name
+        node.name = f"{prefix}{node.name or i}"
         for attr in node.attribute:
             for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
                 _rename_graph(sub, prefix, keep)

@@ -23,6 +23,7 @@ def to_ort(model: onnx.ModelProto, out: Path) -> None:
     so.optimized_model_filepath = str(out)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = 1
+    so.log_severity_level = 3  # errors only: the optimiser's notes on unused weights are not the user's business
     so.add_session_config_entry("session.save_model_format", "ORT")
     so.add_session_config_entry("session.qdqisint8allowed", "1")  # what the converter sets for arm
     ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],

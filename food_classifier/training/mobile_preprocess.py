@@ -1,6 +1,6 @@
 """The server's preprocessing as ONNX nodes: uint8 RGB [H, W, 3] of any size -> the model's float input.
 
-    nodes, inits = preprocess_nodes(spec, "rgb", "image")   # then the model's own nodes read "image"
+    b = preprocess_nodes(spec, "rgb", "image")   # b.nodes, b.inits; the model's own nodes then read "image"
 
 Why in the graph: a phone that decodes the photo and hands over its RGB bytes then gets the server's
 pixels, not an approximation in app code (the documented bilinear recipe moved probabilities by up
@@ -8,14 +8,17 @@ to 0.096). It reproduces `preprocessing.resize_crop` + `normalize`, i.e. Pillow'
 for output pixel i on an axis, the source window is `box0 + (i + 0.5) * s` ± `support * max(s, 1)`,
 with s = side / crop the fractional crop box's scale, weights of the bicubic (a = -0.5) or bilinear
 filter renormalized inside the image, and uint8 rounding after the horizontal and again after the
-vertical pass. Two exact routes, picked at run time by an `If`:
+vertical pass (the vertical one first when the height shrinks by more than twice the width does: what
+Pillow 13 does, found by experiment and pinned by tests/test_mobile.py). Two routes, picked at run time by an `If`:
 
-* downscaling (s > 1.01, every phone photo): ONNX Resize (opset 18) with `antialias=1`, which ONNX
-  Runtime implements as Pillow's resampler. Its `tf_crop_and_resize` ROI carries the fractional box;
-  the image is first sliced to the box plus the filter's reach, so float32 coordinates stay exact;
-* otherwise (photos whose shorter side is at most ~`resize`): the two passes as small matrix
-  products with Pillow's weights computed in the graph (Resize's ROI mode would paint the border
-  pixels of an upscale with its extrapolation value instead).
+* up to a 3x reduction (every photo an app decodes at the server's JPEG scale, docs/MOBILE.md): the
+  two passes as float64 matrix products with Pillow's weights computed in the graph, which is
+  Pillow's integer arithmetic exactly, so the model sees the server's pixels bit for bit (an int8
+  stage 1 moved by 0.09 in probability when a few pixels moved by one grey level);
+* beyond (a photo decoded at full size): ONNX Resize (opset 18) with `antialias=1`, which ONNX
+  Runtime implements as Pillow's resampler with its weights in float32 (one or two grey levels off
+  on ~0.05 % of the values), cheap at any size. Its `tf_crop_and_resize` ROI carries the fractional
+  box; the image is first sliced to the box plus the filter's reach, so float32 coordinates stay exact.
 
 Geometry is computed in float64 like Pillow's C code. Only plain ONNX operators: any ONNX Runtime
 Mobile package runs it, and `required_operators.config` lists them for a reduced build.
@@ -31,7 +34,7 @@ from food_classifier.preprocessing import PreprocessSpec
 
 SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}  # Pillow's filter support (radius at scale 1)
 CUBIC_A = -0.5  # Pillow's bicubic
-RESIZE_ROUTE_MIN_SCALE = 1.01  # above: ONNX Resize; at or below: the matrix route (see the docstring)
+MATRIX_ROUTE_MAX_SCALE = 3.0  # reductions up to this: the exact matrix route; beyond: ONNX Resize
 NUDGE = 1 + 2.0 ** -20  # scales handed to Resize, so its output is never one pixel short of the crop
 
 
@@ -84,7 +87,7 @@ def _geometry(b: Builder, rgb: str, spec: PreprocessSpec) -> dict[str, str]:
     dy = b.op("Gather", shrink, b.const(0, np.int64), axis=0)
     dx = b.op("Gather", shrink, b.const(1, np.int64), axis=0)
     vfirst = b.op("And", b.op("Greater", dy, b.const(0.0)), b.op("Greater", dy, b.op("Mul", dx, b.const(2.0))))
-    small = b.op("Cast", b.op("ReduceMax", b.op("Cast", b.op("LessOrEqual", s, b.const([RESIZE_ROUTE_MIN_SCALE])),
+    small = b.op("Cast", b.op("ReduceMax", b.op("Cast", b.op("LessOrEqual", s, b.const([MATRIX_ROUTE_MAX_SCALE])),
                                                 to=TensorProto.INT32), keepdims=0), to=TensorProto.BOOL)
     return {"hw": hw_d, "b0": b0, "s": s, "lo": lo, "length": b.op("Sub", hi, lo, hint="length"),
             "start": b.op("Cast", lo, to=TensorProto.INT64), "end": b.op("Cast", hi, to=TensorProto.INT64),
