@@ -272,6 +272,31 @@ def test_the_docs_snippets_use_the_graphs_outputs():
         assert "unsure" in code.lower() and "not food" in code.lower()
 
 
+def test_every_routing_decision_of_the_colour_cascade(tmp_path):
+    """tests/cascade_bundle.py's cascade (opset 17: converted to 18 for the phone graph): red answers at stage 1,
+    green at stage 2, blue is not food; the phone file agrees on each, at every photo size."""
+    from cascade_bundle import make_cascade_bundle
+
+    bundle = make_cascade_bundle(tmp_path / "models" / "cascade" / "20260101T000000-cascade")
+    photos_dir = tmp_path / "photos"
+    photos_dir.mkdir()
+    for i, (name, size) in enumerate([(n, sz) for n in ("red", "green", "blue")
+                                      for sz in ((96, 80), (20, 30), (1600, 1200))]):
+        colour_image(name, size=size, seed=i).save(photos_dir / f"{name}-{size[0]}x{size[1]}.png")
+    result = run("export-mobile", bundle.parent, "--out", tmp_path / "m", "--check", photos_dir)
+    assert result.returncode == 0, result.stderr
+    server = Classifier(bundle, threads=2)
+    session = runtime.create_session(tmp_path / "m" / "model.ort", threads=2)
+    names = [o.name for o in session.get_outputs()]
+    for path in sorted(photos_dir.iterdir()):
+        got = dict(zip(names, session.run(None, {"rgb": np.asarray(open_image(path))}), strict=True))
+        want = server.predict(path)
+        assert (bool(got["not_food"][0]), int(got["stage"][0])) == (want.label == NOT_FOOD, want.stage), path.name
+        assert np.abs(got["probabilities"][0] - np.asarray(want.probabilities)).max() <= 1e-4, path.name
+        colour = path.name.split("-")[0]
+        assert (want.stage, want.label) == {"red": (1, "red"), "green": (2, "green")}.get(colour, (2, NOT_FOOD))
+
+
 def test_user_errors(colour_bundle, cascade_bundle, tmp_path):
     photos_dir = tmp_path / "photos"
     photos_dir.mkdir()
