@@ -184,7 +184,7 @@ def decision_graph(bundle: Bundle, variant: str = AUTO, max_stages: int | None =
             opsets[key] = max(opsets.get(key, 0), o.version)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
                               producer_name="food_classifier export-mobile")
-    model.ir_version = max(m.ir_version for m, _, _ in models)
+    model.ir_version = max(8, *(m.ir_version for m, _, _ in models))  # IR 8: opset 18
     info = {"stages": [{"file": f.name, "temperature": t, "threshold": thr} for f, t, thr in files],
             "stages_served": len(served), "abstain_below": abstain,
             "not_food": None if rule is None or rule.output not in out_names else
