@@ -67,16 +67,21 @@ def import_onnx_cmd(
 def export_mobile_cmd(model: Path = typer.Argument(..., help="Bundle dir or model dir (newest version)."),
                       out: Path = typer.Option(Path("mobile"), help="Output folder (created; files replaced)."),
                       check: Path | None = typer.Option(
-                          None, help="Photos for the .ort parity check (default: the test tier of the bundle's "
-                                     "manifest).")) -> None:
-    """Export a bundle for phones (ONNX Runtime Mobile).
+                          None, help="Photos for the parity check against the server (default: the test tier "
+                                     "of the bundle's manifest)."),
+                      variant: str = typer.Option("auto", help="What to export: auto (what `serve` runs), "
+                                                                "cascade, fp32 or int8."),
+                      stages: int | None = typer.Option(
+                          None, help="Keep only the first N cascade stages (smaller file); photos that need a "
+                                     "later stage come out flagged `escalate`.")) -> None:
+    """Export the served decision path for phones (ONNX Runtime Mobile): RGB bytes in, the server's answer out.
 
-    Writes .ort fp32 + int8, required_operators.config, labels, preprocessing.json."""
+    Writes model.ort, required_operators.config, labels.txt, preprocessing.json, mobile.json."""
     from food_classifier.bundle import BundleError
     from food_classifier.training.export_mobile import export_mobile, format_sizes
 
     try:
-        typer.echo(format_sizes(export_mobile(model, out, check_images=check)))
+        typer.echo(format_sizes(export_mobile(model, out, check_images=check, variant=variant, stages=stages)))
     except BundleError as e:
         fail(str(e))
     typer.echo(f"written to {out}/ (see docs/MOBILE.md for the Android and iOS code)")
