@@ -150,8 +150,7 @@ def read_meta(path: str | Path) -> BundleMeta:
 
 def verify_files(path: Path, meta: BundleMeta) -> None:
     """Every listed model file exists in the bundle dir and matches its recorded sha256 (when recorded)."""
-    listed = (list(meta.variants.values()) + (list(meta.mobile.variants.values()) if meta.mobile else [])
-              + (meta.cascade.files() if meta.cascade else []))
+    listed = list(meta.variants.values()) + (meta.cascade.files() if meta.cascade else [])
     for v in listed:
         f = path / v.file
         if not f.is_file():

@@ -260,12 +260,6 @@ class Reference(Section):
     accuracy: float | None = None
 
 
-class Mobile(Section):
-    """Reserved (mobile export issue): on-device files (.ort, ...), checked like variants on load."""
-
-    variants: dict[str, Variant] = Field(default_factory=dict)
-
-
 class BundleMeta(BaseModel):
     """Everything `bundle.json` holds. Owns the reading policy (temperature, threshold, variant)."""
 
@@ -295,7 +289,6 @@ class BundleMeta(BaseModel):
     cascade: Cascade | None = None
     not_food: NotFood | None = None  # reject photos that are clearly not food (not_food.py)
     reference: Reference | None = None  # drift monitoring: statistics of held-out predictions
-    mobile: Mobile | None = None
 
     @model_validator(mode="before")
     @classmethod
