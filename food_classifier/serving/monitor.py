@@ -74,7 +74,7 @@ class ServingMonitor:
         self.log = None
         if settings.prediction_log is not None:
             self.log = PredictionLog(settings.prediction_log, settings.prediction_log_max_bytes,
-                                     settings.log_images_sample)
+                                     settings.log_images_sample, keep=settings.prediction_log_keep)
 
     def close(self) -> None:
         if self.log is not None:
