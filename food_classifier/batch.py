@@ -11,13 +11,16 @@ This module never imports Ray: the caller hands the Ray engine in.
 Resumable: rows are appended as each batch finishes (batch_store.py). A rerun with the same `--out`
 skips images already scored by the same model version, keyed by (image sha256, model version): a file
 whose bytes already have a row under another path gets a copy of that row, not a model run. A file
-that cannot be read or decoded is a row with `error`, never a failed job.
+that cannot be read or decoded is a row with `error`, never a failed job; so is an entry of a list or manifest
+that is not a regular file (a FIFO would block the job, /dev/zero would never end) or is over MAX_FILE_BYTES.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import os
+import stat
 import sys
 import time
 from collections import Counter
@@ -39,6 +42,7 @@ __all__ = ["BatchError", "Chunk", "Done", "Engine", "Scorer", "Source", "Summary
            "predict_dir", "read_source"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MAX_FILE_BYTES = 64 * 1024 * 1024  # a larger "image" is an error row (a 50 MP JPEG is ~25 MB; the server takes 10)
 Done = dict[str, tuple[frozenset[str], dict]]  # sha256 -> (paths that have a row, a row to copy for another path)
 Chunk = tuple[list[dict], int]  # rows to write, inputs handled (rows + images skipped as already written)
 Engine = Callable[[Bundle, list[str], Done, int], Iterator[Chunk]]
@@ -138,6 +142,33 @@ def done_index(rows: list[dict], version: str) -> Done:
     return {sha: (frozenset(ps), template[sha]) for sha, ps in paths.items()}
 
 
+class FileRefused(Exception):
+    """A listed path that is not an image file to read (its message is the row's `error`)."""
+
+
+def read_image_file(path: str, limit: int | None = None) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Opened without blocking (a FIFO with no writer
+    opens at once) and checked on the open descriptor, so a path swapped after a check cannot slip through."""
+    limit = MAX_FILE_BYTES if limit is None else limit
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        mode, size = os.fstat(fd)[stat.ST_MODE], os.fstat(fd).st_size
+        if not stat.S_ISREG(mode):
+            kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "not a file")
+            raise FileRefused(f"not_a_file: {kind}, not a regular file")
+        if size > limit:
+            raise FileRefused(f"too_large: {size} bytes, over the {limit >> 20} MiB limit for an image file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:  # it grew while being read
+            raise FileRefused(f"too_large: over the {limit >> 20} MiB limit for an image file")
+        return data
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class _Job:
     path: str
@@ -167,7 +198,10 @@ class Scorer:
 
     def _prepare(self, job: _Job) -> np.ndarray | None:
         try:
-            data = Path(job.path).read_bytes()
+            data = read_image_file(job.path)
+        except FileRefused as e:
+            job.row = error_row(job.path, None, str(e), self.clf.bundle)
+            return None
         except OSError as e:
             job.row = error_row(job.path, None, f"unreadable: {e.strerror or e}", self.clf.bundle)
             return None
