@@ -256,3 +256,43 @@ def test_importing_the_core_never_imports_ray():
             "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+def test_memory_per_model_call_and_decode_ahead_are_bounded(tmp_path, colour_bundle):
+    """What made predict-dir peak at 3.5 GB: 64-image batches went to ONNX Runtime in calls of 32 (its
+    activations and arena grow with the images per call) and 2 whole batches were decoded ahead. Now every
+    call has at most MAX_CALL_IMAGES images and at most two small steps of decoded images are alive, whatever
+    --batch-size; rows still come out per batch_size."""
+    import weakref
+
+    from food_classifier.batch import MAX_CALL_IMAGES, Scorer
+    from food_classifier.inference import Classifier
+
+    class Watched(Classifier):
+        calls: list[int] = []
+        alive: list[weakref.ref] = []
+        most_alive = 0
+
+        def preprocess(self, image):
+            array = super().preprocess(image)
+            with lock:
+                Watched.alive = [r for r in Watched.alive if r() is not None] + [weakref.ref(array)]
+                Watched.most_alive = max(Watched.most_alive, len(Watched.alive))
+            return array
+
+        def infer(self, batch):
+            Watched.calls.append(len(batch))
+            return super().infer(batch)
+
+    import threading
+    lock = threading.Lock()
+    paths = []
+    for i in range(300):
+        p = tmp_path / f"{i:03d}.png"
+        colour_image(list(COLOURS)[i % 3], seed=i).save(p)
+        paths.append(str(p))
+    scorer = Scorer(Watched(colour_bundle, threads=1), threads=2, calls=2)
+    out = list(scorer.chunks(paths, 64))
+    assert [handled for _, handled in out] == [64, 64, 64, 64, 44] and sum(len(r) for r, _ in out) == 300
+    assert max(Watched.calls) <= MAX_CALL_IMAGES and sum(Watched.calls) == 300
+    assert Watched.most_alive <= 3 * 2 * 2 * MAX_CALL_IMAGES, Watched.most_alive  # before: 2 batches of 64 + more
