@@ -178,8 +178,8 @@ def format_table(rows: list[dict[str, Any]], bad: BadLines | None = None) -> str
         cells.append([fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in COLUMNS])
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) if i < 3 or i == len(COLUMNS) - 1 else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(cell, widths, strict=True))) for cell in cells]
-    lines.insert(1, "-" * len(lines[0]))
+                       for i, (c, w) in enumerate(zip(cell, widths, strict=True))).rstrip() for cell in cells]
+    lines.insert(1, "-" * max(len(line) for line in lines))
     small = [r for r in rows if not r["judged"]]
     if small:
         lines.append(f"({len(small)} of {len(rows)} windows have too few predictions to judge drift: PSI without "
