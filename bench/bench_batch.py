@@ -36,7 +36,7 @@ from food_classifier.testing import process_tree  # noqa: E402
 
 NAIVE = """
 import sys, time
-from food_classifier.batch import read_source
+from food_classifier.batch.job import read_source
 from food_classifier.inference import Classifier
 paths = read_source(sys.argv[1]).paths
 clf = Classifier(sys.argv[2])

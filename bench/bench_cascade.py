@@ -58,7 +58,7 @@ def run_mode(name: str, clf: Classifier, data: list[tuple[bytes, str]], repeats:
         preds = clf.predict_batch(images)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         best = cpu if best is None else min(best, cpu)
-    correct = np.mean([p.top_k[0]["label"] == lab for p, (_, lab) in zip(preds, data, strict=True)])
+    correct = np.mean([p.top_k[0].label == lab for p, (_, lab) in zip(preds, data, strict=True)])
     stages = np.array([p.stage for p in preds])
     return {"mode": name, "cpu_ms_img": round(best / len(data) * 1000, 2), "img_s_wall": round(len(data) / wall, 1),
             "accuracy": round(float(correct), 4),

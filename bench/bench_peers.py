@@ -92,8 +92,8 @@ def servers(work: Path, bundle: Path, config: Path, model: str, peers: list[str]
     env = {"FC_PEER_CONFIG": str(config), "PYTHONPATH": os.pathsep.join([str(PEERS), str(ROOT)]),
            "FC_BENTO_WORKERS": str(workers)}
     port = free_port()
-    ours = [sys.executable, "-m", "food_classifier.serving", str(bundle), "--host", "127.0.0.1", "--port", str(port),
-            "--cache-bytes", "0"]  # the photos repeat: no prediction cache, for every server
+    ours = [sys.executable, "-m", "food_classifier.cli", "serve", str(bundle), "--host", "127.0.0.1",
+            "--port", str(port), "--cache-bytes", "0"]  # the photos repeat: no prediction cache, for every server
     out: list[Server | str] = [Server("ours", ours, f"http://127.0.0.1:{port}", "/readyz", "raw JPEG body",
                                       {"PYTHONPATH": str(ROOT)})]
     if "ours-oip" in peers:
@@ -202,6 +202,47 @@ def sender(server: Server, client: httpx.AsyncClient, model: str):
     return {"ours": ours, "ours-oip": oip, "mlserver": oip, "bentoml": bento}[server.name]
 
 
+def wrk_request(server: Server, model: str, photo: bytes) -> tuple[str, str, bytes]:
+    """(path, content type, body) of one request in the server's input form, for wrk."""
+    if server.name in ("ours-oip", "mlserver"):
+        body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                            "data": [base64.b64encode(photo).decode()]}], "outputs": [{"name": "label"}]}
+        return f"/v2/models/{model}/infer", "application/json", json.dumps(body).encode()
+    if server.name == "bentoml":
+        boundary = "fcbenchboundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"photo.jpg\"\r\n"
+                f"Content-Type: image/jpeg\r\n\r\n").encode() + photo + f"\r\n--{boundary}--\r\n".encode()
+        return "/classify", f"multipart/form-data; boundary={boundary}", body
+    return "/predict", "image/jpeg", photo
+
+
+def drive_wrk(server: Server, model: str, photos: list[tuple[bytes, str]], concurrency: int, seconds: float,
+              work: Path) -> dict:
+    """The same load from wrk (C, one thread): on 2 cores a Python client takes ~0.4 of them from the server."""
+    folder = work / f"wrk-{server.name}"
+    folder.mkdir(exist_ok=True)
+    names = []
+    for i, (photo, _) in enumerate(photos):
+        path, ctype, body = wrk_request(server, model, photo)
+        (folder / f"{i}.bin").write_bytes(body)
+        names.append(str(folder / f"{i}.bin"))
+    (folder / "bodies.txt").write_text("\n".join(names) + "\n")
+    env = {**os.environ, "WRK_BODIES": str(folder / "bodies.txt"), "WRK_PATH": path, "WRK_CTYPE": ctype}
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:.0f}s", "--latency", "--timeout", "30s",
+                          "-s", str(PEERS / "wrk_post.lua"), server.url], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    def ms(label: str) -> float:
+        value = next(line.split()[1] for line in out.splitlines() if line.strip().startswith(label))
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+        unit = next(u for u in ("us", "ms", "s") if value.endswith(u))
+        return round(float(value[:-len(unit)]) * scale[unit], 2)
+    done = int(next(line.split()[0] for line in out.splitlines() if "requests in" in line))
+    bad = sum(int(line.split(":")[1]) for line in out.splitlines() if "Non-2xx" in line)
+    total = float(next(line.split()[3].rstrip("s,") for line in out.splitlines() if "requests in" in line))
+    return {"img_per_s": round((done - bad) / total, 1), "p50_ms": ms("50%"), "p95_ms": float("nan"),
+            "p99_ms": ms("99%"), "requests": done, "errors": bad, "images": done - bad, "agree": "-"}
+
+
 async def drive(send, photos: list[tuple[bytes, str]], concurrency: int, requests: int) -> dict:
     latencies: list[float] = []
     errors = agree = 0
@@ -270,13 +311,17 @@ def batch_totals(server: Server) -> tuple[float, float]:
     return total["_sum"], total["_count"]
 
 
-async def level(server: Server, pid: int, send, photos, concurrency: int, requests: int) -> dict:
+async def level(server: Server, pid: int, send, photos, concurrency: int, requests: int, wrk: dict | None) -> dict:
     """One concurrency level against one server: throughput, latency, its CPU, memory and batches."""
     sampler = MemorySampler(pid)
     sampler.start()
     pids = tree(pid)
     cpu0, batch0 = cpu_seconds(pids), await asyncio.to_thread(batch_totals, server)
-    row = await drive(send, photos, concurrency, requests)
+    if wrk is None:
+        row = await drive(send, photos, concurrency, requests)
+    else:
+        row = await asyncio.to_thread(drive_wrk, server, wrk["model"], photos, concurrency, wrk["seconds"],
+                                      wrk["work"])
     sampler.done.set()
     sampler.join()
     row["server_cpu_ms_img"] = round((cpu_seconds(pids) - cpu0) / max(1, row["images"]) * 1000, 1)
@@ -287,7 +332,8 @@ async def level(server: Server, pid: int, send, photos, concurrency: int, reques
             "peak_rss_mb": round(sampler.rss, 1), "peak_pss_mb": round(sampler.pss, 1)}
 
 
-async def bench(running: list[tuple[Server, int]], model: str, photos, levels: list[int], requests: int) -> list[dict]:
+async def bench(running: list[tuple[Server, int]], model: str, photos, levels: list[int], requests: int,
+                wrk: dict | None = None) -> list[dict]:
     """Every level against every server in turn (all started), so a change in the machine's load hits
     all of them alike rather than whichever ran last."""
     rows = []
@@ -298,7 +344,7 @@ async def bench(running: list[tuple[Server, int]], model: str, photos, levels: l
             await drive(send, photos, 4, 16)  # warm-up: connections, threads, first batches
         for c in levels:
             for server, pid, send in senders:
-                rows.append(await level(server, pid, send, photos, c, max(requests, 4 * c)))
+                rows.append(await level(server, pid, send, photos, c, max(requests, 4 * c), wrk))
                 print(f"{server.name} at {c}: {rows[-1]['img_per_s']} img/s", flush=True)
     return rows
 
@@ -331,6 +377,10 @@ def main() -> None:
                    help="peers' venvs, configs and logs")
     p.add_argument("--peers", nargs="+", default=["ours-oip", "bentoml", "mlserver"])
     p.add_argument("--out", type=Path, help="also write the rows as JSON")
+    p.add_argument("--client", choices=["httpx", "wrk"], default="httpx",
+                   help="load generator: httpx in this process (checks every answer), or wrk (apt install wrk; "
+                        "C, one thread: leaves the server the other core)")
+    p.add_argument("--seconds", type=float, default=20, help="with --client wrk: seconds per level")
     p.add_argument("--table", type=Path, help="only print the table of a run saved with --out")
     args = p.parse_args()
     cpus = len(os.sched_getaffinity(0))
@@ -342,6 +392,7 @@ def main() -> None:
         from food_classifier.builtin import builtin_bundle_path
 
         args.bundle = builtin_bundle_path(quiet=True)
+    args.bundle = Path(args.bundle).resolve()  # the peers run in their own folders: a relative path broke BentoML
     args.work.mkdir(parents=True, exist_ok=True)
     clf = Classifier(load_newest(args.bundle), threads=2)
     b = clf.bundle
@@ -368,7 +419,8 @@ def main() -> None:
                 print(notes[-1], flush=True)
                 continue
             running.append((server, procs[key].pid))
-        rows = asyncio.run(bench(running, b.name, photos, args.levels, args.requests))
+        wrk = {"model": b.name, "seconds": args.seconds, "work": args.work} if args.client == "wrk" else None
+        rows = asyncio.run(bench(running, b.name, photos, args.levels, args.requests, wrk))
     finally:
         for proc in procs.values():
             stop(proc)

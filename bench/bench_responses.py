@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pydantic import TypeAdapter  # noqa: E402
 
-from food_classifier.serving import schemas  # noqa: E402
+from food_classifier.serving.http import schemas  # noqa: E402
 
 TIMING = {"total_ms": 27.2, "preprocess_ms": 6.5, "queue_ms": 0.1, "inference_ms": 19.9, "batch_size": 1}
 TOP = [{"label": f"class_{i}", "probability": 0.5 / (i + 1)} for i in range(5)]

@@ -191,6 +191,7 @@ class RedisBackend:
         self.stats = stats
         self.breaker = Breaker(breaker_s)
         self.last_error: str | None = None
+        self.write_error: str | None = None  # the last write's error until a write succeeds (Redis OOM: reads work)
 
     def _call(self, op: str, fn: Any, default: Any) -> Any:
         if not self.breaker.allow():
@@ -201,11 +202,15 @@ class RedisBackend:
         except self._errors as e:
             self.stats.add(self.stats.errors, (self.name, op))
             self.last_error = f"{e.__class__.__name__}: {e}"
+            if op == "set":
+                self.write_error = self.last_error
             if self.breaker.failure():
                 log.warning("Redis cache unavailable (%s); serving without it, retrying in %.0f s",
                             self.last_error, self.breaker.cooldown_s)
             return default
         self.breaker.success()
+        if op == "set":
+            self.write_error = None
         return out
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
@@ -345,11 +350,14 @@ class PredictionCache:
     def status(self) -> dict[str, Any]:
         """`state`: ok, degraded (Redis failing, serving from memory or without cache) or off."""
         down = self.redis is not None and self.redis.breaker.is_open
-        out: dict[str, Any] = {"state": OFF if not self.enabled else "degraded" if down else "ok", "ttl_s": self.ttl_s}
+        read_only = self.redis is not None and not down and self.redis.write_error is not None
+        out: dict[str, Any] = {"state": OFF if not self.enabled else "degraded" if down or read_only else "ok",
+                               "ttl_s": self.ttl_s}
         if self.memory is not None:
             out["memory"] = {"bytes": self.memory.size, "max_bytes": self.memory.max_bytes, "entries": len(self.memory)}
         if self.redis is not None:
-            out["redis"] = {"state": "down" if down else "ok", "error": self.redis.last_error if down else None}
+            out["redis"] = {"state": "down" if down else "read_only" if read_only else "ok",
+                            "error": self.redis.last_error if down else self.redis.write_error if read_only else None}
         return out
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -62,6 +62,7 @@ def _check(r: httpx.Response) -> Any:
 class _Base:
     def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, model: str | None = None):
         self.base_url = base_url.rstrip("/")
+        self.address = self.base_url
         self.model = model
         self.headers = {"X-API-Key": api_key} if api_key else {}
 
@@ -77,7 +78,33 @@ class _Base:
         return {"files": {"file": (name, data, ctype)}}
 
 
-class Client(_Base):
+class _Blocking:
+    """What both blocking clients share: `wait_ready` over their `ready`, and closing as a context manager."""
+
+    address: str
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the server says it is ready (models loaded and warm)."""
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.address} not ready after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Client(_Base, _Blocking):
     """Blocking client; keeps one connection pool (use as a context manager or call `close`)."""
 
     def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, model: str | None = None,
@@ -110,22 +137,8 @@ class Client(_Base):
         except httpx.TransportError:
             return False
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Block until /readyz is green (models loaded and warm)."""
-        deadline = time.monotonic() + timeout
-        while not self.ready():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.base_url} not ready after {timeout:.0f} s")
-            time.sleep(0.05)
-
     def close(self) -> None:
         self.http.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class AsyncClient(_Base):
@@ -186,7 +199,8 @@ HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENI
 def _prediction(r: Any) -> dict[str, Any]:
     out = {"label": r.label, "label_idx": r.label_idx, "confidence": r.confidence,
            "top_k": [{"label": t.label, "probability": t.probability} for t in r.top_k], "abstained": r.abstained,
-           "stage": r.stage, "model": r.model, "model_version": r.model_version, "request_id": r.request_id,
+           "reason": r.reason or None, "stage": r.stage, "model": r.model, "model_version": r.model_version,
+           "request_id": r.request_id,
            "timing": {"total_ms": r.timing.total_ms, "preprocess_ms": r.timing.preprocess_ms,
                       "queue_ms": r.timing.queue_ms, "inference_ms": r.timing.inference_ms,
                       "batch_size": r.timing.batch_size}}
@@ -209,7 +223,7 @@ def _model(m: Any) -> dict[str, Any]:
             "loaded_at": m.loaded_at}
 
 
-class GrpcClient:
+class GrpcClient(_Blocking):
     """Blocking client over one channel (use as a context manager or call `close`)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, api_key: str | None = None, model: str | None = None,
@@ -222,6 +236,7 @@ class GrpcClient:
 
         self._grpc, self._health_pb2 = grpc, health_pb2
         self.target, self.model, self.timeout = target, model, timeout
+        self.address = target
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", max_message_bytes),
                                                               ("grpc.max_receive_message_length", max_message_bytes)])
         self.stub = pb2_grpc.ClassifierStub(self.channel)
@@ -293,18 +308,5 @@ class GrpcClient:
             return False
         return r.status == self._health_pb2.HealthCheckResponse.SERVING
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.ready():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.target} not ready after {timeout:.0f} s")
-            time.sleep(0.05)
-
     def close(self) -> None:
         self.channel.close()
-
-    def __enter__(self) -> GrpcClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -1,50 +1,35 @@
-"""Prediction with ONNX Runtime from a model bundle. No torch on this path.
+"""Prediction with ONNX Runtime from a model bundle: the one decode -> cache -> infer -> decide path.
 
-    clf = Classifier("models/food")          # a bundle dir or a model dir (promoted, else newest version)
-    clf.predict("pie.jpg").label
-    clf.predict_batch([bytes1, "b.png", pil_image])
+    clf = Classifier("models/food")          # a bundle or model dir; the bundle's recommended variant
+    clf.predict("pie.jpg").label             # an `Answer` (food_classifier/answer.py)
+    clf.predict_batch([bytes1, "b.png", pil_image], Options(top_k=3))
     Classifier("models/food", cache=PredictionCache())   # repeated photos skip decode and/or inference
-    Classifier("models/food", variant="cascade")         # stage 1 for every photo, the rest for unsure ones
+    Classifier("models/food", variant="fp32")            # the whole graph instead of the cascade
 
-Every path (this class, the server's batcher, the cache, `predict-dir`) moves one float32 row per image
-between "run the model" and "decide": `infer` returns the calibrated probabilities followed by two
-columns, the cascade stage that answered and a not-food flag, so a cached answer keeps both.
+Every way in (this class, the server's `PredictionService`, `predict-dir`, the stream worker, Ray) runs
+the same steps: `lookup` (the cache: bytes, decode, pixels) -> `infer` (a float32 row per image) ->
+`decide` (an `Answer`). A row is the calibrated probabilities followed by `EXTRA` columns, the cascade
+stage that answered (`STAGE_COL`) and the not-food flag (`NOT_FOOD_COL`), so a cached row keeps both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from food_classifier import runtime
+from food_classifier.answer import AUTO, DEFAULT_OPTIONS, NOT_FOOD, UNSURE, Answer, Options, TopK
 from food_classifier.bundle import CASCADE, Bundle, BundleError, load_newest
-from food_classifier.not_food import NOT_FOOD, reject
+from food_classifier.cache import OFF, Lookup, PredictionCache
+from food_classifier.not_food import reject
 from food_classifier.preprocessing import DEFAULT_MAX_PIXELS, ImageInput, preprocess
 
-if TYPE_CHECKING:
-    from food_classifier.cache import PredictionCache
-
-UNSURE = "unsure"
-AUTO = "auto"  # the variant the bundle recommends (BundleMeta.recommended_variant)
-EXTRA = 2  # columns after the probabilities in an `infer` row: stage reached (1-based), not-food flag
-
-
-@dataclass
-class Prediction:
-    label: str
-    label_idx: int
-    confidence: float
-    top_k: list[dict] = field(default_factory=list)
-    abstained: bool = False
-    cache: str = "off"  # hit-bytes, hit-pixels, miss or off (see food_classifier.cache)
-    stage: int = 1      # the cascade stage that answered (1 for a single-graph variant)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["AUTO", "EXTRA", "NOT_FOOD", "UNSURE", "Answer", "Classifier", "Options", "softmax"]
+EXTRA = 2  # columns after the probabilities in an `infer` row:
+STAGE_COL, NOT_FOOD_COL = 0, 1  # ... offsets past the labels: stage reached (1-based), not-food flag (0/1)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -62,7 +47,7 @@ class Classifier:
     output width is not the number of labels, is a `BundleError` naming the file (the session is the
     one place that sees it)."""
 
-    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, variant: str = "fp32",
+    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, variant: str = AUTO,
                  top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS, cache: PredictionCache | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_newest(bundle)
         self.variant = self.bundle.meta.recommended_variant() if variant == AUTO else variant
@@ -70,7 +55,7 @@ class Classifier:
         self.max_pixels = max_pixels
         self.labels = self.bundle.labels
         self.spec = self.bundle.preprocessing
-        self.cache = cache
+        self.cache = cache if cache is not None else PredictionCache(memory_bytes=0)  # off: decode, no keys
         self.cascade = self.bundle.meta.cascade if self.variant == CASCADE else None
         if self.variant == CASCADE and self.cascade is None:
             raise BundleError(f"bundle {self.bundle.name}:{self.bundle.version} has no cascade "
@@ -129,11 +114,11 @@ class Classifier:
         """[N, labels + 2] rows for a preprocessed batch: calibrated probabilities, stage, not-food flag."""
         n, c = len(batch), len(self.labels)
         rows = np.zeros((n, c + EXTRA), dtype=np.float32)
-        rows[:, c] = 1
+        rows[:, c + STAGE_COL] = 1
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         first = self.session.run(None, {self.session.get_inputs()[0].name: batch})
         if self._imagenet is not None:
-            rows[:, c + 1] = reject(first[self._imagenet], self.not_food)
+            rows[:, c + NOT_FOOD_COL] = reject(first[self._imagenet], self.not_food)
         if self.cascade is None:
             rows[:, :c] = softmax(self._as_logits(first[0]), self.bundle.temperature)
             return rows
@@ -144,7 +129,7 @@ class Classifier:
             if k:
                 logits, features = self.sessions[k].run(None, {"image": batch[active], "features": features})
             rows[active, :c] = softmax(logits, stage.temperature)
-            rows[active, c] = k + 1
+            rows[active, c + STAGE_COL] = k + 1
             if stage.threshold is None:
                 break
             unsure = rows[active, :c].max(axis=1) < stage.threshold
@@ -167,45 +152,55 @@ class Classifier:
         """Calibrated class probabilities for a preprocessed batch ([N, *spec.input_shape])."""
         return self.infer(batch)[:, :len(self.labels)]
 
-    def decide(self, rows: np.ndarray, top_k: int | None = None, threshold: float | None = None,
-               reject_not_food: bool = True) -> list[Prediction]:
-        """Turn `infer` rows (or bare probability rows) into predictions: "not_food" where the rule flagged
-        the photo (unless `reject_not_food` is off), else abstaining below the threshold. Both keep top_k."""
+    def decide(self, rows: np.ndarray, options: Options | None = None, outcomes: Sequence[str] | None = None,
+               **kw: Any) -> list[Answer]:
+        """`infer` rows (or bare probability rows) -> answers: "not_food" where the rule flagged the photo (unless
+        `reject_not_food` is off), else "unsure" below the threshold; both keep the best class and top_k.
+        `outcomes`: each row's cache outcome. Keyword arguments are `Options` fields (`top_k=3`)."""
+        opts = _options(options, kw)
+        opts.check_variant(self.variant)
         c = len(self.labels)
-        k = min(top_k or self.top_k, c)
-        thr = self.abstain_threshold if threshold is None else threshold
+        k = min(opts.top_k or self.top_k, c)
+        thr = self.abstain_threshold if opts.threshold is None else opts.threshold
+        extra = rows.shape[1] - c if rows.ndim == 2 else 0
         out = []
-        for full in rows:
+        for i, full in enumerate(rows):
             row = full[:c]
             order = np.argsort(-row)[:k]
             idx = int(order[0])
             conf = float(row[idx])
+            other = bool(opts.reject_not_food and extra > NOT_FOOD_COL and full[c + NOT_FOOD_COL] > 0.5)
             unsure = thr is not None and conf < thr
-            other = bool(reject_not_food and len(full) > c + 1 and full[c + 1] > 0.5)
-            out.append(Prediction(
-                label=NOT_FOOD if other else UNSURE if unsure else self.labels[idx], label_idx=idx, confidence=conf,
-                top_k=[{"label": self.labels[i], "probability": float(row[i])} for i in order],
-                abstained=unsure or other, stage=int(full[c]) if len(full) > c else 1))
+            reason = NOT_FOOD if other else UNSURE if unsure else None
+            out.append(Answer(
+                label=reason or self.labels[idx], label_idx=idx, confidence=conf,
+                top_k=tuple(TopK(self.labels[j], float(row[j])) for j in order), abstained=reason is not None,
+                reason=reason, stage=int(full[c + STAGE_COL]) if extra > STAGE_COL else 1,
+                cache=outcomes[i] if outcomes is not None else OFF, model=self.name, model_version=self.version,
+                probabilities=row))
         return out
 
-    def predict(self, image: ImageInput, top_k: int | None = None, threshold: float | None = None,
-                reject_not_food: bool = True) -> Prediction:
-        if self.cache is not None:
-            return self.predict_batch([image], top_k, threshold, reject_not_food=reject_not_food)[0]
-        return self.decide(self.infer(self.preprocess(image)[None]), top_k, threshold, reject_not_food)[0]
+    def lookup(self, image: ImageInput) -> Lookup:
+        """The cache's look at one image (bytes, then decode, then pixels): a known row, or the array to run."""
+        return self.cache.lookup(self, image)
 
-    def predict_batch(self, images: Sequence[ImageInput], top_k: int | None = None,
-                      threshold: float | None = None, batch_size: int = 32,
-                      reject_not_food: bool = True) -> list[Prediction]:
-        """Decode in a thread pool (Pillow releases the GIL), run the model in chunks."""
-        if self.cache is not None:
-            rows, outcomes = self.cache.proba_batch(self, images, batch_size)
-            preds = self.decide(rows, top_k, threshold, reject_not_food)
-            for pred, outcome in zip(preds, outcomes, strict=True):
-                pred.cache = outcome
-            return preds
-        rows = runtime.map_batched(images, self.preprocess, self.infer, batch_size)
-        return [p for chunk in rows for p in self.decide(chunk, top_k, threshold, reject_not_food)]
+    def predict(self, image: ImageInput, options: Options | None = None, **kw: Any) -> Answer:
+        """One image. Keyword arguments are `Options` fields: `clf.predict("pie.jpg", top_k=3)`."""
+        return self.predict_batch([image], options, **kw)[0]
+
+    def predict_batch(self, images: Sequence[ImageInput], options: Options | None = None, batch_size: int = 32,
+                      **kw: Any) -> list[Answer]:
+        """Look up (decode in a thread pool: Pillow releases the GIL), run the misses in chunks, decide."""
+        opts = _options(options, kw)
+        opts.check_variant(self.variant)
+        rows, outcomes = self.cache.proba_batch(self, images, batch_size)
+        return self.decide(rows, opts, outcomes)
+
+
+def _options(options: Options | None, kw: dict[str, Any]) -> Options:
+    if options is not None and kw:
+        raise TypeError("pass either an Options or its fields as keyword arguments, not both")
+    return Options(**kw) if kw else options or DEFAULT_OPTIONS
 
 
 def _session(model: Path, threads: int | None):

@@ -1,7 +1,8 @@
 """Run the real server as a child process (tests, benchmark): free port, wait for /readyz, stop.
 
 A harness, not part of the service: it lives outside `food_classifier.serving` and starts the server
-the way a user does (`python -m food_classifier.serving`), so it imports nothing from the service.
+the way a user does (`food-classifier serve`, run as `python -m food_classifier.cli serve`), so it imports
+nothing from the service.
 
     with ServerProcess(["models/food"], env={"FOOD_CLASSIFIER_API_KEY": "k"}) as srv:
         httpx.get(srv.url + "/healthz")
@@ -60,7 +61,7 @@ class ServerProcess:
         """`start` waits until `ready_path` answers 200 (`/healthz`: up, models possibly still loading)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "food_classifier.serving", *map(str, bundles),
+        self.cmd = [sys.executable, "-m", "food_classifier.cli", "serve", *map(str, bundles),
                     "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
         self.ready_timeout = ready_timeout

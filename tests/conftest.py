@@ -35,13 +35,13 @@ def image_bytes(img: Image.Image, fmt: str = "JPEG") -> bytes:
 
 
 def make_colour_bundle(target: Path, version: str = "20260101T000000-colour", name: str = "colour",
-                       created_at: str = "2026-01-01T00:00:00+00:00", scale: float = 4.0,
+                       created_at: str = "2026-01-01T00:00:00+00:00", scale: float = 4.0, crop: int = 32,
                        spec: PreprocessSpec | None = None, reference: dict | None = None) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     labels = list(COLOURS)
-    spec = spec or PreprocessSpec(resize=36, crop=32)
+    spec = spec or PreprocessSpec(resize=crop + crop // 8, crop=crop)
     w = (np.eye(3, dtype=np.float32) * scale)  # [C_out, C_in] for Gemm with transB
     b = np.zeros(3, dtype=np.float32)
     graph = helper.make_graph(

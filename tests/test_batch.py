@@ -18,8 +18,8 @@ import pytest
 from conftest import COLOURS, colour_image
 
 from food_classifier import runtime
-from food_classifier.batch import MAX_FILE_BYTES, Progress, predict_dir, read_source
-from food_classifier.batch_store import COLUMNS, BatchError, open_store
+from food_classifier.batch.job import MAX_FILE_BYTES, Progress, predict_dir, read_source
+from food_classifier.batch.store import COLUMNS, BatchError, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -251,8 +251,8 @@ def test_cli_prints_accuracy_and_missing_extras_are_one_line(tmp_path, colour_bu
 
 
 def test_importing_the_core_never_imports_ray():
-    code = ("import sys, food_classifier.batch, food_classifier.ray_batch, food_classifier.cli, "
-            "food_classifier.serving.app, food_classifier.serving.ray_serve; "
+    code = ("import sys, food_classifier.batch.job, food_classifier.batch.ray_engine, food_classifier.cli, "
+            "food_classifier.serving.http.app, food_classifier.serving.ray_serve; "
             "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -265,7 +265,7 @@ def test_memory_per_model_call_and_decode_ahead_are_bounded(tmp_path, colour_bun
     --batch-size; rows still come out per batch_size."""
     import weakref
 
-    from food_classifier.batch import MAX_CALL_IMAGES, Scorer
+    from food_classifier.batch.job import MAX_CALL_IMAGES, Scorer
     from food_classifier.inference import Classifier
 
     class Watched(Classifier):

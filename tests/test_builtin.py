@@ -76,7 +76,7 @@ def test_bundle_is_cached_where_documented_with_complete_metadata(food_bundle, c
 def test_coffee_photo_is_espresso(food_clf):
     pred = food_clf.predict(coffee())
     assert pred.label == "espresso" and pred.confidence > 0.5, pred
-    assert sum(t["probability"] for t in pred.top_k) <= 1.0 + 1e-6
+    assert sum(t.probability for t in pred.top_k) <= 1.0 + 1e-6
 
 
 def test_non_food_photos_get_unsure_from_the_chosen_threshold(food_bundle, food_clf):
@@ -92,7 +92,7 @@ def test_non_food_photos_get_unsure_from_the_chosen_threshold(food_bundle, food_
     for name, pixels in photos.items():
         pred = food_clf.predict(Image.fromarray(pixels), reject_not_food=False)  # the threshold alone
         assert pred.abstained and pred.label == "unsure", (name, pred)
-        assert pred.top_k[0]["label"] != "unsure"  # the guess is still there, for who wants it
+        assert pred.top_k[0].label != "unsure"  # the guess is still there, for who wants it
         # and with the not-food rule (issue 14, on by default) they are not food, same guess kept
         ruled = food_clf.predict(Image.fromarray(pixels))
         assert ruled.label == "not_food" and ruled.abstained and ruled.top_k == pred.top_k, name
@@ -200,7 +200,7 @@ def test_int8_recipe_on_the_real_lite0_graph(food_bundle, food_clf, tmp_path):
 def test_served_listing_says_builtin(food_bundle):
     from fastapi.testclient import TestClient
 
-    from food_classifier.serving.app import create_app
+    from food_classifier.serving.http.app import create_app
     from food_classifier.serving.settings import ServeSettings
 
     with TestClient(create_app(ServeSettings(bundles=[food_bundle]))) as client:

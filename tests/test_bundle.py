@@ -74,8 +74,8 @@ def test_classifier_predicts_every_input_kind(colour_bundle, tmp_path):
     assert clf.predict(image_bytes(colour_image("blue"))).label == "blue"
     p = clf.predict(colour_image("red"), top_k=2)
     assert (p.label, p.label_idx) == ("red", 0)
-    assert len(p.top_k) == 2 and p.top_k[0]["label"] == "red"
-    assert p.confidence == pytest.approx(p.top_k[0]["probability"]) and 0.5 < p.confidence <= 1
+    assert len(p.top_k) == 2 and p.top_k[0].label == "red"
+    assert p.confidence == pytest.approx(p.top_k[0].probability) and 0.5 < p.confidence <= 1
     batch = clf.predict_batch([colour_image(c, seed=i) for i, c in enumerate(["blue", "red", "green", "red"])])
     assert [b.label for b in batch] == ["blue", "red", "green", "red"]
     assert clf.predict_batch([]) == []
@@ -84,7 +84,7 @@ def test_classifier_predicts_every_input_kind(colour_bundle, tmp_path):
 def test_threshold_abstains_but_keeps_top_k(colour_bundle):
     clf = Classifier(colour_bundle)
     p = clf.predict(colour_image("red"), threshold=0.999)
-    assert p.abstained and p.label == UNSURE and p.top_k[0]["label"] == "red"
+    assert p.abstained and p.label == UNSURE and p.top_k[0].label == "red"
     assert not clf.predict(colour_image("red"), threshold=0.5).abstained
 
 

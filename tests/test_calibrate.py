@@ -111,7 +111,7 @@ def test_classifier_abstains_as_configured(tmp_path):
     sure, unsure = clf.decide(probs, top_k=2)
     assert (sure.label, sure.abstained) == ("red", False)
     assert (unsure.label, unsure.abstained, unsure.label_idx) == (UNSURE, True, 0)
-    assert [t["label"] for t in unsure.top_k] == ["red", "green"]  # top-k still returned
+    assert [t.label for t in unsure.top_k] == ["red", "green"]  # top-k still returned
     assert not clf.decide(probs, threshold=0.4)[1].abstained  # per-request override
     assert clf.decide(probs, threshold=0.95)[0].abstained
 

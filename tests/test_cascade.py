@@ -13,66 +13,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from cascade_bundle import LABELS, THRESHOLD, make_cascade_bundle
 from conftest import colour_image, image_bytes
 
-from food_classifier.bundle import CASCADE, load_bundle, write_bundle
+from food_classifier.bundle import CASCADE, load_bundle
 from food_classifier.cache import PredictionCache
 from food_classifier.inference import Classifier
-from food_classifier.preprocessing import PreprocessSpec
-
-LABELS = ["red", "green", "blue"]
-THRESHOLD = 0.9
-
-
-def make_cascade_bundle(target: Path) -> Path:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    spec = PreprocessSpec(resize=36, crop=32)
-    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, spec.crop, spec.crop])
-    pool = [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
-            helper.make_node("Flatten", ["pooled"], ["flat"], axis=1)]
-    w1 = np.diag([8.0, 1.0, 1.0]).astype(np.float32)  # sure of red only
-    wi = np.zeros((4, 3), np.float32)
-    wi[3, 2] = 4.0  # "ImageNet" class 3 (not food) lights up on blue
-    stage1 = helper.make_graph(
-        pool + [helper.make_node("Gemm", ["flat", "W1", "Z3"], ["logits"], transB=1),
-                helper.make_node("Identity", ["flat"], ["features"]),
-                helper.make_node("Gemm", ["flat", "WI", "Z4"], ["imagenet_logits"], transB=1)],
-        "stage1", [image],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
-         helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 3]),
-         helper.make_tensor_value_info("imagenet_logits", TensorProto.FLOAT, ["N", 4])],
-        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(wi, "WI"),
-         numpy_helper.from_array(np.zeros(3, np.float32), "Z3"),
-         numpy_helper.from_array(np.zeros(4, np.float32), "Z4")])
-    w2 = np.concatenate([np.eye(3) * 8.0, np.zeros((3, 3))], axis=1).astype(np.float32)
-    stage2 = helper.make_graph(
-        pool + [helper.make_node("Concat", ["features", "flat"], ["features_out"], axis=1),
-                helper.make_node("Gemm", ["features_out", "W2", "Z3"], ["logits"], transB=1)],
-        "stage2", [image, helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 3])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
-         helper.make_tensor_value_info("features_out", TensorProto.FLOAT, ["N", 6])],
-        [numpy_helper.from_array(w2, "W2"), numpy_helper.from_array(np.zeros(3, np.float32), "Z3")])
-    plain = helper.make_graph(  # the "whole ensemble" graph: stage 2's answer without a cascade
-        pool + [helper.make_node("Gemm", ["flat", "W", "Z3"], ["logits"], transB=1)], "plain", [image],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
-        [numpy_helper.from_array((np.eye(3) * 8.0).astype(np.float32), "W"),
-         numpy_helper.from_array(np.zeros(3, np.float32), "Z3")])
-    graphs = {"model.onnx": plain, "stage1.onnx": stage1, "stage2.onnx": stage2}
-    meta = {"name": "cascade", "version": "20260101T000000-cascade", "arch": "colour_cascade", "labels": LABELS,
-            "preprocessing": spec.to_dict(),
-            "cascade": {"stages": [{"file": "stage1.onnx", "members": ["a"], "threshold": THRESHOLD},
-                                   {"file": "stage2.onnx", "members": ["a", "b"]}], "abstain_threshold": 0.5},
-            "not_food": {"food_classes": [0, 1, 2], "threshold": 0.5}}
-
-    def save(d: Path) -> None:
-        for name, graph in graphs.items():
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            model.ir_version = 8
-            onnx.save(model, str(d / name))
-
-    return write_bundle(target, meta, save)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +87,7 @@ def test_stage_one_answers_what_it_is_sure_of_and_the_rest_escalate(cascade_mode
 def test_not_food_is_an_abstention_with_top_k_and_can_be_turned_off(cascade_models):
     clf = Classifier(cascade_models, variant=CASCADE)
     blue = clf.predict(photo("blue"))
-    assert blue.label == "not_food" and blue.abstained and blue.top_k[0]["label"] == "blue"
+    assert blue.label == "not_food" and blue.abstained and blue.top_k[0].label == "blue"
     kept = clf.predict(photo("blue"), reject_not_food=False)
     assert kept.label == "blue" and not kept.abstained and kept.confidence == pytest.approx(blue.confidence)
     assert clf.predict(photo("red")).label == "red"

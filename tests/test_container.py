@@ -190,7 +190,7 @@ def test_ready_and_prediction_equals_local_classifier(container, models):
     local = Classifier(models / "colour").predict(photo, top_k=3)
     assert got["label"] == local.label == "blue"
     assert got["confidence"] == pytest.approx(local.confidence, abs=1e-5)
-    assert [t["label"] for t in got["top_k"]] == [t["label"] for t in local.top_k]  # FOOD_CLASSIFIER_TOP_K=3
+    assert [t["label"] for t in got["top_k"]] == [t.label for t in local.top_k]  # FOOD_CLASSIFIER_TOP_K=3
     status, body = fetch(url + "/predict", b"not an image", {"Content-Type": "application/octet-stream"})
     assert 400 <= status < 500, (status, body)  # user errors stay 4xx inside the image too
 

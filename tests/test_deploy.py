@@ -21,7 +21,7 @@ from conftest import colour_image, image_bytes, make_colour_bundle
 from food_classifier.bundle import update_meta
 from food_classifier.client import GrpcClient
 from food_classifier.inference import Classifier
-from food_classifier.monitoring import reference_stats
+from food_classifier.monitoring.statistics import reference_stats
 from food_classifier.testing import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

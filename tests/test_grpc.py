@@ -22,7 +22,7 @@ from pydantic import TypeAdapter
 from test_serving import png_with_size
 
 from food_classifier.client import GrpcClient, PredictionError
-from food_classifier.serving import schemas
+from food_classifier.serving.http import schemas
 from food_classifier.testing import ServerProcess, free_port
 from food_classifier.v1 import classifier_pb2 as pb2
 from food_classifier.v1 import classifier_pb2_grpc as pb2_grpc
@@ -187,14 +187,14 @@ def _in_thread(coro_fn) -> None:
 
 
 def test_health_is_serving_only_once_models_are_loaded(colour_bundle):
-    from food_classifier.serving.app import create_app
+    from food_classifier.serving.compose import build_app
     from food_classifier.serving.settings import ServeSettings
 
     async def scenario() -> None:
         for default, final in (("colour", health_pb2.HealthCheckResponse.SERVING),
                                ("nope", health_pb2.HealthCheckResponse.NOT_SERVING)):  # loading fails
             port = free_port()
-            app = create_app(ServeSettings(bundles=[colour_bundle], grpc_port=port, host="127.0.0.1",
+            app = build_app(ServeSettings(bundles=[colour_bundle], grpc_port=port, host="127.0.0.1",
                                            default_model=default))
             gate, warm = asyncio.Event(), app.state.service.warm_up
 
@@ -252,7 +252,7 @@ def test_port_in_use_is_a_clear_startup_error(colour_bundle):
         s.bind(("127.0.0.1", 0))
         s.listen()
         taken = s.getsockname()[1]
-        run = subprocess.run([sys.executable, "-m", "food_classifier.serving", str(colour_bundle), "--host",
+        run = subprocess.run([sys.executable, "-m", "food_classifier.cli", "serve", str(colour_bundle), "--host",
                               "127.0.0.1", "--port", "0", "--grpc-port", str(taken)],
                              capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
@@ -265,7 +265,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 def test_without_the_extra_grpc_is_one_clear_error(colour_bundle):
     blocked = "import sys; sys.modules['grpc'] = None\n"
-    serve = _python(blocked + "from food_classifier.serving.cli import serve_command\n"
+    serve = _python(blocked + "from food_classifier.cli.serve import serve_command\n"
                     f"serve_command()(args=['{colour_bundle}', '--grpc-port', '0'], prog_name='serve')")
     assert serve.returncode == 2, serve.stderr
     assert serve.stderr.startswith("error: gRPC needs the grpc extra: pip install 'food-classifier[grpc]'")
@@ -277,8 +277,8 @@ def test_without_the_extra_grpc_is_one_clear_error(colour_bundle):
 
 def test_the_core_never_imports_grpc(colour_bundle):
     run = _python("import sys\n"
-                  "import food_classifier.client, food_classifier.inference, food_classifier.monitoring\n"
-                  "from food_classifier.serving.app import create_app\n"
+                  "import food_classifier.client, food_classifier.inference, food_classifier.monitoring.statistics\n"
+                  "from food_classifier.serving.http.app import create_app\n"
                   "from food_classifier.serving.settings import ServeSettings\n"
                   f"create_app(ServeSettings(bundles=['{colour_bundle}'], prediction_log=None))\n"
                   "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'grpc_health', 'google')))")

@@ -11,6 +11,7 @@ must still classify a good image.
 from __future__ import annotations
 
 import base64
+import time
 
 import httpx
 import numpy as np
@@ -224,3 +225,79 @@ def test_pixels_of_odd_modes_are_right():
     assert list(rgb48) == [8000 // 256, 9000 // 256, 60000 // 256]
     half = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
     assert open_image(image_bytes(half, "PNG")).getpixel((0, 0)) == (127, 127, 127)
+
+
+def _metric(client: httpx.Client, series: str) -> float | None:
+    line = next((x for x in client.get("/metrics").text.splitlines() if x.startswith(series + " ")), None)
+    return None if line is None else float(line.rsplit(" ", 1)[1])
+
+
+def test_feedback_cannot_be_rigged(live):
+    """Issue 22 #13: 60 cache-hit requests for one photo + a wrong-label feedback on each moved
+    live_accuracy from 1.0 to 0.032, and 100 posts on one request id counted 100. Now one vote per
+    image per model version; repeats change nothing and say so (`vote`)."""
+    client, _ = live
+    feedback = "/v1/models/colour/feedback"
+    honest = client.post("/predict", content=image_bytes(colour_image("red", seed=901)), headers=OCTET).json()
+    assert client.post(feedback, json={"request_id": honest["request_id"], "label": "red"}).json()["vote"] == "new"
+    photo = image_bytes(colour_image("blue", seed=902))
+    ids = [client.post("/predict", content=photo, headers=OCTET).json()["request_id"] for _ in range(60)]
+    votes = [client.post(feedback, json={"request_id": rid, "label": "green"}).json() for rid in ids]
+    assert [v["vote"] for v in votes] == ["new"] + ["unchanged"] * 59 and not votes[0]["correct"]
+    for _ in range(100):  # the same request id again and again
+        assert client.post(feedback, json={"request_id": ids[0], "label": "green"}).json()["vote"] == "unchanged"
+    assert _metric(client, 'food_classifier_live_accuracy{model="colour"}') == 0.5  # 2 images, 1 right
+    assert _metric(client, 'food_classifier_feedback_window{model="colour"}') == 2
+    assert _metric(client, 'food_classifier_feedback_total{model="colour",outcome="wrong"}') == 1
+    fixed = client.post(feedback, json={"request_id": ids[-1], "label": "blue"}).json()  # a correction: replaces
+    assert (fixed["vote"], fixed["correct"]) == ("replaced", True)
+    assert _metric(client, 'food_classifier_live_accuracy{model="colour"}') == 1.0
+    long_label = client.post(feedback, json={"request_id": ids[0], "label": "x" * 1_900_000})  # limit: 2 MB
+    body = assert_error(long_label, 422, "unknown_label")  # the label is not echoed back whole
+    assert len(long_label.content) < 2000 and "1,900,000 characters" in body["detail"]
+
+
+def test_small_ones_head_probes_admin_key_on_grpc_and_a_full_redis(tmp_path):
+    """Issue 22 #17: HEAD on the OIP health probes was a 405; the admin key, which SERVING.md says passes
+    wherever the API key does, was refused on gRPC; /readyz said the cache was "ok" while an out-of-memory
+    Redis refused every write."""
+    import grpc
+    import redis
+    from services import RedisServer
+
+    from food_classifier.client import GrpcClient
+    from food_classifier.testing import free_port
+
+    if RedisServer.binary() is None:
+        pytest.skip("redis-server not installed (apt)")
+    make_colour_bundle(tmp_path / "colour" / "v1", version="v1")
+    grpc_port = free_port()
+    env = {"FOOD_CLASSIFIER_API_KEY": "api-key", "FOOD_CLASSIFIER_ADMIN_KEY": "admin-key",
+           "FOOD_CLASSIFIER_CACHE_BREAKER_S": "0.2"}
+    with RedisServer() as store:
+        full = redis.Redis.from_url(store.url)
+        full.set("ballast", b"x" * 3_000_000)
+        full.config_set("maxmemory-policy", "noeviction")
+        full.config_set("maxmemory", "2mb")  # below what is used: every write is refused (OOM), reads work
+        srv = ServerProcess([tmp_path / "colour"], env=env, args=["--grpc-port", str(grpc_port), "--cache-url",
+                                                                   store.url, "--ort-threads", "1"])
+        with srv, httpx.Client(base_url=srv.url, headers={"X-API-Key": "api-key"}, timeout=30) as client:
+            for path in ("/v2/health/live", "/v2/health/ready"):
+                r = httpx.head(srv.url + path)
+                assert r.status_code == 200 and r.content == b"", (path, r.status_code)
+            with GrpcClient(f"127.0.0.1:{grpc_port}", api_key="admin-key") as g:
+                assert g.predict(GOOD)["label"] == "green"  # the admin key passes on gRPC as on HTTP
+            with GrpcClient(f"127.0.0.1:{grpc_port}", api_key="wrong") as g, pytest.raises(Exception) as e:
+                g.predict(GOOD)
+            assert getattr(e.value, "grpc_code", None) == grpc.StatusCode.UNAUTHENTICATED, e.value
+            fresh = image_bytes(colour_image("blue", seed=78))
+            assert client.post("/predict", content=fresh, headers=OCTET).json()["cache"] == "miss"  # write refused
+            time.sleep(0.5)  # past the breaker: a ping succeeds again
+            cache = client.get("/readyz").json()["cache"]
+            assert cache["state"] == "degraded" and cache["redis"]["state"] == "read_only", cache
+            assert "OutOfMemoryError" in cache["redis"]["error"]
+            full.delete("ballast")
+            assert client.post("/predict", content=image_bytes(colour_image("red", seed=77)),
+                               headers=OCTET).json()["label"] == "red"  # a write succeeds: healthy again
+            assert client.get("/readyz").json()["cache"]["state"] == "ok"
+        full.close()

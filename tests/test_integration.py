@@ -59,8 +59,8 @@ def test_served_predictions_match_the_evaluation(default_run):
     # the served top-1 is the evaluation's argmax, image by image (abstention only relabels)
     saved = np.load(run / "logits.npz")
     argmax = dict(zip(saved["path"], saved["logits"].argmax(1), strict=True))
-    assert [p.top_k[0]["label"] for p in preds] == [clf.labels[argmax[str(r.path)]] for r in test]
-    assert np.mean([p.top_k[0]["label"] == r.label for p, r in zip(preds, test, strict=True)]) >= 0.9
+    assert [p.top_k[0].label for p in preds] == [clf.labels[argmax[str(r.path)]] for r in test]
+    assert np.mean([p.top_k[0].label == r.label for p, r in zip(preds, test, strict=True)]) >= 0.9
     kept = [p.label == r.label for p, r in zip(preds, test, strict=True) if not p.abstained]
     assert len(kept) >= 0.8 * len(test) and np.mean(kept) >= 0.9
     assert all(p.label == "unsure" for p in preds if p.abstained)
@@ -88,7 +88,7 @@ def test_the_default_bundle_is_a_cascade_as_accurate_as_the_whole_ensemble(defau
     clf = Classifier(bundle, variant="auto")
     test = [r for r in rows if r.tier == "test"]
     preds = clf.predict_batch([r.path for r in test], reject_not_food=False)
-    served = np.mean([p.top_k[0]["label"] == r.label for p, r in zip(preds, test, strict=True)])
+    served = np.mean([p.top_k[0].label == r.label for p, r in zip(preds, test, strict=True)])
     assert served == pytest.approx(measured["test"]["accuracy"], abs=1e-4) and served >= 0.93  # as measured
     assert {p.stage for p in preds} <= {1, 2} and np.mean([p.stage == 1 for p in preds]) > 0.75
 

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from test_serving import JPEG, assert_error, jpg, ready_client
 
 from food_classifier.serving.admission import DecodeBudget
-from food_classifier.serving.app import create_app
+from food_classifier.serving.http.app import create_app
 from food_classifier.serving.settings import ServeSettings
 from food_classifier.testing import ServerProcess
 
@@ -187,6 +187,64 @@ def test_the_decode_budget_queues_large_images_instead_of_failing(models):
     timings = [r.json()["timing"] for r in results]
     one_decode = min(t["preprocess_ms"] for t in timings)
     assert max(t["queue_ms"] for t in timings) > 2 * one_decode, timings  # someone waited for two decodes
+
+
+def test_json_pixels_count_against_the_decode_budget(tmp_path):
+    """Issue 22 #15: a tensor in JSON is parsed into Python numbers (~9x the body at worst), and those bodies
+    bypassed the budget: 48 connections of 8 JSON crops took the RSS to 0.9-1.3 GB. Now each waits for
+    a grant before its body is read; all answer 200 and the RSS stays near the budget."""
+    import json
+    import threading
+
+    import numpy as np
+
+    from food_classifier.testing import rss_mb
+
+    make_colour_bundle(tmp_path / "big" / "v1", version="v1", crop=160)
+    crops = np.round(np.random.default_rng(0).uniform(-1, 1, (8, 3, 160, 160)), 3)
+    crops[:, 2] += 1.0  # blue
+    body = json.dumps({"inputs": [{"name": "pixels", "shape": list(crops.shape), "datatype": "FP32",
+                                   "data": crops.reshape(-1).tolist()}]}).encode()  # ~4.5 MB
+    args = ["--decode-memory-mb", "64", "--decode-threads", "2", "--ort-threads", "1", "--max-batch-images", "8",
+            "--body-timeout", "3"]
+    with ServerProcess([tmp_path / "big"], args=args) as srv, ThreadPoolExecutor(32) as pool:
+        base, peak, done = rss_mb(srv.proc.pid), [0.0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_mb(srv.proc.pid))
+                time.sleep(0.01)
+
+        def post(_: int) -> httpx.Response:
+            return httpx.post(srv.url + "/v2/models/colour/infer", content=body,
+                              headers={"content-type": "application/json"}, timeout=120)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            results = list(pool.map(post, range(32)))
+        finally:
+            done.set()
+            sampler.join()
+        # 7 senders that dribble a 1 MB JSON body hold 70 MB of the 64 MiB while they send: each must finish
+        # within --body-timeout in all (408), so the budget is free again for the request after them
+        slow = [rawhttp.connect(srv.port) for _ in range(7)]
+        start = time.monotonic()
+        for s in slow:
+            s.sendall(rawhttp.request_head("POST", "/v2/models/colour/infer", {"Content-Type": "application/json"},
+                                           1_000_000) + b'{"inputs": [')
+        while time.monotonic() - start < 4:
+            for s in slow:
+                s.sendall(b"0.5, ")
+            time.sleep(0.5)
+        answers = [rawhttp.read_response(s) for s in slow]
+        assert [a[0] for a in answers] == [408] * 7 and b"must arrive within 3 s" in answers[0][2], answers[0]
+        for s in slow:
+            s.close()
+        assert post(0).status_code == 200
+    assert all(r.status_code == 200 for r in results), {r.status_code: r.text[:200] for r in results}
+    assert all(r.json()["outputs"][0]["data"] == ["blue"] * 8 for r in results)
+    assert peak[0] - base < 150, (base, peak[0])  # was ~300 MB more for these 32 requests
 
 
 def test_decode_budget_is_fifo_bounded_and_survives_cancellation():

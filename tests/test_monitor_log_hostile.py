@@ -13,10 +13,10 @@ from datetime import UTC, datetime
 import numpy as np
 from conftest import make_colour_bundle
 
-from food_classifier.monitor_report import build_report, min_count, summarize
-from food_classifier.monitoring import reference_stats
-from food_classifier.prediction_log import BadLines, PredictionLog, read_log, rotated_files
-from food_classifier.serving.monitor import ServingMonitor
+from food_classifier.monitoring.log import BadLines, PredictionLog, read_log, rotated_files
+from food_classifier.monitoring.report import build_report, min_count, summarize
+from food_classifier.monitoring.statistics import reference_stats
+from food_classifier.serving.observer import ServingMonitor
 from food_classifier.serving.settings import ServeSettings
 
 LABELS = ["red", "green", "blue"]
@@ -74,7 +74,7 @@ def test_a_torn_write_loses_only_its_own_record(tmp_path):
     fresh line, and so must the first record after a restart on a torn file."""
     script = textwrap.dedent(f"""
         import resource, signal
-        from food_classifier.prediction_log import PredictionLog
+        from food_classifier.monitoring.log import PredictionLog
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         log = PredictionLog({str(tmp_path)!r})
         log.write({{"kind": "feedback", "request_id": "r1", "correct": True}})

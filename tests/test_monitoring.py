@@ -10,15 +10,18 @@ import hashlib
 import json
 import math
 import threading
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import colour_image, image_bytes, make_colour_bundle
 
+from food_classifier.answer import Timings
 from food_classifier.bundle import BundleMeta, load_bundle
 from food_classifier.inference import Classifier
-from food_classifier.monitoring import (
+from food_classifier.monitoring.log import PredictionLog, log_files, read_log, rotated_files
+from food_classifier.monitoring.statistics import (
     CONFIDENCE_EDGES,
     RollingWindow,
     chi2_pvalue,
@@ -29,9 +32,8 @@ from food_classifier.monitoring import (
     psi,
     reference_stats,
 )
-from food_classifier.prediction_log import PredictionLog, log_files, read_log, rotated_files
 from food_classifier.serving.errors import ServiceError
-from food_classifier.serving.monitor import ServingMonitor
+from food_classifier.serving.observer import ServingMonitor
 from food_classifier.serving.settings import ServeSettings
 
 
@@ -173,10 +175,10 @@ def colour_model(tmp_path_factory):
 def _observe(monitor: ServingMonitor, model, colour: str, rid: str, cache: str = "off", seed: int = 0) -> dict:
     data = image_bytes(colour_image(colour, seed=seed))
     probs = model.classifier.predict_proba(model.classifier.preprocess(data)[None])[0]
-    pred = model.classifier.decide(probs[None])[0]
-    result = {**pred.to_dict(), "request_id": rid, "cache": cache, "timing": {"total_ms": 1.0}}
-    monitor.observe(model, probs, result, data)
-    return {"data": data, **result}
+    answer = replace(model.classifier.decide(probs[None], outcomes=[cache])[0], request_id=rid,
+                     timings=Timings(total_ms=1.0))
+    monitor.observe(model, answer, data)
+    return {"data": data, **answer.to_dict()}
 
 
 def test_cache_hits_stay_out_of_the_window(colour_model):
@@ -196,7 +198,7 @@ def test_feedback_by_request_id_and_sha256(colour_model, tmp_path):
     sha = hashlib.sha256(seen[1]["data"]).hexdigest()
     wrong = monitor.feedback("colour", "blue", sha256=sha.upper())
     assert wrong == {"request_id": "id1", "model": "colour", "model_version": "v1", "label": "blue",
-                     "predicted": "green", "correct": False}
+                     "predicted": "green", "correct": False, "vote": "new"}
     assert monitor.snapshot()[0]["stats"]["live_accuracy"] == 0.5
     monitor.feedback("colour", "green", request_id="id1")  # a correction replaces the earlier feedback
     assert monitor.snapshot()[0]["stats"]["live_accuracy"] == 1.0

@@ -20,8 +20,8 @@ from conftest import SHARED_DATA
 from prometheus_client.parser import text_string_to_metric_families
 
 from food_classifier.bundle import write_bundle
-from food_classifier.monitoring import reference_stats
-from food_classifier.prediction_log import read_log, rotated_files
+from food_classifier.monitoring.log import read_log, rotated_files
+from food_classifier.monitoring.statistics import reference_stats
 from food_classifier.preprocessing import PreprocessSpec, preprocess
 from food_classifier.testing import ServerProcess, free_port
 

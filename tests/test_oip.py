@@ -71,7 +71,7 @@ def outputs(binary: bool, class_count: int = 0) -> list[th.InferRequestedOutput]
 def expected(clf: Classifier, photos: list[bytes], threshold: float | None = None, k: int = 3):
     preds = [clf.predict(p, top_k=k, threshold=threshold) for p in photos]
     probs = clf.predict_proba(np.stack([clf.preprocess(p) for p in photos]))
-    top = [[f"{t['probability']:f}:{clf.labels.index(t['label'])}:{t['label']}" for t in p.top_k] for p in preds]
+    top = [[f"{t.probability:f}:{clf.labels.index(t.label)}:{t.label}" for t in p.top_k] for p in preds]
     return [p.label for p in preds], [p.label_idx for p in preds], probs, top
 
 
@@ -186,7 +186,9 @@ def test_compressed_requests_health_metadata_and_the_same_core(served, clf):
                     "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
                     "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                                 {"name": "label_idx", "datatype": "INT64", "shape": [-1]},
-                                {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]}
+                                {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
+                                {"name": "stage", "datatype": "INT64", "shape": [-1]},
+                                {"name": "reason", "datatype": "BYTES", "shape": [-1]}]}
     assert client.get_server_metadata(headers=auth())["extensions"] == ["binary_tensor_data", "classification",
                                                                      "parameters"]
     photo = jpg("red", seed=41)
@@ -268,7 +270,7 @@ def test_a_real_photo_through_the_builtin_model():
                                   th.InferRequestedOutput("probabilities", class_count=3)])
     assert r.as_numpy("label").tolist() == [want.label.encode()]
     assert [float(s.split(b":")[0]) for s in r.as_numpy("probabilities")[0]] == pytest.approx(
-        [t["probability"] for t in want.top_k], abs=1e-5)
+        [t.probability for t in want.top_k], abs=1e-5)
 
 
 KSERVE_CLIENT = """
@@ -311,3 +313,73 @@ def test_the_kserve_rest_client(colour_bundle, clf):
     assert got["ready"] is True
     for form in ("False", "True"):  # the JSON form, then binary data
         assert got[form] == {"id": "k", "label": labels, "label_idx": idx, "probabilities": sum(top, [])}
+
+
+HOSTILE_TENSORS = [  # issue 22 #12: each was a JSON 500 internal_error (np.prod wrapped, numpy overflowed)
+    ({"name": "pixels", "shape": [1], "datatype": "UINT8", "data": [300]}, "out of range for UINT8 (0 to 255)"),
+    ({"name": "pixels", "shape": [1], "datatype": "UINT8", "data": [-1]}, "out of range for UINT8"),
+    ({"name": "pixels", "shape": [1], "datatype": "INT64", "data": [2**70]}, "out of range for INT64"),
+    ({"name": "pixels", "shape": [1], "datatype": "UINT64", "data": [2**64]}, "out of range for UINT64"),
+    ({"name": "pixels", "shape": [2**70], "datatype": "FP32", "data": []}, "more than 2,147,483,647 elements"),
+    ({"name": "pixels", "shape": [4294967296, 4294967296], "datatype": "FP32", "data": []}, "more than"),
+    ({"name": "pixels", "shape": [0, 2**62], "datatype": "FP32", "data": []}, "more than"),
+    ({"name": "pixels", "shape": [1] * 70, "datatype": "FP32", "data": [0.5]}, "at most 32"),
+    ({"name": "image", "shape": [4294967296, 4294967296], "datatype": "BYTES", "data": []}, "more than"),
+    ({"name": "pixels", "shape": [1, 3, 224, 224], "datatype": "FP32", "data": ["x" * 50_000]}, "characters)"),
+    ({"name": "n" * 200_000, "shape": [1], "datatype": "BYTES", "data": ["eA=="]}, "message cut at 2,000"),
+]
+
+
+def test_hostile_tensors_are_400_over_rest_and_invalid_argument_over_grpc(served, clf):
+    """Out-of-range values and absurd shapes: a 400 with a clear message on REST (JSON and binary) and
+    INVALID_ARGUMENT on gRPC, counted in the gRPC metrics; never a 500 / UNKNOWN leaking the exception."""
+    import grpc
+
+    from food_classifier.serving.oip import split_bytes
+    from food_classifier.v1 import load_oip_stubs
+
+    _, http, _, port = served
+    for tensor, words in HOSTILE_TENSORS:
+        r = http.post("/v2/models/colour/infer", json={"inputs": [tensor]})
+        assert r.status_code == 400 and words in r.json()["error"], (tensor["shape"][:3], r.text[:300])
+        assert len(r.text) < 2500  # echoed input is cut (was the whole 200 kB input name)
+    header = json.dumps({"inputs": [{"name": "pixels", "shape": [4294967296, 4294967296], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 0}}]}).encode()
+    r = http.post("/v2/models/colour/infer", content=header, headers={"Inference-Header-Content-Length":
+                                                                       str(len(header))})
+    assert r.status_code == 400 and "more than" in r.json()["error"], r.text
+    pb2, pb2_grpc = load_oip_stubs()
+    tensor = pb2.ModelInferRequest.InferInputTensor
+    calls = [  # (request, words): values through `contents`, then a shape through raw_input_contents
+        (pb2.ModelInferRequest(model_name="colour", inputs=[tensor(
+            name="pixels", datatype="UINT8", shape=[1], contents=pb2.InferTensorContents(uint_contents=[300]))]),
+         "out of range for UINT8"),
+        (pb2.ModelInferRequest(model_name="colour", inputs=[tensor(
+            name="pixels", datatype="INT8", shape=[1], contents=pb2.InferTensorContents(int_contents=[-200]))]),
+         "out of range for INT8"),
+        (pb2.ModelInferRequest(model_name="colour", inputs=[tensor(name="pixels", datatype="FP32",
+                                                                   shape=[4294967296, 4294967296])],
+                               raw_input_contents=[b""]), "more than"),
+    ]
+    series = 'food_classifier_grpc_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"} '
+
+    def invalid() -> float:
+        line = next((x for x in http.get("/metrics").text.splitlines() if x.startswith(series)), series + "0")
+        return float(line.rsplit(" ", 1)[1])
+
+    before = invalid()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb2_grpc.GRPCInferenceServiceStub(channel)
+        for request, words in calls:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfer(request, metadata=[("x-api-key", KEY)], timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details(), e.value
+            assert "Unexpected" not in e.value.details()
+        crop = clf.preprocess(jpg("red", seed=5))  # typed contents (read through the field's buffer) still work
+        typed = stub.ModelInfer(pb2.ModelInferRequest(model_name="colour", inputs=[tensor(
+            name="pixels", datatype="FP32", shape=[1, *crop.shape],
+            contents=pb2.InferTensorContents(fp32_contents=crop.reshape(-1).tolist()))]),
+            metadata=[("x-api-key", KEY)], timeout=10)
+        assert split_bytes(typed.raw_output_contents[0], "label") == [b"red"]
+    assert invalid() == before + 3  # counted (an UNKNOWN escaped the metrics)
+    assert 'status="500"' not in http.get("/metrics").text

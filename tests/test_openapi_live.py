@@ -136,7 +136,7 @@ def test_live_responses_match_the_published_schema(live, models):
     by_sha = {"sha256": hashlib.sha256(jpg("red", 7)).hexdigest(), "label": "blue"}
     assert check(c.post(feedback, json=by_sha), 200) == {
         "request_id": pred["request_id"], "model": "colour", "model_version": "v1", "label": "blue",
-        "predicted": "red", "correct": False}
+        "predicted": "red", "correct": False, "vote": "replaced"}
     check(c.post(feedback, json={"request_id": "nope", "label": "red"}), 404)
     check(c.post(feedback, json={"request_id": pred["request_id"], "label": "purple"}), 422)
     check(c.post(feedback, json={"label": "red"}), 422)
@@ -184,7 +184,7 @@ def test_not_ready_answers_match_the_schema(tmp_path):
     app's lifespan has loaded anything."""
     from fastapi.testclient import TestClient
 
-    from food_classifier.serving.app import create_app
+    from food_classifier.serving.http.app import create_app
     from food_classifier.serving.settings import ServeSettings
 
     make_colour_bundle(tmp_path / "colour" / "v1", version="v1")

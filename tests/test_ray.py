@@ -25,8 +25,8 @@ from food_classifier.ray_env import LOCAL_ENV
 os.environ.update(LOCAL_ENV)
 ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed (pip install 'food-classifier[ray]')")
 
-from food_classifier.batch import predict_dir, read_source  # noqa: E402
-from food_classifier.ray_batch import RayEngine  # noqa: E402
+from food_classifier.batch.job import predict_dir, read_source  # noqa: E402
+from food_classifier.batch.ray_engine import RayEngine  # noqa: E402
 from food_classifier.serving.ray_serve import APP_NAME, application, deployment_options  # noqa: E402
 from food_classifier.serving.settings import ServeSettings  # noqa: E402
 from food_classifier.testing import free_port, process_tree  # noqa: E402
@@ -183,3 +183,22 @@ def test_deployment_options_expose_ray_autoscaling():
         "min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 3.0}
     with pytest.raises(ValueError, match="replicas"):
         ServeSettings(replicas="many")
+
+
+def test_predict_dir_on_ray_gives_the_classifier_answers_of_a_cascade(tmp_path, ray_session):
+    """One path: Ray's actors answer the cascade bundle's default variant like `Classifier.predict`."""
+    from cascade_bundle import make_cascade_bundle
+
+    from food_classifier.inference import Classifier
+
+    models = make_cascade_bundle(tmp_path / "models" / "cascade" / "v1").parent
+    photos = make_photos(tmp_path / "photos", per_class=3)
+    predict_dir(photos, models, tmp_path / "ray.jsonl", batch_size=4, engine=RayEngine(actors=1),
+                progress=io.StringIO())
+    clf = Classifier(models)
+    rows = read_rows(tmp_path / "ray.jsonl")
+    assert rows and {r["stage"] for r in rows} == {1, 2} and "not_food" in {r["reason"] for r in rows}
+    for r in rows:
+        a = clf.predict(r["path"])
+        assert (r["label"], r["abstained"], r["reason"], r["stage"]) == (a.label, a.abstained, a.reason, a.stage)
+        assert r["confidence"] == pytest.approx(a.confidence, abs=1e-6)

@@ -14,7 +14,7 @@ import pytest
 from conftest import colour_image, image_bytes
 from fastapi.testclient import TestClient
 
-from food_classifier.serving.app import create_app
+from food_classifier.serving.http.app import create_app
 from food_classifier.serving.settings import ServeSettings
 
 JPEG = "image/jpeg"

@@ -14,7 +14,7 @@ from pydantic import Field
 from test_serving_units import ROOT, invoke_serve
 from typer.testing import CliRunner
 
-from food_classifier.serving.cli import command_for
+from food_classifier.cli.serve import command_for
 from food_classifier.serving.settings import ServeSettings
 
 

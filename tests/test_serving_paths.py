@@ -83,7 +83,7 @@ def test_seed_get_predict_odd_paths(path_setup, raw_query, status):
 
 def test_path_guard_unit(tmp_path):
     from food_classifier.serving.errors import Forbidden
-    from food_classifier.serving.paths import PathGuard
+    from food_classifier.serving.http.paths import PathGuard
 
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "a.jpg").write_bytes(b"x")

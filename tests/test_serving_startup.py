@@ -102,9 +102,9 @@ def test_serve_without_a_bundle_names_the_train_extra_when_torch_is_missing(tmp_
     import subprocess
     import sys
 
-    hide_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv[0] = 'serve'; "  # find_spec -> None
-                  "runpy.run_module('food_classifier.serving', run_name='__main__')")
-    out = subprocess.run([sys.executable, "-c", hide_torch, "--port", "1"], capture_output=True, text=True,
+    hide_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv[0] = 'food-classifier'; "  # find_spec
+                  "runpy.run_module('food_classifier.cli', run_name='__main__')")  # -> None
+    out = subprocess.run([sys.executable, "-c", hide_torch, "serve", "--port", "1"], capture_output=True, text=True,
                          timeout=60, env={**os.environ, "FOOD_CLASSIFIER_CACHE": str(tmp_path)})
     assert out.returncode == 2, out.stderr
     assert "no bundle given and no built-in model available" in out.stderr

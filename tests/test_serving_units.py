@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from food_classifier.answer import Options
 from food_classifier.serving.batching import MicroBatcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def test_server_never_imports_torch(colour_bundle):
 
 
 def test_cli_module_imports_cheaply():
-    code = ("import sys, food_classifier.serving.cli; "
+    code = ("import sys, food_classifier.cli.serve; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'fastapi', 'uvicorn', 'onnxruntime', 'numpy', 'PIL', 'torch', 'pydantic', 'starlette'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -186,7 +187,7 @@ def test_cli_module_imports_cheaply():
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-m", "food_classifier.serving", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "food_classifier.cli", "serve", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env={**os.environ, **(env or {})})
 
 
@@ -198,7 +199,7 @@ def invoke_serve(monkeypatch, builtin, *args: str):
     import uvicorn
     from typer.testing import CliRunner
 
-    from food_classifier.serving.cli import serve
+    from food_classifier.cli.serve import serve
 
     if builtin is None:
         monkeypatch.setitem(sys.modules, "food_classifier.builtin", None)  # import fails
@@ -274,13 +275,13 @@ def test_decoded_images_waiting_for_the_model_are_bounded(colour_bundle):
                 live -= 1
 
         images = [ImageUpload(image_bytes(colour_image("blue", seed=i))) for i in range(40)]
-        return await asyncio.gather(*(done_hook(service._classify(registry.get(), im.data, None, None))
+        return await asyncio.gather(*(done_hook(service._classify(registry.get(), im.data, Options()))
                                       for im in images))
 
     results = asyncio.run(main())
     service.close()
     registry.close()
-    assert all(r["label"] == "blue" for r in results)
+    assert all(r.label == "blue" for r in results)
     assert service.pending_limit == 2 * (2 + 1 * 2) and peak <= service.pending_limit
 
 

@@ -18,7 +18,7 @@ from conftest import COLOURS, colour_image, image_bytes
 from services import KafkaBroker
 from typer.testing import CliRunner
 
-from food_classifier.serving.worker import WireError, parse_value
+from food_classifier.serving.stream.worker import WireError, parse_value
 from food_classifier.testing import free_port
 
 ck = pytest.importorskip("confluent_kafka")
@@ -227,10 +227,20 @@ def test_two_workers_in_one_group_split_the_partitions(colour_bundle, broker):
 def test_wire_format_and_cli_errors():
     assert parse_value(b"\xff\xd8abc", 100) == (None, b"\xff\xd8abc")
     assert parse_value(json.dumps({"id": 7, "image_b64": base64.b64encode(b"xy").decode()}).encode(), 100) == (7, b"xy")
+    assert parse_value(b'{"id": "a", "image_b64": "eHk="}', 100) == ("a", b"xy")
+    assert parse_value(b'{"id": 1.5, "image_b64": "eHk="}', 100) == (1.5, b"xy")
     for value, code in [(b"", "missing_image"), (b"x" * 101, "body_too_large"), (b"{nope", "invalid_json"),
-                        (b'{"id": 1}', "missing_image"), (b'{"image_b64": "%%"}', "invalid_base64")]:
+                        (b'{"id": 1}', "missing_image"), (b'{"image_b64": "%%"}', "invalid_base64"),
+                        (b'{"a": ' * 5000 + b"1" + b"}" * 5000, "invalid_json"),  # was a RecursionError
+                        (b'{"id": NaN, "image_b64": "eHk="}', "invalid_json"),  # was bare NaN in the result
+                        (b'{"id": -Infinity, "image_b64": "eHk="}', "invalid_json"),
+                        (b'{"id": 1e400, "image_b64": "eHk="}', "invalid_id"),  # parses as inf
+                        (b'{"id": ' + b"7" * 5000 + b', "image_b64": "eHk="}', "invalid_json"),  # was a ValueError
+                        (b'{"id": 18446744073709551616, "image_b64": "eHk="}', "invalid_id"),
+                        (b'{"id": [1], "image_b64": "eHk="}', "invalid_id"),
+                        (json.dumps({"id": "x" * 257, "image_b64": "eHk="}).encode(), "invalid_id")]:
         with pytest.raises(WireError) as e:
-            parse_value(value, 100)
+            parse_value(value, 100 if code == "body_too_large" else 100_000)
         assert e.value.code == code
     from food_classifier.cli import app
 
@@ -238,3 +248,60 @@ def test_wire_format_and_cli_errors():
     assert r.exit_code == 2 and "give one of --kafka" in r.output
     r = CliRunner().invoke(app, ["worker", "--kafka", "127.0.0.1:1", "--kafka-config", "nokey"])
     assert r.exit_code == 2 and "KEY=VALUE" in r.output
+
+
+def test_hostile_messages_end_as_results_or_dead_letters_and_the_partition_moves(colour_bundle, broker):
+    """Issue 22 #10/#17: deeply nested JSON (RecursionError), failed messages over the producer's 1 MB
+    limit (the DLQ copy raised MSG_SIZE_TOO_LARGE), an 11 MB message, a NaN / 1e400 / 5000-digit id,
+    a 2 MB key: the worker used to die on each and replay the batch forever. Now every message gets a
+    result or a dead letter (headers only when the body cannot be copied), good neighbours are answered,
+    the offsets move and the worker keeps running."""
+    names = topics(broker.bootstrap, partitions=1)
+    good, truth = photos(2)
+    big_bad = b"\x89PNG\r\n\x1a\n" + b"\x00" * 1_500_000  # not a readable image, 1.5 MB
+    huge = b"\xff\xd8" + b"\x00" * 11_000_000  # over the worker's 10 MB body limit
+    hostile = [("nested", b'{"id": ' + b"[" * 200_000 + b"]" * 200_000 + b', "image_b64": "eA=="}'),
+               ("big-bad", big_bad), ("huge", huge),
+               ("nan-id", b'{"id": NaN, "image_b64": "eA=="}'),
+               ("inf-id", b'{"id": 1e400, "image_b64": "eA=="}'),
+               ("long-int-id", b'{"id": ' + b"9" * 5000 + b', "image_b64": "eA=="}'),
+               ("k" * 2_000_000, b"\xff\xd8 not a jpeg with a 2 MB key")]
+    p = ck.Producer({"bootstrap.servers": broker.bootstrap, "message.max.bytes": 20_000_000})
+    for key, value in [good[0], *hostile, good[1]]:
+        p.produce(names[0], value, key)
+    assert p.flush(30) == 0
+    worker = Worker(colour_bundle, broker.bootstrap, names, "g-hostile")
+    out, dlq = Reader(broker.bootstrap, names[1]), Reader(broker.bootstrap, names[2])
+    try:
+        results = [json.loads(m.value()) for m in out.until(lambda ms: len(ms) >= 9, timeout=90)]
+        assert len(results) == 9 and worker.proc.poll() is None
+        ids = by_id(results)
+        for ident, label in truth.items():  # the good neighbours of the hostile messages are answered
+            assert ids[ident][0]["label"] == label and ids[ident][0]["error"] is None
+        errors = [r for r in results if r["error"]]
+        assert len(errors) == 7 and all(r["label"] is None for r in errors)
+        assert {r["error"] for r in errors} >= {"invalid_json", "invalid_image", "body_too_large", "invalid_id"}
+        for r in errors:  # every result is strict JSON with a string/number id (never NaN), bounded in size
+            assert isinstance(r["id"], str | int) and len(json.dumps(r, allow_nan=False)) < 5000
+        dead = dlq.until(lambda ms: len(ms) >= 7, timeout=60)
+        assert len(dead) == 7
+        by_source = {dict(m.headers())["source"].decode(): m for m in dead}
+        offsets = {int(s.rsplit("/", 1)[1]): m for s, m in by_source.items()}
+        assert set(offsets) == set(range(1, 8))
+        assert offsets[1].value() is not None and offsets[1].value().startswith(b'{"id": [[[')  # fits: copied
+        for offset, size in ((2, len(big_bad)), (3, len(huge))):  # too big to copy: a headers-only marker
+            headers = dict(offsets[offset].headers())
+            assert not offsets[offset].value() and int(headers["value_bytes"]) == size
+            assert b"not copied" in headers["value_omitted"]
+        assert not offsets[7].key() and b"2000000 bytes" in dict(offsets[7].headers())["key_omitted"]
+        assert offsets[7].value() == hostile[-1][1]  # the 2 MB key is dropped, the small value copied
+        assert worker.metric('food_classifier_worker_messages_total{outcome="error"}') == 7
+        assert worker.stop(signal.SIGTERM) == 0
+        group = ck.Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "g-hostile"})
+        committed = group.committed([ck.TopicPartition(names[0], 0)], timeout=10)
+        assert committed[0].offset == 9  # the partition moved past every message
+        group.close()
+    finally:
+        worker.stop(signal.SIGKILL)
+        out.close()
+        dlq.close()

@@ -1,7 +1,7 @@
 """`food-classifier` command line. Thin: every command calls one plain function.
 
 One module per command group: `data`, `train`, `runs` (evaluate, report, export), `models`,
-`predict` (predict, builtin, monitor); `serve` and `worker` come from the serving side. Heavy
+`predict` (predict, builtin, monitor), `serve` and `worker` (their flags built from the serving settings). Heavy
 imports (torch, onnxruntime, fastapi) happen inside commands, so `--help` is instant and the serving
 install works without the training extras.
 """
@@ -28,7 +28,7 @@ def _single(function: Callable[..., None], name: str) -> Any:
 
 
 def _serve() -> Any:
-    from food_classifier.serving.cli import serve_command
+    from food_classifier.cli.serve import serve_command
 
     return serve_command("serve")
 
@@ -40,6 +40,7 @@ LAZY: dict[str, Callable[[], Any]] = {
     "data": lambda: typer.main.get_command(import_module("food_classifier.cli.data").data_app),
     "train": lambda: _single(import_module("food_classifier.cli.train").train, "train"),
     "serve": _serve,
+    "worker": lambda: import_module("food_classifier.cli.worker").worker_command("worker"),
     # bring your own ONNX, phone-ready export (training/deploy_cli.py)
     "import-onnx": lambda: _single(import_module("food_classifier.training.deploy_cli").import_onnx_cmd, "import-onnx"),
     "export-mobile": lambda: _single(import_module("food_classifier.training.deploy_cli").export_mobile_cmd,
@@ -76,17 +77,6 @@ app.command()(predict.monitor)
 app.command("builtin")(predict.builtin_cmd)
 app.command("predict-dir")(predict.predict_dir_cmd)
 app.add_typer(models_app, name="models")
-
-
-def _register_worker() -> None:
-    try:
-        from food_classifier.serving.worker_cli import worker
-    except ImportError:
-        return
-    app.command("worker", short_help="Classify images from Kafka or Redis Streams.")(worker)
-
-
-_register_worker()
 
 
 def main() -> None:

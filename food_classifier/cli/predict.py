@@ -8,6 +8,7 @@ from typing import Literal
 
 import typer
 
+from food_classifier.answer import AUTO
 from food_classifier.cli.common import fail
 
 
@@ -15,7 +16,8 @@ def predict(images: list[Path] = typer.Argument(..., help="Image files.", metava
             model: Path = typer.Option(Path("models/food"),
                                        help="Bundle dir or model dir (its promoted, else newest version)."),
             top_k: int = typer.Option(3), threads: int = typer.Option(0),
-            variant: str = typer.Option("auto", help="auto (the bundle's recommended one, as `serve`), fp32 or int8."),
+            variant: str = typer.Option(AUTO, help="auto (the bundle's recommended one, as `serve`), cascade, fp32 "
+                                                   "or int8."),
             as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
     """Classify images with a bundle (no torch needed). Uses ONNX Runtime; exits 1 when any image could
     not be read (the others are still classified)."""
@@ -35,7 +37,7 @@ def predict(images: list[Path] = typer.Argument(..., help="Image files.", metava
             line = json.dumps({"image": str(path), **p.to_dict()}, ensure_ascii=False)
             typer.echo(line.encode("utf-8", "surrogateescape"))
         else:
-            alts = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in p.top_k)
+            alts = ", ".join(f"{t.label} {t.probability:.3f}" for t in p.top_k)
             typer.echo(f"{path}: {p.label} ({p.confidence:.3f})  [{alts}]")
     if failed:
         typer.secho(f"{failed} of {len(images)} image(s) could not be read", fg=typer.colors.RED, err=True)
@@ -49,7 +51,7 @@ def monitor(log_dir: Path = typer.Argument(..., help="A `serve --prediction-log`
             out: Path | None = typer.Option(None, help="HTML page to write (default LOG_DIR/report.html).")) -> None:
     """Report on a prediction log, offline. Drift per time window, abstention, estimated vs feedback
     accuracy."""
-    from food_classifier.monitor_report import ReportError, build_report
+    from food_classifier.monitoring.report import ReportError, build_report
 
     try:
         table, html = build_report(log_dir, model, window, out)
@@ -84,21 +86,23 @@ def predict_dir_cmd(
                                                         "the model runs them in calls of at most 4 images."),
         fmt: Literal["parquet", "jsonl"] | None = typer.Option(
             None, "--format", help="Default: jsonl for an --out ending in .jsonl, else parquet."),
+        variant: str = typer.Option(AUTO, help="auto (the bundle's recommended one, as `serve` and `predict`), "
+                                               "cascade, fp32 or int8."),
         threads: int = typer.Option(0, min=0, help="Local engine: decode and ONNX Runtime threads (0 = all "
                                                    "usable CPUs, at most 4).")) -> None:
     """Score a folder of photos into a results file.
 
     Every image of a folder, manifest or path list becomes one row of a Parquet or JSONL file."""
-    from food_classifier.batch import BatchError, local_engine, predict_dir
+    from food_classifier.batch.job import BatchError, local_engine, predict_dir
     from food_classifier.bundle import BundleError
     from food_classifier.ray_env import MissingExtra
 
     if engine == "ray":
-        from food_classifier.ray_batch import RayEngine
+        from food_classifier.batch.ray_engine import RayEngine
 
-        runner = RayEngine(ray_address)
+        runner = RayEngine(ray_address, variant=variant)
     else:
-        runner = local_engine(threads or None)
+        runner = local_engine(threads or None, variant=variant)
     try:
         summary = predict_dir(source, model, out, fmt, batch_size, runner)
     except (BatchError, BundleError, MissingExtra) as e:  # here, not in main(): its check imports torch

@@ -1,5 +1,5 @@
-"""The HTTP prediction service (FastAPI + uvicorn over `inference.Classifier`; never imports torch).
-
-Nothing is imported here, so `food_classifier.serving.cli` stays cheap to import. Entry points:
-`food-classifier serve` (cli.serve), `python -m food_classifier.serving`, `app.create_app(settings)`.
+"""The prediction service (never imports torch): the core (`service.py`: `PredictionService`, `build_service`), the
+model registry, batching, admission, cache wiring, errors, settings, metrics, keys and the OIP codec; the transports
+below it never import each other: `http/` (FastAPI), `grpc/`, `stream/` (Kafka, Redis Streams), `ray_serve.py`.
+`compose.py` puts HTTP and gRPC together for `food-classifier serve` (cli/serve.py).
 """

@@ -15,6 +15,12 @@ photo waited 14 s behind them. So an image is decoded in two steps:
 
 Decodes in flight then hold at most the budget (or one image alone, when it needs more than the whole
 budget) plus one small image per decode thread.
+
+Tensor requests in JSON (the Open Inference Protocol's `pixels` or `image` `data`) are decodes too: their
+numbers become Python objects, ~9x the body at worst. `routes_oip` takes a grant of `tensor_body_cost`
+(bytes, no decode slot) before it reads such a body and holds it until the answer is sent; the body
+must then arrive within --body-timeout in all, so a slow sender cannot sit on the budget. 48 connections
+of 8 JSON crops wait their turn instead of holding ~0.9 GB at once; a small one (<= budget/16) never waits.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ from food_classifier.preprocessing import decode_bytes, peek
 from food_classifier.serving import memory
 
 SMALL_SHARE = 16  # an image needing at most budget/16 bytes skips the queue
+# A tensor in JSON (the Open Inference Protocol's `data`) is parsed into Python numbers: 32 bytes each (a
+# float object + its list slot), then 4 as float32, from as little as 4 bytes of text ("0.5,"). So a
+# JSON body may need 9x its size on top of itself while it is parsed and answered (tracemalloc: 4.9x for
+# 3-decimal values, 1.7x for full float32 reprs).
+JSON_TENSOR_FACTOR = 10
 
 
 class LargeImage(Exception):  # noqa: N818 - a signal between the two steps, not an error
@@ -61,17 +72,31 @@ def decode_large(classifier: Any, img: Image.Image) -> tuple[np.ndarray, float]:
         memory.trim()
 
 
+def tensor_body_cost(content_length: str | None, header_length: str | None, encoded: bool, limit: int) -> int:
+    """The most memory a tensor request's body may take, known before a byte of it is read: its JSON part
+    times JSON_TENSOR_FACTOR plus its binary part (an unknown or compressed length counts as `limit`)."""
+    try:
+        size = min(int(content_length or ""), limit) if not encoded else limit
+    except ValueError:
+        size = limit
+    try:
+        json_part = min(int(header_length), size) if header_length is not None else size
+    except ValueError:
+        json_part = size
+    return max(0, json_part) * JSON_TENSOR_FACTOR + max(0, size - json_part)
+
+
 class Grant:
     """Bytes held in a `DecodeBudget`; `release` is idempotent (call it on the event loop)."""
 
-    def __init__(self, budget: DecodeBudget, cost: int):
+    def __init__(self, budget: DecodeBudget, cost: int, slot: bool = True):
         self._budget: DecodeBudget | None = budget
-        self.cost = cost
+        self.cost, self.slot = cost, slot
 
     def release(self) -> None:
         if self._budget is not None:
             budget, self._budget = self._budget, None
-            budget._give(self.cost)
+            budget._give(self.cost, self.slot)
 
 
 class DecodeBudget:
@@ -85,42 +110,46 @@ class DecodeBudget:
         self.small = capacity // SMALL_SHARE
         self.used = 0
         self.running = 0
-        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+        self._waiters: deque[tuple[int, bool, asyncio.Future]] = deque()
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def _fits(self, cost: int) -> bool:
-        return self.running < self.slots and (self.running == 0 or self.used + cost <= self.capacity)
+    def _fits(self, cost: int, slot: bool) -> bool:
+        if slot and self.running >= self.slots:
+            return False
+        return self.used == 0 or self.used + cost <= self.capacity
 
-    def _take(self, cost: int) -> None:
+    def _take(self, cost: int, slot: bool) -> None:
         self.used += cost
-        self.running += 1
+        self.running += slot
 
-    def _give(self, cost: int) -> None:
+    def _give(self, cost: int, slot: bool) -> None:
         self.used -= cost
-        self.running -= 1
+        self.running -= slot
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self._fits(self._waiters[0][0]):
-            cost, future = self._waiters.popleft()
+        while self._waiters and self._fits(self._waiters[0][0], self._waiters[0][1]):
+            cost, slot, future = self._waiters.popleft()
             if not future.done():  # skip waiters that were cancelled
-                self._take(cost)
+                self._take(cost, slot)
                 future.set_result(None)
 
-    async def acquire(self, cost: int) -> Grant:
-        if not self._waiters and self._fits(cost):
-            self._take(cost)
-            return Grant(self, cost)
-        entry = (cost, asyncio.get_running_loop().create_future())
+    async def acquire(self, cost: int, slot: bool = True) -> Grant:
+        """Wait until `cost` bytes fit (and, with `slot`, a large-decode slot is free: a holder that
+        does not occupy a decode thread, such as a JSON tensor, takes none)."""
+        if not self._waiters and self._fits(cost, slot):
+            self._take(cost, slot)
+            return Grant(self, cost, slot)
+        entry = (cost, slot, asyncio.get_running_loop().create_future())
         self._waiters.append(entry)
         try:
-            await entry[1]
+            await entry[2]
         except asyncio.CancelledError:
-            if entry[1].done() and not entry[1].cancelled():  # granted just before the cancel arrived
-                self._give(cost)
+            if entry[2].done() and not entry[2].cancelled():  # granted just before the cancel arrived
+                self._give(cost, slot)
             else:
                 try:
                     self._waiters.remove(entry)
@@ -128,4 +157,4 @@ class DecodeBudget:
                     pass
                 self._wake()  # it may have been the head that blocked the others
             raise
-        return Grant(self, cost)
+        return Grant(self, cost, slot)

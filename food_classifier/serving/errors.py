@@ -15,8 +15,12 @@ class ServiceError(Exception):
     status = 400
     code = "bad_request"
 
+    MAX_DETAIL = 2000  # characters: a message quoting a client's 9 MB value must not send it back
+
     def __init__(self, detail: str, *, status: int | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
+        if len(detail) > self.MAX_DETAIL:
+            detail = f"{detail[:self.MAX_DETAIL]}... (message cut at {self.MAX_DETAIL:,} of {len(detail):,} characters)"
         super().__init__(detail)
         self.detail = detail
         self.status = status or self.status

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from food_classifier.cache import PredictionCache
 
 if TYPE_CHECKING:
-    from food_classifier.serving.monitor import ServingMonitor
+    from food_classifier.serving.observer import ServingMonitor
 
 LATENCY_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)

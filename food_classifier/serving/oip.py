@@ -7,8 +7,9 @@ tensors. The model, seen through the protocol:
 - inputs (exactly one): `image` BYTES [N] - encoded photos (JPEG, PNG...), decoded by the core like
   any upload; or `pixels` FP32 [N, 3, crop, crop] - crops already preprocessed with the bundle's
   spec, which skip decoding (same cache, batcher, model and limits);
-- outputs: `label` BYTES [N] ("unsure" below the threshold), `label_idx` INT64 [N], `probabilities`
-  FP32 [N, C] (calibrated). With Triton's classification extension (`classification: k` on the
+- outputs: `label` BYTES [N] (a class, or "unsure" / "not_food"), `label_idx` INT64 [N], `probabilities`
+  FP32 [N, C] (calibrated), `stage` INT64 [N] (the cascade stage that answered), `reason` BYTES [N] (why it
+  abstained: "unsure", "not_food", or empty). With Triton's classification extension (`classification: k` on the
   requested output, or the request parameter `top_k`), `probabilities` is instead BYTES [N, k] of
   "probability:index:label", best first.
 - request parameters: `top_k` (1-1000), `threshold` (0-1) and `reject_not_food` (bool), checked as the HTTP
@@ -17,28 +18,30 @@ tensors. The model, seen through the protocol:
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import TypeAdapter, ValidationError
 
-from food_classifier.serving import schemas
+from food_classifier.answer import Answer, Options, OptionsError
 from food_classifier.serving.errors import ServiceError, TooManyImages, UnknownModel
 from food_classifier.serving.registry import LoadedModel
 
+if TYPE_CHECKING:
+    from food_classifier.serving.service import PredictionService
+
 IMAGE, PIXELS = "image", "pixels"
-LABEL, LABEL_IDX, PROBABILITIES = "label", "label_idx", "probabilities"
-OUTPUTS = (LABEL, LABEL_IDX, PROBABILITIES)
+LABEL, LABEL_IDX, PROBABILITIES, STAGE, REASON = "label", "label_idx", "probabilities", "stage", "reason"
+OUTPUTS = (LABEL, LABEL_IDX, PROBABILITIES, STAGE, REASON)
 PLATFORM = "onnxruntime_onnx"  # Triton's name for an ONNX model run by ONNX Runtime
 EXTENSIONS = ["binary_tensor_data", "classification", "parameters"]
 DTYPES: dict[str, np.dtype] = {name: np.dtype(t).newbyteorder("<") for name, t in {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
     "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
     "FP32": np.float32, "FP64": np.float64}.items()}  # + BYTES: a list of bytes objects
-_TOP_K, _THRESHOLD = TypeAdapter(schemas.TopKQuery), TypeAdapter(schemas.ThresholdQuery)
 
 
 class BadTensor(ServiceError):
@@ -92,14 +95,32 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
             "inputs": [{"name": IMAGE, "datatype": "BYTES", "shape": [-1]}],
             "outputs": [{"name": LABEL, "datatype": "BYTES", "shape": [-1]},
                         {"name": LABEL_IDX, "datatype": "INT64", "shape": [-1]},
-                        {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(model.labels)]}]}
+                        {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(model.labels)]},
+                        {"name": STAGE, "datatype": "INT64", "shape": [-1]},
+                        {"name": REASON, "datatype": "BYTES", "shape": [-1]}]}
 
 
 # --- tensor bytes -----------------------------------------------------------------------------------
+MAX_DIMS = 32  # numpy's own limit is 64 (32 before numpy 2)
+MAX_ELEMENTS = 2**31 - 1  # per tensor; far above any body the server takes, far below numpy's index range
+
+
 def elements(shape: list[int]) -> int:
-    if any(not isinstance(d, int) or d < 0 for d in shape):
-        raise BadTensor(f"shape {shape}: every dimension must be a whole number >= 0")
-    return int(np.prod(shape, dtype=np.int64))
+    """The element count of `shape`, exactly (never `np.prod`, which wraps at 2**64 silently), or a
+    400 for a shape no request body could fill."""
+    if len(shape) > MAX_DIMS:
+        raise BadTensor(f"shape of {len(shape)} dimensions: at most {MAX_DIMS}")
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+        raise BadTensor(f"shape {_short(shape)}: every dimension must be a whole number >= 0")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # zero dims left out: numpy refuses [0, 2**62] too
+        raise BadTensor(f"shape {_short(shape)}: more than {MAX_ELEMENTS:,} elements")
+    return math.prod(shape)
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """A value as echoed in an error message: never more than `limit` characters of it."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def split_bytes(raw: bytes | memoryview, name: str) -> list[bytes]:
@@ -155,32 +176,60 @@ def from_values(name: str, datatype: str, shape: list[int], values: Any,
     n = elements(shape)
     if datatype not in DTYPES:
         raise BadTensor(f"input {name!r}: unknown datatype {datatype!r}")
+    dtype = DTYPES[datatype]
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu" and dtype.kind in "iu" and values.size:
+        info = np.iinfo(dtype)  # an array's cast would wrap silently (gRPC's uint32 300 -> UINT8 44)
+        if values.min() < info.min or values.max() > info.max:
+            raise BadTensor(f"input {name!r}: a value is out of range for {datatype}{_range(datatype)}")
     try:
-        array = np.asarray(values, dtype=DTYPES[datatype]).reshape(-1)
+        with np.errstate(all="ignore"):  # a float past FP32's range becomes inf: the crop check refuses it
+            array = np.asarray(values, dtype=dtype).reshape(-1)
+    except OverflowError:  # numpy 2: an int outside the type's range (UINT8 300 or -1, INT64 2**70)
+        raise BadTensor(f"input {name!r}: a value is out of range for {datatype}{_range(datatype)}") from None
     except (TypeError, ValueError) as e:
-        raise BadTensor(f"input {name!r}: data is not {datatype} values of one shape ({e})") from None
+        raise BadTensor(f"input {name!r}: data is not {datatype} values of one shape ({_short(e)})") from None
     if array.size != n:
         raise BadTensor(f"input {name!r}: shape {shape} needs {n} elements, the data has {array.size}")
     return Tensor(name, datatype, list(shape), array.reshape(shape), parameters or {})
 
 
+def _range(datatype: str) -> str:
+    dtype = DTYPES[datatype]
+    if dtype.kind not in "iu":
+        return ""
+    info = np.iinfo(dtype)
+    return f" ({info.min} to {info.max})"
+
+
 # --- request -> core call -> outputs ----------------------------------------------------------------
-def options(parameters: dict[str, Any]) -> tuple[int | None, float | None, bool]:
-    """`top_k`, `threshold` and `reject_not_food` (default true) from the request parameters, checked as
-    the HTTP API checks them."""
-    found = []
-    for key, adapter in (("top_k", _TOP_K), ("threshold", _THRESHOLD)):
-        value = parameters.get(key)
-        if isinstance(value, bool) or (key == "top_k" and isinstance(value, float)):
-            raise BadTensor(f"parameter {key}: expected a {'whole number' if key == 'top_k' else 'number'}")
-        try:
-            found.append(adapter.validate_python(value))
-        except ValidationError as e:
-            raise BadTensor(f"parameter {key}: {e.errors()[0]['msg']}") from None
+def options(parameters: dict[str, Any]) -> Options:
+    """`top_k`, `threshold` and `reject_not_food` (default true) from the request parameters, as `Options`
+    checks them for every transport (JSON's types are checked first: `true` is no top_k, 2.0 no whole number)."""
+    top_k, threshold = parameters.get("top_k"), parameters.get("threshold")
     reject = parameters.get("reject_not_food", True)
-    if not isinstance(reject, bool):
-        raise BadTensor("parameter reject_not_food: expected true or false")
-    return found[0], found[1], reject
+    if isinstance(top_k, bool | float):
+        raise BadTensor("parameter top_k: expected a whole number")
+    if isinstance(threshold, bool):
+        raise BadTensor("parameter threshold: expected a number")
+    try:
+        return Options(top_k=top_k, threshold=threshold, reject_not_food=reject)
+    except OptionsError as e:
+        raise BadTensor(f"parameter {e}") from None
+
+
+async def infer(service: PredictionService, model: LoadedModel, request: InferRequest,
+                request_id: str) -> tuple[LoadedModel, list[Tensor]]:
+    """The protocol's whole sequence, for REST and gRPC alike: options -> outputs wanted -> inputs -> the
+    prediction core -> output tensors (of the model version that answered)."""
+    opts = options(request.parameters)
+    outs, need = requested(request, opts.top_k)
+    images = items(request, model, service.settings.max_batch_images)
+    try:
+        core = Options(top_k=need or None, threshold=opts.threshold, reject_not_food=opts.reject_not_food)
+    except OptionsError as e:
+        raise BadTensor(f"classification: {e}") from None
+    model, answers = await service.predict_tensors(model.name, images, core, request_id)
+    return model, outputs(model, answers, outs, opts.top_k)
 
 
 def items(request: InferRequest, model: LoadedModel, max_images: int) -> list[bytes | np.ndarray]:
@@ -226,27 +275,29 @@ def requested(request: InferRequest, top_k: int | None) -> tuple[list[RequestedO
     return outs, max([top_k or 0, *(_classification(o, top_k) for o in outs)])
 
 
-def outputs(model: LoadedModel, results: list[dict[str, Any]], outs: list[RequestedOutput],
+def outputs(model: LoadedModel, answers: list[Answer], outs: list[RequestedOutput],
             top_k: int | None) -> list[Tensor]:
-    """The core's answers as the requested output tensors."""
-    n = len(results)
+    """The core's answers as the requested output tensors (the protocol's one Answer -> wire function)."""
+    n = len(answers)
     index = {label: i for i, label in enumerate(model.labels)}
     tensors = []
     for out in outs:
         k = _classification(out, top_k)
         if out.name == LABEL:
-            tensors.append(Tensor(LABEL, "BYTES", [n], [r["label"].encode() for r in results]))
-        elif out.name == LABEL_IDX:
-            tensors.append(Tensor(LABEL_IDX, "INT64", [n], np.array([r["label_idx"] for r in results],
-                                                                    dtype=DTYPES["INT64"])))
+            tensors.append(Tensor(LABEL, "BYTES", [n], [a.label.encode() for a in answers]))
+        elif out.name in (LABEL_IDX, STAGE):
+            values = [a.label_idx if out.name == LABEL_IDX else a.stage for a in answers]
+            tensors.append(Tensor(out.name, "INT64", [n], np.array(values, dtype=DTYPES["INT64"])))
+        elif out.name == REASON:
+            tensors.append(Tensor(REASON, "BYTES", [n], [(a.reason or "").encode() for a in answers]))
         elif k:
             k = min(k, len(model.labels))
             tensors.append(Tensor(PROBABILITIES, "BYTES", [n, k], [
-                f"{t['probability']:f}:{index[t['label']]}:{t['label']}".encode()
-                for r in results for t in r["top_k"][:k]]))
+                f"{t.probability:f}:{index[t.label]}:{t.label}".encode() for a in answers for t in a.top_k[:k]]))
         else:
-            probs = np.stack([r["probabilities"] for r in results]).astype(DTYPES["FP32"])
+            probs = np.stack([a.probabilities for a in answers]).astype(DTYPES["FP32"])
             tensors.append(Tensor(PROBABILITIES, "FP32", list(probs.shape), probs))
+        tensors[-1].parameters = out.parameters  # e.g. binary_data: how the transport sends it
     return tensors
 
 

@@ -19,7 +19,7 @@ import threading
 from typing import Any
 
 from food_classifier import ray_env
-from food_classifier.serving.app import EXIT_NO_MODEL, create_app
+from food_classifier.serving.http.app import EXIT_NO_MODEL, create_app
 from food_classifier.serving.settings import ServeSettings
 
 APP_NAME = "food-classifier"

@@ -24,7 +24,7 @@ from food_classifier.serving import memory
 from food_classifier.serving.batching import MicroBatcher
 from food_classifier.serving.errors import NotReady, ReloadFailed, UnknownModel
 from food_classifier.serving.metrics import ServingMetrics
-from food_classifier.serving.settings import VARIANT_AUTO, ServeSettings
+from food_classifier.serving.settings import ServeSettings
 
 log = logging.getLogger("food_classifier.serving")
 
@@ -86,11 +86,10 @@ class ModelRegistry:
 
     def _open(self, version: Path) -> tuple[Classifier, str]:
         bundle = load_bundle(version)
-        variant = self.settings.variant_for(bundle.name)
-        if variant == VARIANT_AUTO:
-            variant = bundle.meta.recommended_variant()
         s = self.settings
-        clf = Classifier(bundle, threads=s.ort_threads, variant=variant, top_k=s.top_k, max_pixels=s.max_pixels)
+        clf = Classifier(bundle, threads=s.ort_threads, variant=s.variant_for(bundle.name), top_k=s.top_k,
+                         max_pixels=s.max_pixels)
+        variant = clf.variant
         if s.warmup:
             try:
                 clf.warm_up(sorted({1, s.batch_max_size}))

@@ -15,24 +15,24 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from food_classifier.answer import DEFAULT_OPTIONS, Answer, Options, OptionsError, Timings
 from food_classifier.cache import Lookup, PredictionCache
 from food_classifier.serving.admission import DecodeBudget, LargeImage, decode_large, decode_small
 from food_classifier.serving.batching import BatchResult
 from food_classifier.serving.errors import InvalidInput, MissingImage, ServiceError, image_error
 from food_classifier.serving.metrics import ServingMetrics
-from food_classifier.serving.paths import PathGuard
 from food_classifier.serving.registry import LoadedModel, ModelRegistry
 from food_classifier.serving.settings import ServeSettings
 
 if TYPE_CHECKING:
     from food_classifier.inference import Classifier
-    from food_classifier.serving.monitor import ServingMonitor
+    from food_classifier.serving.observer import ServingMonitor
 
 log = logging.getLogger("food_classifier.serving")
 
@@ -78,6 +78,19 @@ class _Crop:
         return self.clf.infer(batch)
 
 
+def build_service(settings: ServeSettings) -> PredictionService:
+    """The one composition root: metrics, the model registry, the monitor and the service over them, for every
+    process that serves (the HTTP app with its gRPC server, the stream worker, each Ray Serve replica)."""
+    from food_classifier.bundle import model_sources
+    from food_classifier.serving.observer import ServingMonitor
+
+    metrics = ServingMetrics()
+    registry = ModelRegistry(model_sources(settings.bundles), settings, metrics)
+    monitor = ServingMonitor(settings)  # drift windows, feedback and the prediction log see every transport
+    metrics.watch_monitor(monitor)
+    return PredictionService(registry, settings, metrics, monitor=monitor)
+
+
 def cache_from_settings(s: ServeSettings) -> PredictionCache:
     url = s.cache_url.get_secret_value() if s.cache_url else None
     return PredictionCache(s.cache_bytes, url, s.cache_ttl, s.cache_timeout_ms / 1000, s.cache_breaker_s)
@@ -95,7 +108,6 @@ class PredictionService:
             metrics.watch_cache(self.cache)
         self.monitor = monitor  # sees every answered image (drift windows, feedback, prediction log)
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="fc-decode")
-        self.paths = PathGuard(settings.allow_path_root)
         # Backpressure: at most this many images decoded or decoding but not yet through the model. Without
         # it, decoding runs ahead of inference and a few big batch requests queue ~1 MB of floats per image.
         self.pending_limit = 2 * (settings.decode_threads + settings.inference_workers * settings.batch_max_size)
@@ -105,6 +117,13 @@ class PredictionService:
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.cache.close()
+
+    def shutdown(self) -> None:
+        """Close this service and what `build_service` made for it (the models' sessions, the prediction log)."""
+        self.close()
+        self.registry.close()
+        if self.monitor is not None:
+            self.monitor.close()
 
     async def warm_up(self, models: list[LoadedModel]) -> None:
         """Start every decode thread and run a JPEG through each model's decode + batcher path once, so
@@ -190,9 +209,9 @@ class PredictionService:
         finally:
             grant.release()
 
-    async def _classify(self, model: LoadedModel, data: bytes | np.ndarray, top_k: int | None,
-                        threshold: float | None, request_id: str | None = None,
-                        probabilities: bool = False, reject_not_food: bool = True) -> dict[str, Any]:
+    async def _classify(self, model: LoadedModel, data: bytes | np.ndarray, options: Options,
+                        request_id: str | None = None) -> Answer:
+        """The one path: cache lookup (decoding on a miss) -> the model's micro-batcher -> store -> decide."""
         start = time.perf_counter()
         try:
             look, res, waited = await self._infer(model, data)
@@ -202,26 +221,19 @@ class PredictionService:
         row = look.probs if res is None else res.output  # Classifier.infer's row: probabilities, stage, flag
         if res is not None and look.keys:
             await self._store(look, row)
-        pred = model.classifier.decide(row[None], top_k, threshold, reject_not_food)[0]
-        probs = row[:len(model.labels)]
+        answer = replace(
+            model.classifier.decide(row[None], options, (look.outcome,))[0],
+            request_id=request_id or new_request_id(),
+            timings=Timings(total_ms=_ms(time.perf_counter() - start), preprocess_ms=round(look.preprocess_ms, 3),
+                            queue_ms=round(waited * 1000 + (res.queue_ms if res else 0.0), 3),
+                            inference_ms=round(res.inference_ms, 3) if res else 0.0,
+                            batch_size=res.batch_size if res else 0))
         self._count(model, "ok")
         if self.metrics:
-            self.metrics.stages.labels(model.name, str(pred.stage)).inc()
-        # a plain dict, not dataclasses.asdict (its deepcopy costs more than the rest of this function)
-        result = {"label": pred.label, "label_idx": pred.label_idx, "confidence": pred.confidence,
-                  "top_k": pred.top_k, "abstained": pred.abstained, "stage": pred.stage, "model": model.name,
-                  "model_version": model.version, "cache": look.outcome,
-                  "request_id": request_id or new_request_id(),
-                  "timing": {"total_ms": _ms(time.perf_counter() - start),
-                             "preprocess_ms": round(look.preprocess_ms, 3),
-                             "queue_ms": round(waited * 1000 + (res.queue_ms if res else 0.0), 3),
-                             "inference_ms": round(res.inference_ms, 3) if res else 0.0,
-                             "batch_size": res.batch_size if res else 0}}
+            self.metrics.stages.labels(model.name, str(answer.stage)).inc()
         if self.monitor is not None:
-            self.monitor.observe(model, probs, result, data.tobytes() if isinstance(data, np.ndarray) else data)
-        if probabilities:  # the whole calibrated row, for tensor protocols
-            result["probabilities"] = probs
-        return result
+            self.monitor.observe(model, answer, data.tobytes() if isinstance(data, np.ndarray) else data)
+        return answer
 
     async def _store(self, look: Lookup, probs: np.ndarray) -> None:
         if self.cache.redis is None:  # memory only: microseconds, no thread hop
@@ -233,48 +245,44 @@ class PredictionService:
         if self.metrics:
             self.metrics.images.labels(model.name, outcome).inc()
 
-    async def predict(self, name: str | None, image: ImageUpload, top_k: int | None = None,
-                      threshold: float | None = None, request_id: str | None = None,
-                      reject_not_food: bool = True) -> dict[str, Any]:
-        """One image through the model's micro-batcher (`request_id`: the transport's, else a new one)."""
-        return await self._classify(self.registry.get(name), image.data, top_k, threshold, request_id,
-                                    reject_not_food=reject_not_food)
+    def _model(self, name: str | None, options: Options) -> LoadedModel:
+        model = self.registry.get(name)
+        try:
+            options.check_variant(model.variant)
+        except OptionsError as e:
+            raise InvalidInput(str(e)) from None
+        return model
 
-    async def predict_batch(self, name: str | None, images: list[ImageUpload], top_k: int | None = None,
-                            threshold: float | None = None, request_id: str | None = None,
-                            reject_not_food: bool = True) -> dict[str, Any]:
+    async def predict(self, name: str | None, image: ImageUpload, options: Options = DEFAULT_OPTIONS,
+                      request_id: str | None = None) -> Answer:
+        """One image through the model's micro-batcher (`request_id`: the transport's, else a new one)."""
+        return await self._classify(self._model(name, options), image.data, options, request_id)
+
+    async def predict_batch(self, name: str | None, images: list[ImageUpload], options: Options = DEFAULT_OPTIONS,
+                            request_id: str | None = None) -> BatchAnswer:
         """Many images, answers in input order; a bad image is an error entry, not a failed batch."""
         start = time.perf_counter()
-        model = self.registry.get(name)  # one model version for the whole batch, even during a reload
+        model = self._model(name, options)  # one model version for the whole batch, even during a reload
         rid = request_id or new_request_id()
 
-        async def one(i: int, img: ImageUpload) -> dict[str, Any]:
-            head = {"index": i, "filename": img.filename}
+        async def one(i: int, img: ImageUpload) -> Answer | ServiceError:
             try:
-                res = await self._classify(model, img.data, top_k, threshold, f"{rid}-{i}",
-                                           reject_not_food=reject_not_food)
+                return await self._classify(model, img.data, options, f"{rid}-{i}")
             except ServiceError as exc:
-                return {**head, **exc.to_dict(), "status": exc.status}
-            res.pop("model")
-            res.pop("model_version")
-            return {**head, **res}
+                return exc
 
         results = await asyncio.gather(*(one(i, img) for i, img in enumerate(images)))
-        failed = sum(1 for r in results if "error" in r)
-        return {"model": model.name, "model_version": model.version, "request_id": rid, "count": len(results),
-                "failed": failed, "results": results, "timing": {"total_ms": _ms(time.perf_counter() - start)}}
+        return BatchAnswer(model.name, model.version, rid, list(results), _ms(time.perf_counter() - start))
 
-    async def predict_tensors(self, name: str | None, items: list[bytes | np.ndarray], top_k: int | None = None,
-                              threshold: float | None = None, request_id: str | None = None,
-                              reject_not_food: bool = True) -> tuple[LoadedModel, list[dict[str, Any]]]:
+    async def predict_tensors(self, name: str | None, items: list[bytes | np.ndarray],
+                              options: Options = DEFAULT_OPTIONS,
+                              request_id: str | None = None) -> tuple[LoadedModel, list[Answer]]:
         """For tensor protocols (Open Inference Protocol): encoded images (bytes) or preprocessed crops
         (float32 [3, crop, crop], no decoding), all through the same cache, batcher and model. All or
-        nothing: the first error fails the request. Each answer also has its `probabilities` row."""
-        model = self.registry.get(name)
+        nothing: the first error fails the request. Each answer carries its `probabilities` row."""
+        model = self._model(name, options)
         rid = request_id or new_request_id()
-        tasks = [asyncio.ensure_future(self._classify(model, item, top_k, threshold,
-                                                      rid if len(items) == 1 else f"{rid}-{i}", probabilities=True,
-                                                      reject_not_food=reject_not_food))
+        tasks = [asyncio.ensure_future(self._classify(model, item, options, rid if len(items) == 1 else f"{rid}-{i}"))
                  for i, item in enumerate(items)]
         try:
             return model, list(await asyncio.gather(*tasks))
@@ -282,15 +290,20 @@ class PredictionService:
             for t in tasks:
                 t.cancel()  # after a failure: the others are not needed any more
 
-    async def predict_path(self, model_type: str | None, image_path: str,
-                           request_id: str | None = None) -> dict[str, Any]:
-        """The seed's `GET /predict`: a server-side file, only under the allowed roots."""
-        model = self.registry.get(model_type)
-        path = self.paths.resolve(image_path)
-        data = await asyncio.to_thread(self.paths.read, path, self.settings.max_body_bytes)
-        res = await self._classify(model, data, None, None, request_id)
-        return {"label": res["label"], "label_idx": res["label_idx"], "confidence": res["confidence"],
-                "cache": res["cache"]}  # the route moves `cache` to the X-Cache header (seed shape)
+
+@dataclass(frozen=True)
+class BatchAnswer:
+    """`predict_batch`'s result: one model version for all, each image an `Answer` or its `ServiceError`."""
+
+    model: str
+    model_version: str
+    request_id: str
+    results: list[Answer | ServiceError]
+    total_ms: float
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.results if isinstance(r, ServiceError))
 
 
 def _warmup_jpeg(side: int) -> bytes:

@@ -1,7 +1,7 @@
 """Server configuration: the one declaration of every serve setting.
 
 Each field is, at once: a `food-classifier serve` flag (`--kebab-name`, built from this class by
-`serving/cli.py`, its help from the `description`, its default shown from the field's default), an
+`cli/serve.py`, its help from the `description`, its default shown from the field's default), an
 environment variable `FOOD_CLASSIFIER_<FIELD>` (list fields take comma-separated values) and what the
 app and the middleware read. Adding a field adds the flag. The CLI passes only the flags that were
 given, so flags win over the environment and the environment wins over the defaults below. The
@@ -19,8 +19,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from food_classifier.answer import AUTO as VARIANT_AUTO
+
 MiB = 1024 * 1024
-VARIANT_AUTO = "auto"  # the bundle's recommended variant (BundleMeta.recommended_variant)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class ServeSettings(BaseSettings):
                                                           "decoded; larger images wait their turn (not an "
                                                           "error), small ones (<= 1/16 of it) never wait.")
 
-    # Connection limits, enforced by uvicorn and serving/protocol.py (docs/SERVING.md, "Limits").
+    # Connection limits, enforced by uvicorn and serving/http/protocol.py (docs/SERVING.md, "Limits").
     limit_concurrency: int = Field(512, ge=1, description="Open connections + requests in progress; above it "
                                                           "uvicorn answers 503 (plain text).")
     header_timeout: float = Field(10.0, gt=0, description="Seconds for a client to send the request line and "
@@ -200,3 +201,50 @@ class ServeSettings(BaseSettings):
 
     def admin_key_value(self) -> str | None:
         return self.admin_key.get_secret_value() if self.admin_key else None
+
+
+class WorkerSettings(ServeSettings):
+    """`food-classifier worker`: the service's settings (the same `FOOD_CLASSIFIER_*` env vars) plus the stream's.
+    `cli/worker.py` builds the worker's flags from these fields, as `serve`'s from `ServeSettings`."""
+
+    kafka: str | None = Field(None, description="Kafka bootstrap servers, host:port[,host:port...].")
+    redis_stream: str | None = Field(None, description="Use Redis Streams instead of Kafka (redis://host:6379/0): "
+                                                       "topics are stream names, the group a consumer group.")
+    in_topic: str = Field("food.images", min_length=1, description="Images to classify.")
+    out_topic: str = Field("food.predictions", min_length=1, description="One JSON result per input.")
+    group: str = Field("food-classifier", min_length=1, description="Consumer group: workers in one group share "
+                                                                    "the partitions.")
+    dlq_topic: str = Field("food.images.dlq", description="Inputs that failed, with their error in the headers; "
+                                                         "'' to not write them.")
+    kafka_config: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="librdkafka KEY=VALUE for the consumer and producer (e.g. "
+                                          "security.protocol=SASL_SSL); repeatable, comma-separated in the env var.")
+    claim_idle_ms: int = Field(60_000, ge=1, description="Redis Streams: take over entries another consumer left "
+                                                          "unacknowledged this long.")
+    max_deliveries: int = Field(5, ge=1, description="Redis Streams: dead-letter an entry delivered more often "
+                                                     "than this.")
+    model: str | None = Field(None, description="Model name (default: the first).")
+    batch_size: int = Field(32, ge=1, description="Messages per micro-batch.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Serve Prometheus /metrics on this port (0 = off).")
+    metrics_host: str = Field("0.0.0.0", description="Interface for the metrics port.")
+
+    _split_config = field_validator("kafka_config", mode="before")(  # not os.pathsep: values may hold ':'
+        classmethod(lambda cls, v: [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v))
+
+    @field_validator("kafka_config")
+    @classmethod
+    def _pairs(cls, v: list[str]) -> list[str]:
+        for item in v:
+            key, sep, _ = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"wants KEY=VALUE, got {item!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_stream(self) -> WorkerSettings:
+        if bool(self.kafka) == bool(self.redis_stream):
+            raise ValueError("give one of --kafka BOOTSTRAP (e.g. --kafka localhost:9092) or --redis-stream URL")
+        return self
+
+    def kafka_extra(self) -> dict[str, str]:
+        return {k.strip(): v.strip() for k, _, v in (item.partition("=") for item in self.kafka_config)}

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from food_classifier.inference import softmax
-from food_classifier.monitoring import reference_stats
+from food_classifier.monitoring.statistics import reference_stats
 from food_classifier.training import runs
 from food_classifier.training.config import DEFAULT_TARGET_PRECISION
 from food_classifier.training.evaluate import tier_report
@@ -39,7 +39,7 @@ class Calibrated:
     abstention: dict   # bundle.json "abstention": threshold and its coverage
     metrics: dict      # per-tier metrics with T applied (metrics.json; its summary goes into bundle.json)
     detail: dict       # everything above plus reliability bins and coverage curves (calibration.json)
-    reference: dict | None = None  # bundle.json "reference": what live traffic is compared with (monitoring.py)
+    reference: dict | None = None  # bundle.json "reference": what live traffic is compared with (monitoring/)
 
     @property
     def temperature(self) -> float:

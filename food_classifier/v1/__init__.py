@@ -2,7 +2,7 @@
 
 The package path mirrors the proto package (`food_classifier.v1`), so the generated modules import
 each other as protoc writes them. Importing this package imports nothing of gRPC; the server
-(`serving/grpc`) and `client_grpc` import the stubs through `load_stubs`, which turns a missing
+(`serving/grpc`) and `client.GrpcClient` import the stubs through `load_stubs`, which turns a missing
 `grpc` extra into one error that names it.
 
 `grpc_predict_v2.proto` is the Open Inference Protocol's service (proto package `inference`, as the
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-PROTO = "food_classifier/v1/classifier.proto"
 EXTRA = "pip install 'food-classifier[grpc]'"
 
 

@@ -54,7 +54,7 @@ class Error(_message.Message):
     def __init__(self, error: _Optional[str] = ..., detail: _Optional[str] = ..., status: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("label", "label_idx", "confidence", "top_k", "abstained", "model", "model_version", "cache", "request_id", "timing", "error", "stage")
+    __slots__ = ("label", "label_idx", "confidence", "top_k", "abstained", "model", "model_version", "cache", "request_id", "timing", "error", "stage", "reason")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     LABEL_IDX_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class ClassifyResponse(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     label: str
     label_idx: int
     confidence: float
@@ -79,7 +80,8 @@ class ClassifyResponse(_message.Message):
     timing: Timing
     error: Error
     stage: int
-    def __init__(self, label: _Optional[str] = ..., label_idx: _Optional[int] = ..., confidence: _Optional[float] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., abstained: _Optional[bool] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., cache: _Optional[str] = ..., request_id: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., stage: _Optional[int] = ...) -> None: ...
+    reason: str
+    def __init__(self, label: _Optional[str] = ..., label_idx: _Optional[int] = ..., confidence: _Optional[float] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., abstained: _Optional[bool] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., cache: _Optional[str] = ..., request_id: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., stage: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -19,12 +19,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
-
-from food_classifier.serving import schemas
-from food_classifier.serving.errors import BodyTooLarge, InvalidInput, MissingImage, ServiceError
+from food_classifier.answer import Answer, Options, OptionsError
+from food_classifier.serving.auth import AUTH_MESSAGE, key_matches, presented_key
+from food_classifier.serving.errors import BodyTooLarge, InvalidInput, ServiceError
 from food_classifier.serving.metrics import ServingMetrics
-from food_classifier.serving.middleware import AUTH_MESSAGE, key_matches, presented_key
 from food_classifier.serving.service import ImageUpload, PredictionService
 from food_classifier.serving.settings import ServeSettings
 from food_classifier.v1 import load_stubs
@@ -45,27 +43,20 @@ C = grpc.StatusCode
 STATUS_CODES = {400: C.INVALID_ARGUMENT, 401: C.UNAUTHENTICATED, 403: C.PERMISSION_DENIED, 404: C.NOT_FOUND,
                 409: C.FAILED_PRECONDITION, 413: C.RESOURCE_EXHAUSTED, 415: C.INVALID_ARGUMENT,
                 422: C.INVALID_ARGUMENT, 429: C.RESOURCE_EXHAUSTED, 503: C.UNAVAILABLE}
-_TOP_K, _THRESHOLD = TypeAdapter(schemas.TopKQuery), TypeAdapter(schemas.ThresholdQuery)  # as HTTP checks them
 
 
 def _trailer(code: str, status: int) -> tuple[tuple[str, str], ...]:
-    """The HTTP API's error code and status, for clients that branch on them (`client_grpc`)."""
+    """The HTTP API's error code and status, for clients that branch on them (`client.GrpcClient`)."""
     return (("fc-error", code), ("fc-status", str(status)))
 
 
-def _param(adapter: TypeAdapter, name: str, value: Any) -> Any:
-    try:
-        return adapter.validate_python(value)
-    except ValidationError as e:
-        raise InvalidInput(f"{name}: {e.errors()[0]['msg']}") from None  # as the HTTP 422 says it
-
-
-def _response(res: dict[str, Any]) -> Any:
+def _response(a: Answer) -> Any:
+    """An `Answer` as a ClassifyResponse: the task gRPC API's one wire function."""
     return pb2.ClassifyResponse(
-        label=res["label"], label_idx=res["label_idx"], confidence=res["confidence"],
-        top_k=[pb2.TopK(label=t["label"], probability=t["probability"]) for t in res["top_k"]],
-        abstained=res["abstained"], stage=res["stage"], model=res["model"], model_version=res["model_version"],
-        cache=res.get("cache", ""), request_id=res["request_id"], timing=pb2.Timing(**res["timing"]))
+        label=a.label, label_idx=a.label_idx, confidence=a.confidence,
+        top_k=[pb2.TopK(label=t.label, probability=t.probability) for t in a.top_k],
+        abstained=a.abstained, reason=a.reason or "", stage=a.stage, model=a.model, model_version=a.model_version,
+        cache=a.cache, request_id=a.request_id, timing=pb2.Timing(**a.timings.to_dict()))
 
 
 def _model_info(info: dict[str, Any]) -> Any:
@@ -93,16 +84,16 @@ class ClassifierServicer(pb2_grpc.ClassifierServicer):
             self.metrics.grpc_requests.labels(method, name).inc()
             self.metrics.grpc_latency.labels(method, name).observe(time.perf_counter() - start)
 
-    async def _predict(self, req: Any) -> dict[str, Any]:
-        top_k = _param(_TOP_K, "top_k", req.top_k if req.HasField("top_k") else None)
-        threshold = _param(_THRESHOLD, "threshold", req.threshold if req.HasField("threshold") else None)
-        if not req.image:
-            raise MissingImage("no image in the request: set the image field to the photo's bytes")
+    async def _predict(self, req: Any) -> Answer:
+        try:
+            options = Options(top_k=req.top_k if req.HasField("top_k") else None,
+                              threshold=req.threshold if req.HasField("threshold") else None,
+                              reject_not_food=req.reject_not_food if req.HasField("reject_not_food") else True)
+        except OptionsError as e:
+            raise InvalidInput(str(e)) from None
         if len(req.image) > self.limit:
             raise BodyTooLarge(f"request body is {len(req.image)} bytes, limit is {self.limit}")
-        reject = req.reject_not_food if req.HasField("reject_not_food") else True
-        return await self.service.predict(req.model or None, ImageUpload(req.image), top_k, threshold,
-                                          reject_not_food=reject)
+        return await self.service.predict(req.model or None, ImageUpload(req.image), options)
 
     async def Classify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         start = time.perf_counter()
@@ -177,17 +168,19 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """The HTTP API's key rules on `authorization` (Bearer or Basic) or `x-api-key` metadata."""
+    """The HTTP API's key rules on `authorization` (Bearer or Basic) or `x-api-key` metadata: the API key,
+    or the admin key, which passes wherever the API key does (as over HTTP)."""
 
-    def __init__(self, key: str):
+    def __init__(self, key: str, admin_key: str | None = None):
         self.key = key.encode()
+        self.admin_key = admin_key.encode() if admin_key else None
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_PREFIX) or details.method in oip.OPEN_METHODS:
             return handler
         headers = {k.encode(): v.encode() for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
-        if key_matches(presented_key(headers), self.key):
+        if key_matches(presented_key(headers), self.key, self.admin_key):
             return handler
         return _denied(handler)
 
@@ -222,7 +215,8 @@ class GrpcServer:
         key = settings.api_key_value()
         options = [("grpc.max_receive_message_length", settings.max_body_bytes + MESSAGE_OVERHEAD),
                    ("grpc.so_reuseport", 0)]  # a port in use is an error, not a second silent listener
-        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(key)] if key else [], options=options)
+        interceptors = [ApiKeyInterceptor(key, settings.admin_key_value())] if key else []
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(service, metrics), server)
         oip.pb2_grpc.add_GRPCInferenceServiceServicer_to_server(  # the Open Inference Protocol, same core
             oip.OipServicer(service, STATUS_CODES, _trailer, metrics), server)
@@ -248,3 +242,28 @@ class GrpcServer:
     async def stop(self, grace: float = 10.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+
+
+class GrpcTransport:
+    """gRPC beside HTTP (serving/compose.py hands it to `create_app` as a sibling): the port is checked when it is
+    built, so a taken port or a missing extra is a one-line startup error, not a lifespan traceback."""
+
+    def __init__(self, settings: ServeSettings):
+        check_port(settings)
+        self.settings = settings
+        self.server: GrpcServer | None = None
+
+    @property
+    def port(self) -> int | None:
+        return self.server.port if self.server else None
+
+    async def start(self, service: PredictionService) -> None:
+        self.server = await GrpcServer.start(service, self.settings, service.metrics)
+
+    async def ready(self, ready: bool) -> None:
+        if self.server is not None:
+            await self.server.serving(ready)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(grace=10.0)

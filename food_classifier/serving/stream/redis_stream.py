@@ -16,7 +16,7 @@ import socket
 import time
 
 from food_classifier.serving.metrics import WorkerMetrics
-from food_classifier.serving.worker import DeliveryFailed, InMessage, OutMessage, WireError, WorkerError
+from food_classifier.serving.stream.worker import DeliveryFailed, InMessage, OutMessage, WireError, WorkerError
 
 log = logging.getLogger("food_classifier.worker")
 CLAIM_EVERY_S = 1.0  # how often to look for stalled entries

@@ -18,8 +18,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from food_classifier.monitoring import RollingWindow, drift, entropy
-from food_classifier.prediction_log import PredictionLog
+from food_classifier.answer import Answer
+from food_classifier.monitoring.log import PredictionLog
+from food_classifier.monitoring.statistics import RollingWindow, drift, entropy
 from food_classifier.serving.errors import InvalidInput, NotFound
 from food_classifier.serving.settings import ServeSettings
 
@@ -67,7 +68,8 @@ class ServingMonitor:
         self._models: dict[str, _ModelState] = {}
         self._recent: OrderedDict[str, _Remembered] = OrderedDict()  # request_id -> what was predicted
         self._by_sha: dict[tuple[str, str], str] = {}  # (model, sha256) -> latest request_id
-        self._feedback: dict[str, OrderedDict[str, bool]] = {}  # model -> request_id -> correct (rolling)
+        # model -> (version, image sha256) -> (label given, correct), rolling: one vote per image per version
+        self._feedback: dict[str, OrderedDict[tuple[str, str], tuple[str, bool]]] = {}
         self.feedback_counts: Counter[tuple[str, str]] = Counter()  # (model, correct|wrong)
         self.log_errors = 0
         self._lock = threading.Lock()
@@ -81,33 +83,27 @@ class ServingMonitor:
             self.log.close()
 
     # --- predictions ---------------------------------------------------------------------------------
-    def observe(self, model: Served, probs: np.ndarray, result: dict[str, Any], data: bytes) -> None:
-        """One answered image: `result` is the service's answer (label, request_id, cache, timing...)."""
-        cache = result.get("cache", "off")
+    def observe(self, model: Served, answer: Answer, data: bytes) -> None:
+        """One answered image (its `Answer` carries the whole probability row, the request id, cache, timings)."""
+        cache, probs = answer.cache, answer.probabilities
         state = self._state(model)
         if cache.startswith("hit"):
             state.cache_hits += 1
         else:
-            state.window.add(probs, result["abstained"])
+            state.window.add(probs, answer.abstained)
         if not self.memory and self.log is None:
             return
         sha = hashlib.sha256(data).hexdigest()
-        rid = result["request_id"]
+        rid = answer.request_id or ""
         if self.memory:
             with self._lock:
-                self._recent[rid] = _Remembered(model.name, model.version, result["label_idx"], sha, model.labels)
+                self._recent[rid] = _Remembered(model.name, model.version, answer.label_idx, sha, model.labels)
                 self._by_sha[(model.name, sha)] = rid
                 while len(self._recent) > self.memory:
                     _, old = self._recent.popitem(last=False)
                     self._by_sha.pop((old.model, old.sha256), None)
         if self.log is not None:
-            record = {"kind": "prediction", "time": _now(), "request_id": rid, "model": model.name,
-                      "version": model.version, "sha256": sha, "label": result["label"],
-                      "label_idx": result["label_idx"], "confidence": round(result["confidence"], 6),
-                      "abstained": result["abstained"], "entropy": round(float(entropy(probs[None])[0]), 6),
-                      "top_k": [[t["label"], round(t["probability"], 6)] for t in result["top_k"]],
-                      "cache": cache, "latency_ms": result["timing"]["total_ms"]}
-            self._write(record, data)
+            self._write(log_record(answer, sha, float(entropy(probs[None])[0])), data)
 
     def _state(self, model: Served) -> _ModelState:
         state = self._models.get(model.name)
@@ -131,7 +127,10 @@ class ServingMonitor:
     def feedback(self, model: str, label: str, request_id: str | None = None,
                  sha256: str | None = None) -> dict[str, Any]:
         """Record the true label of an earlier prediction of `model` (by its request_id, or the latest
-        prediction of the image with this sha256)."""
+        prediction of the image with this sha256). One vote per image (sha256) per model version, so
+        feedback on many requests for one photo (cache hits) or many posts on one request count once:
+        `vote` says "new", "replaced" (another label for the same image) or "unchanged" (a repeat, which
+        changes nothing and is not logged again)."""
         with self._lock:
             rid = request_id if request_id is not None else self._by_sha.get((model, (sha256 or "").lower()))
             seen = self._recent.get(rid) if rid is not None else None
@@ -140,19 +139,24 @@ class ServingMonitor:
             raise UnknownPrediction(f"no recent prediction of model {model!r} with {what} (the server remembers "
                                     f"the last {self.memory} predictions)")
         if label not in seen.labels:
-            raise InvalidInput(f"label {label!r} is not a label of {model}:{seen.version} "
+            shown = label if len(label) <= 100 else f"{label[:100]}... ({len(label):,} characters)"
+            raise InvalidInput(f"label {shown!r} is not a label of {model}:{seen.version} "
                                f"({', '.join(seen.labels)})", code="unknown_label")
         correct = seen.labels.index(label) == seen.label_idx
+        key = (seen.version, seen.sha256)
         with self._lock:
             window = self._feedback.setdefault(model, OrderedDict())
-            window.pop(rid, None)  # feedback again for the same prediction replaces the earlier one
-            window[rid] = correct
-            while len(window) > self.window_size:
-                window.popitem(last=False)
-            self.feedback_counts[(model, "correct" if correct else "wrong")] += 1
+            before = window.get(key)
+            vote = "new" if before is None else "unchanged" if before[0] == label else "replaced"
+            if vote != "unchanged":
+                window.pop(key, None)  # another label for the same image replaces the earlier vote
+                window[key] = (label, correct)
+                while len(window) > self.window_size:
+                    window.popitem(last=False)
+                self.feedback_counts[(model, "correct" if correct else "wrong")] += 1
         answer = {"request_id": rid, "model": model, "model_version": seen.version, "label": label,
-                  "predicted": seen.labels[seen.label_idx], "correct": correct}
-        if self.log is not None:
+                  "predicted": seen.labels[seen.label_idx], "correct": correct, "vote": vote}
+        if self.log is not None and vote != "unchanged":
             self._write({"kind": "feedback", "time": _now(), "sha256": seen.sha256, **answer})
         return answer
 
@@ -169,9 +173,19 @@ class ServingMonitor:
                 if ref.get("mean_confidence") is not None:
                     stats["reference_estimated_accuracy"] = ref["mean_confidence"]
             with self._lock:
-                fb = list(self._feedback.get(name, {}).values())
+                fb = [correct for _, correct in self._feedback.get(name, {}).values()]
             if fb:
                 stats["live_accuracy"] = float(np.mean(fb))
             stats["feedback_window"] = float(len(fb))
             out.append({"model": name, "cache_hits": state.cache_hits, "stats": stats})
         return out
+
+
+def log_record(answer: Answer, sha256: str, entropy_: float) -> dict[str, Any]:
+    """An `Answer` as a prediction-log line (the log's one wire format; `monitor` reads it back)."""
+    return {"kind": "prediction", "time": _now(), "request_id": answer.request_id, "model": answer.model,
+            "version": answer.model_version, "sha256": sha256, "label": answer.label, "label_idx": answer.label_idx,
+            "confidence": round(answer.confidence, 6), "abstained": answer.abstained, "reason": answer.reason,
+            "stage": answer.stage, "entropy": round(entropy_, 6),
+            "top_k": [[t.label, round(t.probability, 6)] for t in answer.top_k],
+            "cache": answer.cache, "latency_ms": answer.timings.total_ms}

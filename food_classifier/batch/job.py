@@ -1,14 +1,14 @@
 """`predict-dir`: score a folder, a manifest or a list of image files into a resumable results file.
 
     predict_dir("photos/", "models/food", "results.parquet")        # the local engine
-    predict_dir(..., engine=RayEngine("auto"))                       # food_classifier/ray_batch.py
+    predict_dir(..., engine=RayEngine("auto"))                       # food_classifier/batch/ray_engine.py
 
 The prediction is `Classifier`'s (preprocess -> infer -> decide), run in batches through
 `runtime.iter_batched` by `Scorer`, which both engines use: the local engine in this process (decode
 in a thread pool, ONNX Runtime in batches), the Ray engine inside each actor of a Ray Data pipeline.
 This module never imports Ray: the caller hands the Ray engine in.
 
-Resumable: rows are appended as each batch finishes (batch_store.py). A rerun with the same `--out`
+Resumable: rows are appended as each batch finishes (batch/store.py). A rerun with the same `--out`
 skips images already scored by the same model version, keyed by (image sha256, model version): a file
 whose bytes already have a row under another path gets a copy of that row, not a model run. A file
 that cannot be read or decoded is a row with `error`, never a failed job; so is an entry of a list or manifest
@@ -33,9 +33,10 @@ from typing import TextIO
 import numpy as np
 
 from food_classifier import runtime
-from food_classifier.batch_store import BatchError, open_store
+from food_classifier.answer import AUTO, Answer
+from food_classifier.batch.store import BatchError, open_store
 from food_classifier.bundle import Bundle, load_newest
-from food_classifier.inference import Classifier, Prediction
+from food_classifier.inference import Classifier
 from food_classifier.preprocessing import ImageError
 
 __all__ = ["BatchError", "Chunk", "Done", "Engine", "Scorer", "Source", "Summary", "done_index", "local_engine",
@@ -124,15 +125,19 @@ def _path_list(path: Path) -> Source:
 
 # --- rows ----------------------------------------------------------------------------------------------------
 
-def answer_row(path: str, sha256: str, pred: Prediction, bundle: Bundle) -> dict:
-    return {"path": path, "sha256": sha256, "label": pred.label, "label_idx": pred.label_idx,
-            "confidence": pred.confidence, "abstained": pred.abstained, "top_k": pred.top_k,
-            "model": bundle.name, "model_version": bundle.version, "error": None}
+def answer_row(path: str, sha256: str, answer: Answer) -> dict:
+    """An `Answer` as a results row (predict-dir's one wire format; Parquet and JSONL alike)."""
+    return {"path": path, "sha256": sha256, "label": answer.label, "label_idx": answer.label_idx,
+            "confidence": answer.confidence, "abstained": answer.abstained,
+            "top_k": [{"label": t.label, "probability": t.probability} for t in answer.top_k],
+            "model": answer.model, "model_version": answer.model_version, "error": None,
+            "reason": answer.reason, "stage": answer.stage}
 
 
 def error_row(path: str, sha256: str | None, error: str, bundle: Bundle) -> dict:
     return {"path": path, "sha256": sha256, "label": None, "label_idx": None, "confidence": None,
-            "abstained": None, "top_k": None, "model": bundle.name, "model_version": bundle.version, "error": error}
+            "abstained": None, "top_k": None, "model": bundle.name, "model_version": bundle.version, "error": error,
+            "reason": None, "stage": None}
 
 
 def done_index(rows: list[dict], version: str) -> Done:
@@ -217,7 +222,7 @@ class Scorer:
             job.row = None if job.skip else {**row, "path": job.path}
             return None
         try:
-            return self.clf.preprocess(data)
+            return self.clf.lookup(data).array  # the one decode step (the Classifier's cache is off here)
         except ImageError as e:
             job.row = error_row(job.path, job.sha256, f"{e.reason}: {e}", self.clf.bundle)
         except Exception as e:  # any other decoder failure is the file's fault, not the job's
@@ -235,8 +240,8 @@ class Scorer:
         handled = 0
         batches = runtime.iter_batched(jobs, self._prepare, self._run, step, self.threads)
         for chunk, probs in zip(runtime.chunks(jobs, step), batches, strict=True):
-            preds = iter(self.clf.decide(probs) if probs is not None else ())
-            rows += [job.row if job.row is not None else answer_row(job.path, job.sha256, next(preds), self.clf.bundle)
+            answers = iter(self.clf.decide(probs) if probs is not None else ())
+            rows += [job.row if job.row is not None else answer_row(job.path, job.sha256, next(answers))
                      for job in chunk if not job.skip]
             handled += len(chunk)
             for job in chunk:
@@ -248,7 +253,7 @@ class Scorer:
             yield rows, handled
 
 
-def local_engine(threads: int | None = None) -> Engine:
+def local_engine(threads: int | None = None, variant: str = AUTO) -> Engine:
     """This process, `threads` CPUs (default: the usable ones, at most 4): as many decode threads, and as many
     model calls at once, each a 1-thread ONNX Runtime run on a slice of the batch. Measured here (Lite0, 2 cores,
     the same 512 photos, alternating): 21.3 img/s and 31 ms CPU per image, against 19.5 and 34 for one run with
@@ -256,7 +261,8 @@ def local_engine(threads: int | None = None) -> Engine:
     cpus = threads or runtime.default_threads()
 
     def run(bundle: Bundle, paths: list[str], done: Done, batch_size: int) -> Iterator[Chunk]:
-        yield from Scorer(Classifier(bundle, threads=1), done, cpus, calls=cpus).chunks(paths, batch_size)
+        clf = Classifier(bundle, threads=1, variant=variant)
+        yield from Scorer(clf, done, cpus, calls=cpus).chunks(paths, batch_size)
     return run
 
 

@@ -11,8 +11,6 @@ middleware raises before routing (401, 413) keep the service's `{"error": code, 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import functools
 import zlib
 from collections.abc import Awaitable, Callable
@@ -22,8 +20,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from food_classifier.serving import oip, schemas
-from food_classifier.serving.errors import BodyTooLarge, ServiceError, UnsupportedMediaType
+from food_classifier.serving import oip
+from food_classifier.serving.admission import Grant, tensor_body_cost
+from food_classifier.serving.codec import InvalidBase64, decode_base64
+from food_classifier.serving.errors import BodyTooLarge, RequestTimeout, ServiceError, UnsupportedMediaType
+from food_classifier.serving.http import schemas
 from food_classifier.serving.oip import BadTensor
 from food_classifier.serving.registry import ModelRegistry
 from food_classifier.serving.service import PredictionService, new_request_id
@@ -118,6 +119,7 @@ def _errors(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
 
 MODEL_ERRORS = schemas.AUTH | _errors({404: "Unknown model or version", 503: "Models still loading"})
 INFER_ERRORS = MODEL_ERRORS | _errors({400: "Invalid tensors or parameters", 413: "Body, image or batch too large",
+                                       408: "A large JSON tensor body did not arrive within --body-timeout",
                                        415: "Not a readable image / unsupported content encoding"})
 _TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
     "name": {"type": "string", "enum": ["image", "pixels"]}, "shape": {"type": "array", "items": {"type": "integer"}},
@@ -166,12 +168,14 @@ async def server_metadata() -> ServerMetadata:
 
 
 @router.get("/v2/health/live")
+@router.head("/v2/health/live", include_in_schema=False)  # load balancers probe with HEAD, as /healthz
 async def server_live() -> ServerLive:
     """The process is up (no API key needed, like /healthz)."""
     return ServerLive(live=True)
 
 
 @router.get("/v2/health/ready", responses={503: {"model": ServerReady, "description": "Models still loading"}})
+@router.head("/v2/health/ready", include_in_schema=False)
 async def server_ready(request: Request) -> Any:
     """Every model is loaded and warm (no API key needed, like /readyz)."""
     ready = request.app.state.registry.ready
@@ -206,19 +210,38 @@ async def infer(request: Request, name: str, version: str | None = None) -> Infe
     `binary_data` and `classification`."""
     svc = _svc(request)
     model = _model(request, name, version)  # 404 / 503 before reading the body
-    body = await _body(request, svc.settings.max_body_bytes)
+    cost = tensor_body_cost(request.headers.get("content-length"), request.headers.get(HEADER),
+                            request.headers.get("content-encoding", "identity").strip().lower() != "identity",
+                            svc.settings.max_body_bytes)
+    if cost <= svc.budget.small:  # as a small image: never waits
+        return await _infer(request, svc, model, None)
+    grant = await svc.budget.acquire(cost, slot=False)  # before the body is read: waiting ones stay with clients
+    try:
+        return await _infer(request, svc, model, grant)
+    finally:
+        grant.release()
+
+
+async def _infer(request: Request, svc: PredictionService, model: Any, grant: Grant | None) -> Response:
+    if grant is None:
+        body = await _body(request, svc.settings.max_body_bytes)
+    else:  # a slow sender must not sit on the budget: the whole body within --body-timeout
+        try:
+            async with asyncio.timeout(svc.settings.body_timeout):
+                body = await _body(request, svc.settings.max_body_bytes)
+        except TimeoutError:
+            raise RequestTimeout(f"a tensor body of this size must arrive within {svc.settings.body_timeout:g} s "
+                                 "(it holds decode memory meanwhile); send it faster, smaller, or with the "
+                                 "binary-data extension", headers={"Connection": "close"}) from None
     parse = functools.partial(_parse, body, request.headers.get(HEADER))
     req = parse() if len(body) < OFFLOAD_BYTES else \
         await asyncio.get_running_loop().run_in_executor(svc.decode_pool, parse)
-    top_k, threshold, reject = oip.options(req.parameters)
-    outs, need = oip.requested(req, top_k)
-    images = oip.items(req, model, svc.settings.max_batch_images)
+    if grant is not None and not (len(req.inputs) == 1 and req.inputs[0].name == oip.PIXELS):
+        grant.release()  # photos are decoded under grants of their own
     rid = getattr(request.state, "request_id", None) or new_request_id()  # the middleware's X-Request-ID
-    model, results = await svc.predict_tensors(model.name, images, need or None, threshold, rid,
-                                               reject_not_food=reject)
-    tensors = oip.outputs(model, results, outs, top_k)
+    model, tensors = await oip.infer(svc, model, req, rid)
     binary_default = req.parameters.get("binary_data_output") is True
-    binary = [o.parameters.get("binary_data", binary_default) is True for o in outs]
+    binary = [t.parameters.get("binary_data", binary_default) is True for t in tensors]
     answer = {"model_name": model.name, "model_version": model.version, "id": req.id or rid,
               "parameters": {"request_id": rid},
               "outputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in tensors]}
@@ -303,11 +326,9 @@ def _flat(values: Any) -> list[Any]:
 
 
 def _b64(value: Any, name: str) -> bytes:
-    if not isinstance(value, str):
-        raise BadTensor(f"input {name!r}: BYTES elements in the JSON form must be base64 strings")
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadTensor(f"input {name!r}: BYTES elements in the JSON form must be base64 strings (the photo's "
-                        "bytes); or send them raw with the binary-data extension") from None
+        return decode_base64(value, f"input {name!r}: a BYTES element")
+    except InvalidBase64 as e:  # the protocol's own error shape (400 invalid_tensor), the core's one rule
+        raise BadTensor(f"{e.detail}: BYTES elements in the JSON form are the photo's bytes as base64; or send "
+                        "them raw with the binary-data extension") from None
 

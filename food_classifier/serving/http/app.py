@@ -15,9 +15,10 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,15 +28,15 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from food_classifier.bundle import model_sources
-from food_classifier.serving import routes_feedback, routes_oip, schemas
-from food_classifier.serving.errors import NotReady, ServiceError
-from food_classifier.serving.inputs import read_image, read_images
+from food_classifier.answer import Options, OptionsError
+from food_classifier.serving.errors import InvalidInput, NotReady, ServiceError
+from food_classifier.serving.http import routes_feedback, routes_oip, schemas
+from food_classifier.serving.http.inputs import read_image, read_images
+from food_classifier.serving.http.middleware import ServingMiddleware
+from food_classifier.serving.http.paths import PathGuard
 from food_classifier.serving.metrics import ServingMetrics
-from food_classifier.serving.middleware import ServingMiddleware
-from food_classifier.serving.monitor import ServingMonitor
 from food_classifier.serving.registry import LoadedModel, ModelRegistry
-from food_classifier.serving.service import PredictionService
+from food_classifier.serving.service import ImageUpload, PredictionService, build_service
 from food_classifier.serving.settings import ServeSettings
 
 log = logging.getLogger("food_classifier.serving")
@@ -107,16 +108,23 @@ async def model_info(request: Request, name: str) -> schemas.ModelInfo:
     return _info(reg, reg.get(name))
 
 
+def _options(top_k: int | None, threshold: float | None, reject_not_food: bool) -> Options:
+    try:
+        return Options(top_k=top_k, threshold=threshold, reject_not_food=reject_not_food)
+    except OptionsError as e:
+        raise InvalidInput(str(e)) from None
+
+
 @router.post("/v1/models/{name}/predict", tags=["predict"], responses=schemas.ERRORS,
              openapi_extra=schemas.IMAGE_BODY)
-async def predict(request: Request, response: Response, name: str, top_k: TopK = None,
+async def predict(request: Request, response: Response, name: str | None, top_k: TopK = None,
                   threshold: Threshold = None, reject_not_food: NotFood = True) -> schemas.Prediction:
     """Classify one image: multipart file, raw image body, or JSON `{"image": base64}`."""
     _tag(request, name)
     svc = _svc(request)
+    options = _options(top_k, threshold, reject_not_food)
     svc.registry.get(name)  # 404/503 before reading the body
-    body = schemas.Prediction.model_validate(await svc.predict(name, await read_image(request), top_k, threshold,
-                                                               _rid(request), reject_not_food))
+    body = schemas.prediction(await svc.predict(name, await read_image(request), options, _rid(request)))
     _x_cache(response, body.cache)
     return body
 
@@ -125,27 +133,22 @@ async def predict(request: Request, response: Response, name: str, top_k: TopK =
 async def predict_default(request: Request, response: Response, top_k: TopK = None,
                           threshold: Threshold = None, reject_not_food: NotFood = True) -> schemas.Prediction:
     """Like `/v1/models/{name}/predict`, with the default model."""
-    _tag(request, None)
-    svc = _svc(request)
-    svc.registry.get(None)
-    body = schemas.Prediction.model_validate(await svc.predict(None, await read_image(request), top_k, threshold,
-                                                               _rid(request), reject_not_food))
-    _x_cache(response, body.cache)
-    return body
+    return await predict(request, response, None, top_k, threshold, reject_not_food)
 
 
 @router.post("/v1/models/{name}/predict-batch", tags=["predict"], responses=schemas.ERRORS,
              openapi_extra=schemas.BATCH_BODY)
-async def predict_batch(request: Request, response: Response, name: str, top_k: TopK = None,
+async def predict_batch(request: Request, response: Response, name: str | None, top_k: TopK = None,
                         threshold: Threshold = None, reject_not_food: NotFood = True) -> schemas.BatchPrediction:
     """Many images (multipart files, any field name) -> results in the same order; bad images are
     error entries."""
     _tag(request, name)
     svc = _svc(request)
+    options = _options(top_k, threshold, reject_not_food)
     svc.registry.get(name)
     images = await read_images(request, svc.settings.max_batch_images)
-    body = schemas.BatchPrediction.model_validate(await svc.predict_batch(name, images, top_k, threshold,
-                                                                          _rid(request), reject_not_food))
+    answer = await svc.predict_batch(name, images, options, _rid(request))
+    body = schemas.batch(answer, [img.filename for img in images])
     outcomes = {r.cache for r in body.results if isinstance(r, schemas.BatchResult)}
     if outcomes:  # one value when all answered images agree, else "mixed" (each result has its own `cache`)
         _x_cache(response, outcomes.pop() if len(outcomes) == 1 else "mixed")
@@ -167,9 +170,13 @@ async def predict_path(request: Request, response: Response,
                        model_type: str | None = None) -> schemas.SeedPrediction:
     """The seed's call: classify a server-side file under `--allow-path-root` (403 otherwise)."""
     _tag(request, model_type)
-    body = await _svc(request).predict_path(model_type, image_path, _rid(request))
-    _x_cache(response, body.pop("cache"))  # the body keeps the seed's shape
-    return schemas.SeedPrediction.model_validate(body)
+    svc, guard = _svc(request), request.app.state.paths
+    svc.registry.get(model_type)
+    path = guard.resolve(image_path)
+    data = await asyncio.to_thread(guard.read, path, svc.settings.max_body_bytes)
+    answer = await svc.predict(model_type, ImageUpload(data), request_id=_rid(request))
+    _x_cache(response, answer.cache)  # the body keeps the seed's shape
+    return schemas.SeedPrediction(label=answer.label, label_idx=answer.label_idx, confidence=answer.confidence)
 
 
 @router.post("/v1/models/{name}/reload", tags=["admin"],
@@ -240,18 +247,22 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(500, "internal_error", exc.__class__.__name__)
 
 
-def create_app(settings: ServeSettings | None = None) -> FastAPI:
-    """Build the app; nothing heavy happens until the lifespan starts (model loading)."""
-    settings = settings or ServeSettings()
-    metrics = ServingMetrics()
-    registry = ModelRegistry(model_sources(settings.bundles), settings, metrics)
-    monitor = ServingMonitor(settings)
-    metrics.watch_monitor(monitor)
-    service = PredictionService(registry, settings, metrics, monitor=monitor)
-    if settings.grpc_port is not None:  # a missing grpc extra or a taken port fails here, before serving
-        from food_classifier.serving.grpc.server import check_port
+class Sibling(Protocol):
+    """Another transport served beside HTTP on the same loop and service (the gRPC server): started before the
+    models load, told when they are ready, stopped (drained) before the service closes."""
 
-        check_port(settings)
+    async def start(self, service: PredictionService) -> None: ...
+    async def ready(self, ready: bool) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def create_app(settings: ServeSettings | None = None, service: PredictionService | None = None,
+               siblings: Sequence[Sibling] = ()) -> FastAPI:
+    """Build the HTTP transport over `service` (default: `build_service(settings)`); nothing heavy happens until
+    the lifespan starts (model loading). `siblings` share its lifespan (serving/compose.py adds gRPC)."""
+    settings = settings or ServeSettings()
+    service = service or build_service(settings)
+    registry, metrics, monitor = service.registry, service.metrics, service.monitor
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -272,27 +283,21 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 log.critical("cannot serve, shutting down with exit status %d: %s", EXIT_NO_MODEL, fatal[0])
                 signal.raise_signal(signal.SIGTERM)  # uvicorn's graceful shutdown, then the exit below
 
-        grpc_server = None
-        if settings.grpc_port is not None:  # gRPC on this same loop and service (serving/grpc/server.py)
-            from food_classifier.serving.grpc.server import GrpcServer
-
-            grpc_server = await GrpcServer.start(service, settings, metrics)
-            app.state.grpc_port = grpc_server.port
+        for sibling in siblings:
+            await sibling.start(service)
         loading = asyncio.create_task(registry.load_all(warm=service.warm_up))
         loading.add_done_callback(loaded)
-        if grpc_server is not None:  # health turns SERVING once every model is loaded and warm
-            loading.add_done_callback(lambda _: loop.create_task(grpc_server.serving(registry.ready)))
+        for sibling in siblings:  # e.g. gRPC health turns SERVING once every model is loaded and warm
+            loading.add_done_callback(lambda _, s=sibling: loop.create_task(s.ready(registry.ready)))
         try:
             yield
         finally:
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
             loading.cancel()
-            if grpc_server is not None:
-                await grpc_server.stop(grace=10.0)  # calls in flight finish on the service
-            service.close()
-            registry.close()
-            monitor.close()
+            for sibling in siblings:
+                await sibling.stop()  # calls in flight finish on the service
+            service.shutdown()
             if fatal:  # uvicorn would exit 0 after a shutdown; the lifespan is its last step
                 logging.shutdown()
                 sys.stderr.flush()
@@ -304,6 +309,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                          description="Classify food photos with ONNX Runtime model bundles.")
     app.state.settings, app.state.metrics = settings, metrics
     app.state.registry, app.state.service, app.state.monitor = registry, service, monitor
+    app.state.paths = PathGuard(settings.allow_path_root)  # the seed's GET /predict: HTTP only
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _install_error_handlers(app)

@@ -9,8 +9,6 @@ whichever way it came (raw body, multipart file, base64 string).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 
@@ -18,6 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from food_classifier.serving.codec import decode_base64
 from food_classifier.serving.errors import InvalidInput, MissingImage, TooManyImages, UnsupportedMediaType
 from food_classifier.serving.service import ImageUpload
 
@@ -40,15 +39,7 @@ def _media_type(request: Request) -> str:
 
 
 def _b64(value: object, where: str) -> bytes:
-    """Decoded bytes; "" gives b"" (an empty image: 422, or an error entry in a batch, like an empty file)."""
-    if not isinstance(value, str):
-        raise InvalidInput(f"{where} must be a base64 string", code="invalid_base64")
-    if value.startswith("data:"):
-        value = value.partition(",")[2]  # data:image/jpeg;base64,....
-    try:
-        return base64.b64decode("".join(value.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidInput(f"{where} is not valid base64", code="invalid_base64") from None
+    return decode_base64(value, where)
 
 
 async def _json(request: Request) -> dict:

@@ -8,8 +8,8 @@ Adding a field adds the flag. Importing this module stays cheap (typer only): th
 on first use, since pydantic-settings alone takes ~0.3 s to import, and FastAPI, uvicorn and ONNX
 Runtime are imported only when `serve` runs.
 
-    from food_classifier.serving.cli import serve        # the function, for typer.run / app.command
-    from food_classifier.serving.cli import serve_command   # a ready click command
+    from food_classifier.cli.serve import serve        # the function, for typer.run / app.command
+    from food_classifier.cli.serve import serve_command   # a ready click command
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -87,13 +87,16 @@ def _field_param(name: str, field: Any, env_prefix: str) -> inspect.Parameter:
                              annotation=Annotated[kind | None, info])
 
 
-def command_for(settings_cls: type, run: Callable[[Any], None], doc: str) -> Callable[..., None]:
-    """A Typer command function whose parameters are `settings_cls`'s fields; it builds the settings
-    from the flags that were given (env vars and defaults fill the rest) and calls `run(settings)`."""
+def command_for(settings_cls: type, run: Callable[[Any], None], doc: str,
+                fields: Sequence[str] | None = None) -> Callable[..., None]:
+    """A Typer command function whose parameters are `settings_cls`'s fields (or only `fields`, in that order);
+    it builds the settings from the flags that were given (env vars and defaults fill the rest) and calls
+    `run(settings)`."""
     from pydantic import ValidationError
 
     prefix = settings_cls.model_config.get("env_prefix", "")
-    params = [_field_param(n, f, prefix) for n, f in settings_cls.model_fields.items()]
+    names = fields or list(settings_cls.model_fields)
+    params = [_field_param(n, settings_cls.model_fields[n], prefix) for n in names]
 
     def command(**flags: Any) -> None:
         given = {k: v for k, v in flags.items() if v is not None and v != []}
@@ -101,7 +104,8 @@ def command_for(settings_cls: type, run: Callable[[Any], None], doc: str) -> Cal
             settings = settings_cls(**given)
         except ValidationError as e:
             first = e.errors()[0]
-            _fail(f"invalid setting {'.'.join(map(str, first['loc'])) or '?'}: {first['msg']}")
+            where, msg = ".".join(map(str, first["loc"])), first["msg"].removeprefix("Value error, ")
+            _fail(f"invalid setting {where}: {msg}" if where else msg)
         run(settings)
 
     command.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
@@ -122,8 +126,8 @@ def run_server(settings: Any) -> None:
     from food_classifier.bundle import BundleError
     from food_classifier.cache import CacheError
     from food_classifier.serving import memory
-    from food_classifier.serving.app import create_app
-    from food_classifier.serving.protocol import protocol_class
+    from food_classifier.serving.compose import build_app
+    from food_classifier.serving.http.protocol import protocol_class
     from food_classifier.v1 import GrpcMissing
 
     memory.limit_arenas(2)  # before any worker thread allocates: keeps RSS from creeping (memory.py)
@@ -133,7 +137,7 @@ def run_server(settings: Any) -> None:
     if settings.engine == "ray":
         _run_ray(settings)
     try:
-        app = create_app(settings)
+        app = build_app(settings)
     except (BundleError, CacheError, GrpcMissing, OSError) as e:  # OSError: a taken gRPC port, an unwritable log dir
         _fail(str(e))
     s = settings

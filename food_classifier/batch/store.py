@@ -21,8 +21,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("path", "sha256", "label", "label_idx", "confidence", "abstained", "top_k", "model", "model_version",
-           "error")
+REQUIRED = ("path", "sha256", "label", "label_idx", "confidence", "abstained", "top_k", "model", "model_version",
+            "error")
+COLUMNS = (*REQUIRED, "reason", "stage")  # files written before these columns existed read them as null
 FORMATS = ("parquet", "jsonl")
 NO_PYARROW = ("Parquet output needs pyarrow: pip install 'food-classifier[parquet]' (the 'ray' extra includes it), "
               "or write JSON lines instead (--format jsonl, or an --out ending in .jsonl)")
@@ -42,7 +43,7 @@ def parquet_schema() -> Any:
     return pa.schema([("path", pa.string()), ("sha256", pa.string()), ("label", pa.string()),
                       ("label_idx", pa.int64()), ("confidence", pa.float64()), ("abstained", pa.bool_()),
                       ("top_k", pa.list_(top)), ("model", pa.string()), ("model_version", pa.string()),
-                      ("error", pa.string())])
+                      ("error", pa.string()), ("reason", pa.string()), ("stage", pa.int64())])
 
 
 def latest_mask(keys: list[tuple[Any, Any]]) -> list[bool]:
@@ -125,9 +126,9 @@ class JsonlStore(Store):
                 row = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 row = None
-            if not isinstance(row, dict) or not set(COLUMNS) <= row.keys():
+            if not isinstance(row, dict) or not set(REQUIRED) <= row.keys():
                 raise BatchError(f"{self.out}:{i} is not a predict-dir result line; pass another --out")
-            rows.append(row)
+            rows.append({c: row.get(c) for c in COLUMNS})
         self._seen(rows)
         self._replaced = False
         return rows
@@ -180,9 +181,13 @@ class ParquetStore(Store):
             table = pq.read_table(path)
         except (pa.ArrowException, OSError) as e:
             raise BatchError(f"{path} is not a readable Parquet file ({e}); pass another --out") from None
-        if not set(COLUMNS) <= set(table.column_names):
+        if not set(REQUIRED) <= set(table.column_names):
             raise BatchError(f"{path} is not a predict-dir results file (columns: {', '.join(table.column_names)})")
-        return table.select(list(COLUMNS)).cast(parquet_schema())
+        schema = parquet_schema()
+        for name in COLUMNS:
+            if name not in table.column_names:
+                table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+        return table.select(list(COLUMNS)).cast(schema)
 
     def read(self) -> list[dict]:
         if self.parts.is_dir():

@@ -9,15 +9,25 @@ plain json.dumps it replaced cost (bench/bench_responses.py), against ~20 ms of 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
-# query parameters of the predict endpoints; the gRPC transport validates its fields with them too
-TopKQuery = Annotated[int | None, Query(ge=1, le=1000, description="How many classes to return in top_k.")]
-ThresholdQuery = Annotated[float | None, Query(ge=0.0, le=1.0, description="Abstain (label 'unsure') below this "
-                                                                           "confidence; default: the bundle's.")]
+from food_classifier.answer import MAX_TOP_K
+from food_classifier.serving.errors import ServiceError
+
+if TYPE_CHECKING:
+    from food_classifier.answer import Answer
+    from food_classifier.serving.service import BatchAnswer
+
+# query parameters of the predict endpoints. Their ranges are documented here but checked by `answer.Options`, so
+# every transport (HTTP, gRPC, OIP, the worker) refuses a bad value with the same message.
+TopKQuery = Annotated[int | None, Query(description="How many classes to return in top_k.",
+                                        json_schema_extra={"minimum": 1, "maximum": MAX_TOP_K})]
+ThresholdQuery = Annotated[float | None, Query(description="Abstain (label 'unsure') below this confidence; "
+                                                           "default: the bundle's.",
+                                               json_schema_extra={"minimum": 0.0, "maximum": 1.0})]
 NotFoodQuery = Annotated[bool, Query(description="false: never answer 'not_food' (the bundle's rule is off for "
                                                 "this request; the food labels and probabilities are unchanged).")]
 
@@ -44,12 +54,12 @@ class CacheMemory(Wire):
 
 
 class CacheRedis(Wire):
-    state: Literal["ok", "down"]
+    state: Literal["ok", "down", "read_only"]  # read_only: answers reads, refuses writes (e.g. out of memory)
     error: str | None
 
 
 class CacheStatus(Wire):
-    state: Literal["ok", "degraded", "off"]  # degraded: Redis failing, answers still served
+    state: Literal["ok", "degraded", "off"]  # degraded: Redis failing (or refusing writes), answers still served
     ttl_s: float
     memory: CacheMemory | None = None
     redis: CacheRedis | None = None
@@ -74,12 +84,16 @@ class Timing(Wire):
     batch_size: int
 
 
+Reason = Literal["unsure", "not_food"] | None  # why it abstained (answer.Answer.reason)
+
+
 class Prediction(Wire):
-    label: str  # "unsure" when abstained
+    label: str  # a class, or "unsure" / "not_food" when abstained
     label_idx: int
     confidence: float
     top_k: list[TopK]
     abstained: bool
+    reason: Reason
     stage: int  # the cascade stage that answered (1 for a single-graph variant)
     model: str
     model_version: str
@@ -96,6 +110,7 @@ class BatchResult(Wire):
     confidence: float
     top_k: list[TopK]
     abstained: bool
+    reason: Reason
     stage: int
     cache: str  # hit-bytes, hit-pixels, miss or off
     request_id: str  # the batch's request_id + "-" + index
@@ -186,6 +201,29 @@ class FeedbackOut(Wire):
     label: str
     predicted: str  # the top-1 label of the prediction (also when it abstained)
     correct: bool
+    vote: Literal["new", "replaced", "unchanged"]  # one vote per image per model version: repeats count once
+
+
+def prediction(answer: Answer) -> Prediction:
+    """An `Answer` as the HTTP body: the one Answer -> JSON function of the HTTP transport (the batch entries,
+    `batch_result`, are the same keys without model and version, plus their place in the batch)."""
+    return Prediction.model_validate(answer.to_dict())
+
+
+def batch_result(index: int, filename: str | None, result: Answer | ServiceError) -> BatchResult | BatchError:
+    if isinstance(result, ServiceError):
+        return BatchError(index=index, filename=filename, **result.to_dict(), status=result.status)
+    body = result.to_dict()
+    del body["model"], body["model_version"]
+    return BatchResult.model_validate({"index": index, "filename": filename, **body})
+
+
+def batch(answer: BatchAnswer, filenames: list[str | None]) -> BatchPrediction:
+    return BatchPrediction(model=answer.model, model_version=answer.model_version, request_id=answer.request_id,
+                           count=len(answer.results), failed=answer.failed,
+                           timing=BatchTiming(total_ms=answer.total_ms),
+                           results=[batch_result(i, f, r) for i, (f, r) in
+                                    enumerate(zip(filenames, answer.results, strict=True))])
 
 
 def error_body(code: str, detail: str) -> dict[str, str]:

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from food_classifier import svg
 from food_classifier.bundle import BundleError, read_meta, versions
-from food_classifier.monitoring import drift, histogram
-from food_classifier.prediction_log import BadLines, log_files, read_log
+from food_classifier.monitoring import charts as svg
+from food_classifier.monitoring.log import BadLines, log_files, read_log
+from food_classifier.monitoring.statistics import drift, histogram
 
 NICE_WINDOWS = (1, 10, 60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400)  # seconds, for --window auto
 MAX_AUTO_WINDOWS = 12

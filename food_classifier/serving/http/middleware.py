@@ -15,9 +15,6 @@ so a non-ASCII key works the same through X-API-Key, Bearer and Basic.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -25,6 +22,7 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Match
 
+from food_classifier.serving.auth import AUTH_CHALLENGE, AUTH_MESSAGE, key_matches, presented_key
 from food_classifier.serving.errors import (
     AdminDisabled,
     BodyTooLarge,
@@ -34,8 +32,8 @@ from food_classifier.serving.errors import (
     ShuttingDown,
     Unauthorized,
 )
+from food_classifier.serving.http.schemas import Error
 from food_classifier.serving.metrics import ServingMetrics
-from food_classifier.serving.schemas import Error
 from food_classifier.serving.service import new_request_id
 from food_classifier.serving.settings import ServeSettings
 
@@ -48,8 +46,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 log = logging.getLogger("food_classifier.serving")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})  # probes need no key
 ADMIN_TAG = "admin"  # routes tagged so need the admin key
-AUTH_CHALLENGE = 'Basic realm="food-classifier", charset="UTF-8"'
-AUTH_MESSAGE = "missing or wrong API key (send X-API-Key or Authorization: Bearer)"  # also the gRPC message
 
 
 async def send_error(send: Send, exc: ServiceError, headers: dict[str, str] | None = None) -> None:
@@ -59,26 +55,6 @@ async def send_error(send: Send, exc: ServiceError, headers: dict[str, str] | No
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": exc.status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
-
-
-def presented_key(headers: dict[bytes, bytes]) -> bytes | None:
-    """The key's bytes from `X-API-Key`, `Authorization: Bearer KEY` or Basic auth (password = key)."""
-    if b"x-api-key" in headers:
-        return headers[b"x-api-key"]
-    scheme, _, value = headers.get(b"authorization", b"").partition(b" ")
-    if scheme.lower() == b"bearer":
-        return value.strip()
-    if scheme.lower() == b"basic":
-        try:
-            return base64.b64decode(value.strip(), validate=True).partition(b":")[2]
-        except (binascii.Error, ValueError):
-            return None
-    return None
-
-
-def key_matches(key: bytes | None, *wanted: bytes | None) -> bool:
-    """Constant-time compare of the presented key's bytes with any of the wanted keys (HTTP and gRPC)."""
-    return key is not None and any(w is not None and hmac.compare_digest(key, w) for w in wanted)
 
 
 class ServingMiddleware:

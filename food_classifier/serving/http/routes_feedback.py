@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from food_classifier.serving import schemas
-from food_classifier.serving.monitor import ServingMonitor
+from food_classifier.serving.http import schemas
+from food_classifier.serving.observer import ServingMonitor
 from food_classifier.serving.registry import ModelRegistry
 
 router = APIRouter()

@@ -1,7 +1,7 @@
 """predict-dir's Ray engine: a Ray Data pipeline over the same `Scorer` as the local engine.
 
     paths (ray.data.from_items) -> map_batches(_RayScorer, compute=ActorPoolStrategy(...)) -> rows
-    streamed back to the driver, which writes them with the same store (batch_store.py)
+    streamed back to the driver, which writes them with the same store (batch/store.py)
 
 Each actor holds one `Classifier` (one ONNX Runtime session) for its whole life. The bundle travels
 once: its files are put in the object store by the driver, and each actor writes them to a temporary
@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from food_classifier import ray_env
-from food_classifier.batch import Chunk, Done, Scorer
-from food_classifier.batch_store import COLUMNS, parquet_schema
+from food_classifier.answer import AUTO
+from food_classifier.batch.job import Chunk, Done, Scorer
+from food_classifier.batch.store import COLUMNS, parquet_schema
 from food_classifier.bundle import Bundle
 from food_classifier.inference import Classifier
 
@@ -46,7 +47,7 @@ def _ray_schema() -> Any:
 class _RayScorer:
     """One per actor: loads the shipped bundle once, then scores batches of paths."""
 
-    def __init__(self, refs: tuple[Any, Any], threads: int):
+    def __init__(self, refs: tuple[Any, Any], threads: int, variant: str = AUTO):
         import ray
 
         files, done = ray.get(list(refs))  # nested in a tuple, so the actor (not Ray) fetches them
@@ -54,7 +55,7 @@ class _RayScorer:
             for name, data in files.items():
                 (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
                 (Path(tmp) / name).write_bytes(data)
-            clf = Classifier(tmp, threads=threads)  # the session holds the graph: the files can go
+            clf = Classifier(tmp, threads=threads, variant=variant)  # the session holds the graph: files can go
         self.scorer = Scorer(clf, done, threads)
         self.schema = _ray_schema()
 
@@ -72,8 +73,9 @@ class _RayScorer:
 class RayEngine:
     """Score with a pool of Ray actors: on a local Ray (address None) or a cluster (`auto`, `ray://...`)."""
 
-    def __init__(self, address: str | None = None, actors: int | None = None, cpus_per_actor: int = 1):
-        self.address = address
+    def __init__(self, address: str | None = None, actors: int | None = None, cpus_per_actor: int = 1,
+                 variant: str = AUTO):
+        self.address, self.variant = address, variant
         self.actors = actors
         self.cpus = max(1, cpus_per_actor)
 
@@ -94,7 +96,8 @@ class RayEngine:
                                      override_num_blocks=max(1, math.ceil(len(paths) / batch_size)))
             ds = ds.map_batches(_RayScorer, batch_size=batch_size, batch_format="numpy", num_cpus=self.cpus,
                                 compute=ActorPoolStrategy(min_size=1, max_size=size),
-                                fn_constructor_kwargs={"refs": (files, done_ref), "threads": self.cpus})
+                                fn_constructor_kwargs={"refs": (files, done_ref), "threads": self.cpus,
+                                                      "variant": self.variant})
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 marks = table["skipped"].to_pylist()
                 rows = table.select(list(COLUMNS)).to_pylist()
