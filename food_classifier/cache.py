@@ -34,13 +34,13 @@ import numpy as np
 
 from food_classifier import runtime
 from food_classifier.cache_pixels import ID_BYTES, fingerprint_id, pixel_view, same_photo
+from food_classifier.defaults import CACHE_MEMORY_BYTES, CACHE_TTL_S
 from food_classifier.preprocessing import PIPELINE_VERSION, ImageInput, PreprocessSpec
 
 log = logging.getLogger("food_classifier.cache")
 
 HIT_BYTES, HIT_PIXELS, MISS, OFF = "hit-bytes", "hit-pixels", "miss", "off"
-DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
-DEFAULT_TTL_S = 24 * 3600.0
+DEFAULT_MEMORY_BYTES, DEFAULT_TTL_S = CACHE_MEMORY_BYTES, CACHE_TTL_S
 CACHE_FORMAT = 2  # bump when keys or values change meaning: older entries are then never read
 
 

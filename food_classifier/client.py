@@ -26,6 +26,8 @@ from typing import Any, Self
 
 import httpx
 
+from food_classifier.defaults import MiB
+
 DEFAULT_URL = os.environ.get("FOOD_CLASSIFIER_URL", "http://127.0.0.1:8383")
 ImageSource = str | Path | bytes
 
@@ -190,7 +192,6 @@ def predict_batch(images: Sequence[ImageSource], url: str = DEFAULT_URL, **kwarg
 # --- gRPC ------------------------------------------------------------------------------------------------
 
 DEFAULT_TARGET = os.environ.get("FOOD_CLASSIFIER_GRPC", "127.0.0.1:8384")
-MiB = 1024 * 1024
 # HTTP status of errors raised by gRPC itself (no fc-status trailer), e.g. an oversized message
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
                "RESOURCE_EXHAUSTED": 413, "UNIMPLEMENTED": 501, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}

@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from food_classifier.defaults import MAX_PIXELS
+
 ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image
 
 PIPELINE_VERSION = 2  # bump when the pixels change (feature caches are keyed by it)
-DEFAULT_MAX_PIXELS = 40_000_000  # decoded pixels, ~ 6300x6300: measured in docs/SERVING.md ("Large images")
+DEFAULT_MAX_PIXELS = MAX_PIXELS  # decoded pixels, ~ 6300x6300 (defaults.py)
 # Decoded on purpose, and nothing else (EPS would hand client bytes to Ghostscript; AVIF, JPEG 2000, PSD,
 # ICO... are parsers a food photo does not need). "JPEG" includes the multi-picture JPEGs (MPO) many
 # cameras and phones write.

@@ -13,10 +13,12 @@ import os
 import sys
 from types import ModuleType
 
+from food_classifier.defaults import MiB, usable_cpus
+
 LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 LOCAL_ADDRESSES = (None, "", "local")
 MISSING = "the Ray engine needs the 'ray' extra: pip install 'food-classifier[ray]'"
-MiB = 1024 * 1024
+
 log = logging.getLogger("food_classifier.ray")
 
 
@@ -55,18 +57,13 @@ def connect(address: str | None, num_cpus: int | None = None, object_store_mb: i
         return False
     if address in LOCAL_ADDRESSES:
         ray.init(address="local",  # a new one: never join a Ray that `ray start` left here (or its stale file)
-                 num_cpus=num_cpus or _usable_cpus(), include_dashboard=False,
+                 num_cpus=num_cpus or usable_cpus(), include_dashboard=False,
                  object_store_memory=object_store_mb * MiB, logging_level=logging.WARNING)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
     return True
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def loopback_replica_grpc() -> None:

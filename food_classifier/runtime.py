@@ -7,7 +7,6 @@ decided once. Only onnxruntime and numpy: the serving side depends on this modul
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,17 +15,15 @@ from typing import TypeVar
 import numpy as np
 import onnxruntime as ort
 
+from food_classifier.defaults import THREADS_PER_CALL, usable_cpus
+
 T = TypeVar("T")
 PROVIDERS = ["CPUExecutionProvider"]
 
 
 def default_threads() -> int:
-    """CPUs this process may use (respects taskset/cpusets), capped at 4: more rarely helps one call."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(4, n))
+    """CPUs this process may use, capped at THREADS_PER_CALL: more rarely helps one call."""
+    return usable_cpus(THREADS_PER_CALL)
 
 
 def create_session(model: str | Path | bytes, threads: int | None = None, *,

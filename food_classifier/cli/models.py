@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
-MODELS_DIR = typer.Option(Path("models"), "--models-dir", help="Holds one dir per model: MODELS_DIR/NAME/VERSION.")
+from food_classifier.defaults import MODELS_DIR as DEFAULT_MODELS_DIR
+
+MODELS_DIR = typer.Option(DEFAULT_MODELS_DIR, "--models-dir", help="Holds one dir per model: MODELS_DIR/NAME/VERSION.")
 models_app = typer.Typer(help="Published model versions and architectures. list, promote, rm, gc, archs.",
                          no_args_is_help=True, rich_markup_mode=None)
 

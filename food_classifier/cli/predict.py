@@ -10,10 +10,11 @@ import typer
 
 from food_classifier.answer import AUTO
 from food_classifier.cli.common import fail
+from food_classifier.defaults import MODEL_DIR
 
 
 def predict(images: list[Path] = typer.Argument(..., help="Image files.", metavar="IMAGE..."),
-            model: Path = typer.Option(Path("models/food"),
+            model: Path = typer.Option(MODEL_DIR,
                                        help="Bundle dir or model dir (its promoted, else newest version)."),
             top_k: int = typer.Option(3), threads: int = typer.Option(0),
             variant: str = typer.Option(AUTO, help="auto (the bundle's recommended one, as `serve`), cascade, fp32 "
@@ -75,7 +76,7 @@ def predict_dir_cmd(
         source: Path = typer.Argument(..., help="A folder (searched recursively for images; subfolders = classes), "
                                                 "a manifest CSV (a 'path' column, optional 'label') or a text file "
                                                 "of paths."),
-        model: Path = typer.Option(Path("models/food"), help="Bundle dir or model dir (newest version)."),
+        model: Path = typer.Option(MODEL_DIR, help="Bundle dir or model dir (newest version)."),
         out: Path = typer.Option(..., help="Results file; a rerun resumes it (skips images already scored by "
                                            "this model version)."),
         engine: Literal["local", "ray"] = typer.Option(

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from food_classifier.cli.common import fail, need_training_extras
+from food_classifier.defaults import MODEL_NAME, MODELS_DIR
 
 
 def evaluate(run: Path = typer.Argument(..., help="A run dir (uses its bundle) or a bundle dir."),
@@ -42,7 +43,7 @@ def report(run: Path = typer.Argument(..., help="A run dir from `train` (uses it
 
 
 def export(run: Path = typer.Argument(..., help="A run dir from `train`."),
-           models_dir: Path = typer.Option(Path("models")), name: str = typer.Option("food"),
+           models_dir: Path = typer.Option(MODELS_DIR), name: str = typer.Option(MODEL_NAME),
            int8: bool | None = typer.Option(None, "--int8/--no-int8", show_default="auto",
                                             help="Also add the quantized int8 variant (auto: unless the bundle "
                                                  "is a cascade).")) -> None:

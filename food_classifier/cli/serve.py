@@ -24,7 +24,8 @@ from typing import Annotated, Any
 
 import typer
 
-MiB = 1024 * 1024
+from food_classifier.defaults import MiB
+
 SERVE_HELP = ("Serve bundles over HTTP (FastAPI + ONNX Runtime; no torch).\n\nThe same app runs on Ray Serve "
               "with --engine ray. Opens a web page at /.")
 

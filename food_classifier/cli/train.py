@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from food_classifier.cli.common import fail, need_training_extras
+from food_classifier.defaults import MODEL_NAME, MODELS_DIR
 from food_classifier.training.config import DEFAULT_TARGET_PRECISION, TrainConfig
 from food_classifier.training.config import option as config_option
 
@@ -38,8 +39,8 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
           patience: int = _train_option("patience"),
           seed: int = _train_option("seed"),
           runs_dir: Path = typer.Option(Path("runs")),
-          models_dir: Path = typer.Option(Path("models"), help="Bundles are published to MODELS_DIR/NAME/VERSION."),
-          name: str = typer.Option("food", help="Model name in the bundle and the server."),
+          models_dir: Path = typer.Option(MODELS_DIR, help="Bundles are published to MODELS_DIR/NAME/VERSION."),
+          name: str = typer.Option(MODEL_NAME, help="Model name in the bundle and the server."),
           resume: Path | None = typer.Option(None, help="Continue an interrupted run dir."),
           target_precision: float = typer.Option(
               DEFAULT_TARGET_PRECISION, min=0.0, max=1.0,

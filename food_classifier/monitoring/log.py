@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from food_classifier.defaults import PREDICTION_LOG_MAX_BYTES
+
 CURRENT = "predictions.jsonl"
 ROTATED = re.compile(r"predictions-(\d{6,})\.jsonl")
 IMAGE_TYPES = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG", "png"), (b"RIFF", "webp"), (b"GIF8", "gif"), (b"BM", "bmp"))
@@ -96,7 +98,7 @@ def _image_ext(data: bytes) -> str:
 
 
 class PredictionLog:
-    def __init__(self, directory: str | Path, max_bytes: int = 64 * 1024 * 1024, images_sample: float = 0.0,
+    def __init__(self, directory: str | Path, max_bytes: int = PREDICTION_LOG_MAX_BYTES, images_sample: float = 0.0,
                  seed: int | None = None, keep: int | None = None):
         """`keep`: rotated files kept (the oldest beyond it are deleted at each rotation); None keeps all."""
         self.dir = Path(directory)

@@ -20,8 +20,15 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from food_classifier.answer import AUTO as VARIANT_AUTO
-
-MiB = 1024 * 1024
+from food_classifier.defaults import (
+    CACHE_MEMORY_BYTES,
+    CACHE_TTL_S,
+    MAX_PIXELS,
+    MAX_WORKERS,
+    PREDICTION_LOG_MAX_BYTES,
+    MiB,
+)
+from food_classifier.defaults import usable_cpus as _usable_cpus
 
 
 @dataclass(frozen=True)
@@ -33,11 +40,7 @@ class Cli:
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (respects taskset/cpusets, unlike os.cpu_count), at most 16."""
-    try:
-        return max(1, min(16, len(os.sched_getaffinity(0))))
-    except AttributeError:  # not Linux
-        return max(1, min(16, os.cpu_count() or 1))
+    return _usable_cpus(MAX_WORKERS)
 
 
 def _split(value: object) -> object:
@@ -76,7 +79,7 @@ class ServeSettings(BaseSettings):
     max_body_bytes: int = Field(10 * MiB, ge=1024, description="Request body limit in bytes (413 above it).")
     max_batch_body_bytes: int = Field(64 * MiB, ge=1024, description="Body limit of predict-batch requests.")
     max_batch_images: int = Field(64, ge=1, description="Images per predict-batch request.")
-    max_pixels: int = Field(40_000_000, ge=1, description="Decoded pixels per image (more, e.g. a "
+    max_pixels: int = Field(MAX_PIXELS, ge=1, description="Decoded pixels per image (more, e.g. a "
                                                           "decompression bomb, is a 413).")
     top_k: int = Field(5, ge=1, description="Default number of top-k entries in responses.")
     # docs/SERVING.md, "Large images": a 6000x6000 PNG needs 144 MB decoded; with 256 MiB only one such
@@ -114,11 +117,12 @@ class ServeSettings(BaseSettings):
     warmup: bool = Field(True, description="Run each model once per batch shape before /readyz turns green.")
 
     # Prediction cache (food_classifier/cache.py, docs/SCALING.md): in-process LRU in front of optional Redis.
-    cache_bytes: int = Field(64 * MiB, ge=0, description="In-process prediction cache size in bytes (0 = off).")
+    cache_bytes: int = Field(CACHE_MEMORY_BYTES, ge=0,
+                             description="In-process prediction cache size in bytes (0 = off).")
     cache_url: SecretStr | None = Field(
         None, description="Redis URL (redis://host:6379/0) of a prediction cache shared by replicas; "
                           "needs the 'cache' extra.")
-    cache_ttl: float = Field(24 * 3600.0, gt=0, description="Seconds a cached prediction lives (default one day).")
+    cache_ttl: float = Field(CACHE_TTL_S, gt=0, description="Seconds a cached prediction lives (default one day).")
     cache_timeout_ms: float = Field(100.0, gt=0, description="Redis connect and read timeout; past it the request "
                                                              "goes on without the cache.")
     cache_breaker_s: float = Field(5.0, ge=0, description="After a Redis error, skip Redis this long, then retry.")
@@ -154,8 +158,8 @@ class ServeSettings(BaseSettings):
                                                            "request_id or sha256.")
     prediction_log: Path | None = Field(None, description="Write every prediction and feedback as JSON lines "
                                                           "into this dir (off when not given).")
-    prediction_log_max_bytes: int = Field(64 * MiB, ge=1024, description="Rotate the prediction log at this "
-                                                                         "size.")
+    prediction_log_max_bytes: int = Field(PREDICTION_LOG_MAX_BYTES, ge=1024,
+                                          description="Rotate the prediction log at this size.")
     prediction_log_keep: int | None = Field(None, ge=0, description="Rotated prediction-log files to keep: at "
                                                                     "each rotation the oldest beyond this many "
                                                                     "are deleted (default: keep all).")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from food_classifier.defaults import MODELS_DIR
+
 
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -39,7 +41,7 @@ def import_onnx_cmd(
         outputs: str = typer.Option("logits", help="logits, or probs when the graph ends in a softmax."),
         check_images: Path | None = typer.Option(None, help="Folder of class folders: print accuracy on them."),
         min_accuracy: float = typer.Option(0.0, min=0.0, max=1.0, help="Refuse to publish below this accuracy."),
-        models_dir: Path = typer.Option(Path("models"))) -> None:
+        models_dir: Path = typer.Option(MODELS_DIR)) -> None:
     """Wrap any ONNX image classifier into a bundle.
 
     The bundle works with serve, predict and every other command."""
