@@ -45,9 +45,11 @@ LAZY: dict[str, Callable[[], Any]] = {
     "import-onnx": lambda: _single(import_module("food_classifier.training.deploy_cli").import_onnx_cmd, "import-onnx"),
     "export-mobile": lambda: _single(import_module("food_classifier.training.deploy_cli").export_mobile_cmd,
                                      "export-mobile"),
+    # the labelling page over the photos `serve --keep-photos` kept (labeling/)
+    "label": lambda: _single(import_module("food_classifier.cli.label").label, "label"),
 }
 ORDER = ["data", "train", "evaluate", "report", "export", "models", "predict", "predict-dir", "builtin", "import-onnx",
-         "export-mobile", "serve", "worker", "monitor"]
+         "export-mobile", "serve", "worker", "monitor", "label"]
 
 
 class _Commands(typer.core.TyperGroup):

@@ -184,3 +184,15 @@ class MonitorCollector(Collector):
                                      ("images", plog.images, "Images saved beside the prediction log."),
                                      ("errors", self.monitor.log_errors, "Prediction log writes that failed.")):
                 yield CounterMetricFamily(f"food_classifier_prediction_log_{name}", doc, value=value)
+        keep = self.monitor.keep
+        if keep is not None:
+            for name, value, doc in (("kept", keep.kept, "Photos kept for labelling."),
+                                     ("duplicates", keep.duplicates, "Photos not kept again (same sha256)."),
+                                     ("evicted", keep.evicted, "Kept photos removed to stay under --keep-max-mb."),
+                                     ("labels", keep.labels, "Feedback labels written to the training folder."),
+                                     ("dropped", keep.dropped, "Photos not kept because the writer was behind."),
+                                     ("errors", keep.errors, "Kept-photo writes that failed (full or read-only "
+                                                             "disk).")):
+                yield CounterMetricFamily(f"food_classifier_kept_photos_{name}", doc, value=value)
+            yield GaugeMetricFamily("food_classifier_kept_photos_bytes", "Bytes of kept photos on disk.",
+                                    value=keep.bytes)

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from food_classifier.answer import Answer
+from food_classifier.defaults import MiB
+from food_classifier.monitoring.keep import KeptPhotos
 from food_classifier.monitoring.log import PredictionLog
 from food_classifier.monitoring.statistics import RollingWindow, drift, entropy
 from food_classifier.serving.errors import InvalidInput, NotFound
@@ -77,10 +79,16 @@ class ServingMonitor:
         if settings.prediction_log is not None:
             self.log = PredictionLog(settings.prediction_log, settings.prediction_log_max_bytes,
                                      settings.log_images_sample, keep=settings.prediction_log_keep)
+        self.keep = None  # the photos worth a label (monitoring/keep.py): written off the event loop
+        if settings.keep_photos is not None:
+            self.keep = KeptPhotos(settings.keep_photos, settings.keep_max_mb * MiB, settings.keep_sample,
+                                   settings.keep_margin, settings.keep_data)
 
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+        if self.keep is not None:
+            self.keep.close()
 
     # --- predictions ---------------------------------------------------------------------------------
     def observe(self, model: Served, answer: Answer, data: bytes) -> None:
@@ -91,9 +99,14 @@ class ServingMonitor:
             state.cache_hits += 1
         else:
             state.window.add(probs, answer.abstained)
+        keep = self.keep is not None and not cache.startswith("hit")  # a cache hit's photo was offered already
         if not self.memory and self.log is None:
+            if keep:
+                self.keep.offer(answer, data, model.labels)  # hashed on the writer thread, if kept
             return
         sha = hashlib.sha256(data).hexdigest()
+        if keep:
+            self.keep.offer(answer, data, model.labels, sha)
         rid = answer.request_id or ""
         if self.memory:
             with self._lock:
@@ -156,6 +169,9 @@ class ServingMonitor:
                 self.feedback_counts[(model, "correct" if correct else "wrong")] += 1
         answer = {"request_id": rid, "model": model, "model_version": seen.version, "label": label,
                   "predicted": seen.labels[seen.label_idx], "correct": correct, "vote": vote}
+        if self.keep is not None and vote != "unchanged":  # a kept photo's label lands in the training folder
+            answer["training_photo"] = self.keep.feedback(
+                seen.sha256, label, {"label": seen.labels[seen.label_idx]}, seen.version, rid)
         if self.log is not None and vote != "unchanged":
             self._write({"kind": "feedback", "time": _now(), "sha256": seen.sha256, **answer})
         return answer

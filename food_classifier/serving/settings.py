@@ -165,6 +165,20 @@ class ServeSettings(BaseSettings):
                                                                     "are deleted (default: keep all).")
     log_images_sample: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of images saved beside the "
                                                                       "prediction log, for later labelling.")
+    # Kept photos (monitoring/keep.py, docs/MONITORING.md "Kept photos"): the photos worth a label.
+    keep_photos: Path | None = Field(None, description="Keep the photos the model is least sure of, plus a random "
+                                                       "sample, in this dir, for the label command (off when "
+                                                       "not given).")
+    keep_max_mb: int = Field(1024, ge=1, description="Size bound (MiB) of the kept photos; past it the least "
+                                                     "informative, then the oldest, are removed first.")
+    keep_sample: float = Field(0.01, ge=0.0, le=1.0, description="Fraction of the other photos kept at random (an "
+                                                                 "unbiased sample for accuracy estimates).")
+    keep_margin: float = Field(0.2, ge=0.0, le=1.0, description="Keep a photo when its two most probable classes "
+                                                                "are closer than this (abstained and not food "
+                                                                "answers are always kept).")
+    keep_data: Path | None = Field(None, description="Training folder where feedback on a kept photo is written as "
+                                                     "<label>/<sha256>.jpg, as the label page does (default: "
+                                                     "KEEP_PHOTOS/labelled).")
 
     _split_lists = field_validator("bundles", "variant", "allow_path_root", mode="before")(
         classmethod(lambda cls, v: _split(v)))

@@ -22,7 +22,8 @@ router = APIRouter()
                                                            "request_id / sha256",
                                                       422: "Unknown label, or not exactly one of request_id "
                                                            "and sha256",
-                                                      503: "Models still loading"}))
+                                                      503: "Models still loading"}),
+             response_model_exclude_none=True)  # training_photo only when the server keeps photos and kept it
 async def feedback(request: Request, name: str, body: schemas.FeedbackIn) -> schemas.FeedbackOut:
     """Record the true `label` of a prediction of this model, named by the `request_id` it answered
     with or by the `sha256` of the image (its latest prediction)."""

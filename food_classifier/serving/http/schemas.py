@@ -202,6 +202,8 @@ class FeedbackOut(Wire):
     predicted: str  # the top-1 label of the prediction (also when it abstained)
     correct: bool
     vote: Literal["new", "replaced", "unchanged"]  # one vote per image per model version: repeats count once
+    # with --keep-photos: where the label is written in the training folder (None: the photo was not kept)
+    training_photo: str | None = None
 
 
 def prediction(answer: Answer) -> Prediction:
