@@ -3,12 +3,12 @@ uploaded bytes or by the photo's pixels; not responses, so `top_k` and `threshol
 both namespaced by model name + version + variant (a reload never serves the old version's answers):
 
 1. bytes: sha256 of the upload. A hit skips decoding and inference.
-2. pixels: a coarse view of the preprocessed crop. A hit skips inference for the same photo re-encoded
-   or re-uploaded with other metadata. A key of the exact crop hit 0 % of JPEG re-saves (bench/
-   bench_pixel_key.py, docs/SCALING.md), so the key is an 8x8 luma grid at 16 levels in 3 tables offset
-   by a third of a level (a value near a boundary in one is far from it in the others), and a hit counts
-   only if a 16x16 RGB fingerprint stored with it is within 2 levels (re-saves measured <= 0.8, distinct
-   photos >= 22): 99.6/99.3/96.4 % hits at JPEG quality 95/75/60, never another photo's answer.
+2. pixels: a coarse key of the preprocessed crop (cache_pixels.py), for the same photo re-encoded or
+   re-uploaded with other metadata. A key of the exact crop hit 0 % of JPEG re-saves (bench/
+   bench_pixel_key.py, docs/SCALING.md); the coarse key hits 99.6/99.3/96.4 % at JPEG quality 95/75/60.
+   Since photos that differ only inside its blocks share a key, a hit counts only if the photo's
+   fingerprint (colour, a 56x56 luma grid, texture per block), stored once per photo, is within
+   tolerance: never another photo's answer. Only such a verified hit is copied under the upload's bytes key.
 
 Backends: an in-process LRU bounded in bytes and, optionally, Redis (the `cache` extra); with both, the
 LRU sits in front of Redis. Redis errors fail open: the request goes on without the cache, a circuit
@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from food_classifier import runtime
+from food_classifier.cache_pixels import ID_BYTES, fingerprint_id, pixel_view, same_photo
 from food_classifier.defaults import CACHE_MEMORY_BYTES, CACHE_TTL_S
 from food_classifier.preprocessing import PIPELINE_VERSION, ImageInput, PreprocessSpec
 
@@ -40,10 +41,7 @@ log = logging.getLogger("food_classifier.cache")
 
 HIT_BYTES, HIT_PIXELS, MISS, OFF = "hit-bytes", "hit-pixels", "miss", "off"
 DEFAULT_MEMORY_BYTES, DEFAULT_TTL_S = CACHE_MEMORY_BYTES, CACHE_TTL_S
-KEY_GRID, KEY_BITS, KEY_TABLES = 8, 4, 3  # the pixel key: 8x8 luma, 16 levels, 3 offset tables
-PRINT_GRID, PRINT_MAX_DIFF = 16, 2.0  # the fingerprint that verifies a pixel-level hit
-PRINT_BYTES = PRINT_GRID * PRINT_GRID * 3
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+CACHE_FORMAT = 2  # bump when keys or values change meaning: older entries are then never read
 
 
 class CacheError(ValueError):
@@ -70,7 +68,7 @@ class Lookup:
     probs: np.ndarray | None = None
     array: np.ndarray | None = None
     preprocess_ms: float = 0.0
-    keys: dict[str, bytes] = field(default_factory=dict)  # key -> value prefix (the fingerprint, or b"")
+    keys: dict[str, bytes] = field(default_factory=dict)  # key -> value prefix (fingerprint or its id, or b"")
 
 
 class Breaker:
@@ -271,16 +269,31 @@ class PredictionCache:
         view = pixel_view(array, model.spec)
         if view is not None:
             pkeys, fingerprint = view
-            found = self._get([f"{ns}{k}" for k in pkeys])
-            probs = next((p for p in (_verified(v, fingerprint, model.row_width) for v in found)
-                          if p is not None), None)
+            fid = fingerprint_id(fingerprint)
+            probs = self._verified_pixel_hit(ns, pkeys, fingerprint, model.row_width, array.shape[-1])
             self.stats.lookup(model.name, "pixels", probs is not None)
-            if probs is not None:
-                if data is not None:  # the next upload of these exact bytes skips decoding
+            if probs is not None:  # verified: the same photo, so its answer may also go under these bytes
+                if data is not None:
                     self._set({k: probs.tobytes() for k in keys})
                 return Lookup(HIT_PIXELS, probs=probs, preprocess_ms=ms)
-            keys.update({f"{ns}{k}": fingerprint for k in pkeys})
+            keys.update({f"{ns}{k}": fid for k in pkeys})
+            keys[f"{ns}f:{fid.hex()}"] = fingerprint
         return Lookup(MISS, array=array, preprocess_ms=ms, keys=keys)
+
+    def _verified_pixel_hit(self, ns: str, pkeys: list[str], fingerprint: bytes, n: int,
+                            side: int) -> np.ndarray | None:
+        """The answer of a photo whose pixel key matches and whose fingerprint is within tolerance of
+        `fingerprint`, else None. Pixel entries name the fingerprint entry (stored once per photo)."""
+        ids = [v[:ID_BYTES] for v in self._get([f"{ns}{k}" for k in pkeys])
+               if v is not None and len(v) == ID_BYTES + 4 * n]
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return None
+        for value in self._get([f"{ns}f:{i.hex()}" for i in ids]):
+            probs = _verified(value, fingerprint, n, side)
+            if probs is not None:
+                return probs
+        return None
 
     def store(self, look: Lookup, probs: np.ndarray) -> None:
         """Remember the model's answer for a miss under all its keys. Blocking (Redis)."""
@@ -353,30 +366,8 @@ class PredictionCache:
 
 
 def namespace(model: CacheableModel) -> str:
-    """Key prefix: the preprocessing code version, the model's name, version and variant."""
-    return f"fc:p{PIPELINE_VERSION}:{model.name}:{model.version}:{model.variant}:"
-
-
-def pixel_view(array: np.ndarray, spec: PreprocessSpec) -> tuple[list[str], bytes] | None:
-    """(pixel-level keys, fingerprint) of a preprocessed CHW crop; None if the crop is under 16 px."""
-    _, h, w = array.shape
-    if h < PRINT_GRID or w < PRINT_GRID:
-        return None
-    scale = np.asarray(spec.std, dtype=np.float32)[:, None, None] * 255
-    offset = np.asarray(spec.mean, dtype=np.float32)[:, None, None] * 255
-    fine = _block_mean(array, PRINT_GRID) * scale + offset  # back to 0..255 (block means are linear)
-    fingerprint = np.clip(np.rint(fine), 0, 255).astype(np.uint8).tobytes()
-    luma = np.tensordot(LUMA, _block_mean(fine, KEY_GRID), axes=1)
-    step = 256 >> KEY_BITS
-    levels = [np.floor((luma + t * step / KEY_TABLES) / step).astype(np.int16) for t in range(KEY_TABLES)]
-    keys = [f"p{t}:{hashlib.blake2b(q.tobytes(), digest_size=16).hexdigest()}" for t, q in enumerate(levels)]
-    return keys, fingerprint
-
-
-def _block_mean(a: np.ndarray, grid: int) -> np.ndarray:
-    c, h, w = a.shape
-    bh, bw = h // grid, w // grid
-    return a[:, :bh * grid, :bw * grid].reshape(c, grid, bh, grid, bw).mean(axis=(2, 4))
+    """Key prefix: the cache format, the preprocessing code version, the model's name, version and variant."""
+    return f"fc:c{CACHE_FORMAT}:p{PIPELINE_VERSION}:{model.name}:{model.version}:{model.variant}:"
 
 
 def _as_bytes(image: ImageInput) -> bytes | None:
@@ -394,13 +385,12 @@ def _probs(value: bytes | None, n: int, offset: int = 0) -> np.ndarray | None:
     return np.frombuffer(value, dtype="<f4", offset=offset)
 
 
-def _verified(value: bytes | None, fingerprint: bytes, n: int) -> np.ndarray | None:
-    probs = _probs(value, n, PRINT_BYTES)
-    if probs is None:
+def _verified(value: bytes | None, fingerprint: bytes, n: int, side: int) -> np.ndarray | None:
+    """The answer stored with a fingerprint entry, if that fingerprint is of the same photo as `fingerprint`."""
+    if value is None or len(value) != len(fingerprint) + 4 * n:
         return None
-    stored = np.frombuffer(value, dtype=np.uint8, count=PRINT_BYTES).astype(np.int16)
-    mine = np.frombuffer(fingerprint, dtype=np.uint8).astype(np.int16)
-    return probs if float(np.abs(stored - mine).mean()) <= PRINT_MAX_DIFF else None
+    stored = value[:len(fingerprint)]
+    return _probs(value, n, len(fingerprint)) if same_photo(stored, fingerprint, side) else None
 
 
 def _timed(fn: Any, arg: Any) -> tuple[Any, float]:

@@ -35,12 +35,13 @@ def image_bytes(img: Image.Image, fmt: str = "JPEG") -> bytes:
 
 
 def make_colour_bundle(target: Path, version: str = "20260101T000000-colour", name: str = "colour",
-                       created_at: str = "2026-01-01T00:00:00+00:00", scale: float = 4.0, crop: int = 32) -> Path:
+                       created_at: str = "2026-01-01T00:00:00+00:00", scale: float = 4.0, crop: int = 32,
+                       spec: PreprocessSpec | None = None, reference: dict | None = None) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     labels = list(COLOURS)
-    spec = PreprocessSpec(resize=crop + crop // 8, crop=crop)
+    spec = spec or PreprocessSpec(resize=crop + crop // 8, crop=crop)
     w = (np.eye(3, dtype=np.float32) * scale)  # [C_out, C_in] for Gemm with transB
     b = np.zeros(3, dtype=np.float32)
     graph = helper.make_graph(
@@ -55,7 +56,7 @@ def make_colour_bundle(target: Path, version: str = "20260101T000000-colour", na
     model.ir_version = 8
     meta = {"name": name, "version": version, "created_at": created_at, "arch": "colour_gemm",
             "labels": labels, "preprocessing": spec.to_dict(),
-            "metrics": {"test": {"accuracy": 1.0, "n": 30}}}
+            "metrics": {"test": {"accuracy": 1.0, "n": 30}}, **({"reference": reference} if reference else {})}
     return write_bundle(target, meta, lambda d: onnx.save(model, str(d / "model.onnx")))
 
 

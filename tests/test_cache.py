@@ -4,6 +4,7 @@ service: hits per level, re-encoded JPEGs, reload, TTL, Redis dying under load o
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import sys
@@ -19,8 +20,10 @@ from PIL import Image
 from services import RedisServer
 from test_serving import ready_client
 
-from food_classifier.cache import HIT_BYTES, HIT_PIXELS, MISS, OFF, CacheError, MemoryLRU, PredictionCache
+from food_classifier.cache import HIT_BYTES, HIT_PIXELS, MISS, OFF, CacheError, MemoryLRU, PredictionCache, namespace
+from food_classifier.cache_pixels import fingerprint_diffs, pixel_view, same_photo
 from food_classifier.inference import Classifier
+from food_classifier.preprocessing import PIPELINE_VERSION, PreprocessSpec, preprocess, resize_crop
 from food_classifier.serving.settings import ServeSettings
 from food_classifier.testing import ServerProcess, free_port
 
@@ -275,3 +278,102 @@ def test_cache_off_and_configuration_errors(colour_bundle, monkeypatch):
     monkeypatch.setitem(sys.modules, "redis", None)  # as if the extra were not installed
     with pytest.raises(CacheError, match=r"food-classifier\[cache\]"):
         PredictionCache(url="redis://127.0.0.1:1/0")
+
+
+# --- pixel-level poisoning (issue 22 item 11) ------------------------------------------------------------------
+
+PHOTO_SPEC = PreprocessSpec(resize=256, crop=224)  # the built-in and trained bundles' preprocessing
+
+
+def as_upload(crop: np.ndarray, spec: PreprocessSpec = PHOTO_SPEC) -> bytes:
+    """A PNG whose preprocessed crop is exactly `crop` (a resize-sized square: the crop is then a copy)."""
+    pad = (spec.resize - spec.crop) // 2
+    canvas = np.zeros((spec.resize, spec.resize, 3), dtype=np.uint8)
+    canvas[pad:pad + spec.crop, pad:pad + spec.crop] = crop
+    return image_bytes(Image.fromarray(canvas), "PNG")
+
+
+def photo_crop(spec: PreprocessSpec = PHOTO_SPEC) -> np.ndarray:
+    img = Image.open(io.BytesIO(photo())).convert("RGB")
+    return np.asarray(resize_crop(img.resize((spec.resize, spec.resize)), spec))
+
+
+def mosaic(crop: np.ndarray, block: int, seed: int = 0) -> np.ndarray:
+    """Every block x block tile's pixels shuffled: the same block means, another picture."""
+    rng, out = np.random.default_rng(seed), crop.copy()
+    for i in range(0, crop.shape[0] - block + 1, block):
+        for j in range(0, crop.shape[1] - block + 1, block):
+            tile = out[i:i + block, j:j + block].reshape(-1, 3)
+            out[i:i + block, j:j + block] = tile[rng.permutation(len(tile))].reshape(block, block, 3)
+    return out
+
+
+def grey_and_checkerboard(side: int) -> tuple[np.ndarray, np.ndarray]:
+    board = (np.indices((side, side)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    return np.full((side, side, 3), 127, dtype=np.uint8), np.repeat(board[..., None], 3, axis=2)  # means 127 vs 127.5
+
+
+def view(data: bytes, spec: PreprocessSpec = PHOTO_SPEC) -> tuple[list[str], bytes]:
+    out = pixel_view(preprocess(data, spec), spec)
+    assert out is not None
+    return out
+
+
+def test_pixel_key_collisions_are_told_apart_by_the_fingerprint():
+    """Adversarial pairs share the pixel key exactly; only re-encodes of the same photo pass the fingerprint."""
+    crop = photo_crop()
+    original = as_upload(crop)
+    keys, fp = view(original)
+    for block in (14, 7):  # the key's 16x16 blocks of a 224 crop, and finer
+        mkeys, mfp = view(as_upload(mosaic(crop, block)))
+        if block == 14:
+            assert mkeys == keys  # the collision is real: same block means, another picture
+        assert not same_photo(fp, mfp, PHOTO_SPEC.crop), fingerprint_diffs(fp, mfp, PHOTO_SPEC.crop)
+    grey, board = grey_and_checkerboard(PHOTO_SPEC.crop)
+    (gkeys, gfp), (ckeys, cfp) = view(as_upload(grey)), view(as_upload(board))
+    assert gkeys == ckeys and not same_photo(gfp, cfp, PHOTO_SPEC.crop)
+    jpeg = photo()  # the real photo and its re-saves: still one photo
+    _, jfp = view(jpeg)
+    for quality in (95, 75, 60):
+        _, rfp = view(resaved(jpeg, quality))
+        assert same_photo(jfp, rfp, PHOTO_SPEC.crop), (quality, fingerprint_diffs(jfp, rfp, PHOTO_SPEC.crop))
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_mosaic_sent_first_never_answers_for_the_photo(tmp_path, backend, request):
+    """Sending a block-shuffled mosaic X of Y (or a checkerboard before flat grey) first must not make Y a
+    pixel hit with X's answer, nor put X's answer under Y's bytes key (shared through Redis when configured)."""
+    if backend == "redis":
+        if RedisServer.binary() is None:
+            pytest.skip("redis-server not installed")
+        cache = PredictionCache(memory_bytes=0, url=request.getfixturevalue("redis_server").url)
+    else:
+        cache = PredictionCache()
+    bundle = make_colour_bundle(tmp_path / "colour" / "20260101T000000-colour", spec=PHOTO_SPEC)
+    clf = Classifier(bundle, cache=cache)
+    crop = photo_crop()
+    grey, board = grey_and_checkerboard(PHOTO_SPEC.crop)
+    for first, second in ((mosaic(crop, 14), crop), (board, grey)):
+        assert clf.predict(as_upload(first)).cache == MISS
+        answer = clf.predict(as_upload(second))
+        assert answer.cache == MISS  # before the fix: hit-pixels, the first image's answer
+        again = clf.predict(as_upload(second))
+        assert again.cache == HIT_BYTES and again.top_k == answer.top_k  # its own answer under its bytes
+    data = photo()  # re-saves of a real photo still hit, after all this
+    clf.predict(data)
+    assert clf.predict(resaved(data, 75)).cache == HIT_PIXELS
+
+
+def test_entries_of_an_older_cache_format_are_not_trusted(colour_bundle):
+    """Entries written before the fingerprint (possibly poisoned, copied under bytes keys) live under the old
+    namespace: the new one never reads them."""
+    cache = PredictionCache()
+    clf = Classifier(colour_bundle, cache=cache)
+    data = image_bytes(colour_image("red"))
+    old_ns = f"fc:p{PIPELINE_VERSION}:{clf.name}:{clf.version}:{clf.variant}:"
+    fake = np.zeros(clf.row_width, dtype="<f4")
+    fake[2] = 1.0  # "blue", for a red photo
+    cache._set({f"{old_ns}b:{hashlib.sha256(data).hexdigest()}": fake.tobytes()})
+    p = clf.predict(data)
+    assert p.cache == MISS and p.label == "red"
+    assert namespace(clf) != old_ns

@@ -11,13 +11,16 @@ This module never imports Ray: the caller hands the Ray engine in.
 Resumable: rows are appended as each batch finishes (batch/store.py). A rerun with the same `--out`
 skips images already scored by the same model version, keyed by (image sha256, model version): a file
 whose bytes already have a row under another path gets a copy of that row, not a model run. A file
-that cannot be read or decoded is a row with `error`, never a failed job.
+that cannot be read or decoded is a row with `error`, never a failed job; so is an entry of a list or manifest
+that is not a regular file (a FIFO would block the job, /dev/zero would never end) or is over MAX_FILE_BYTES.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import os
+import stat
 import sys
 import time
 from collections import Counter
@@ -40,6 +43,11 @@ __all__ = ["BatchError", "Chunk", "Done", "Engine", "Scorer", "Source", "Summary
            "predict_dir", "read_source"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Images per ONNX Runtime call. ORT holds every layer's activations of a call (and its arena keeps the peak),
+# so memory grows with the images per call while speed barely does on a CPU: at 224 px, Lite0 at 64 images per
+# call (2 calls at once) peaked at 928 MiB, at 8 432 MiB, at 4 348 MiB, no slower (bench/bench_batch_memory.py).
+MAX_CALL_IMAGES = 4
+MAX_FILE_BYTES = 64 * 1024 * 1024  # a larger "image" is an error row (a 50 MP JPEG is ~25 MB; the server takes 10)
 Done = dict[str, tuple[frozenset[str], dict]]  # sha256 -> (paths that have a row, a row to copy for another path)
 Chunk = tuple[list[dict], int]  # rows to write, inputs handled (rows + images skipped as already written)
 Engine = Callable[[Bundle, list[str], Done, int], Iterator[Chunk]]
@@ -143,6 +151,33 @@ def done_index(rows: list[dict], version: str) -> Done:
     return {sha: (frozenset(ps), template[sha]) for sha, ps in paths.items()}
 
 
+class FileRefused(Exception):
+    """A listed path that is not an image file to read (its message is the row's `error`)."""
+
+
+def read_image_file(path: str, limit: int | None = None) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Opened without blocking (a FIFO with no writer
+    opens at once) and checked on the open descriptor, so a path swapped after a check cannot slip through."""
+    limit = MAX_FILE_BYTES if limit is None else limit
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        mode, size = os.fstat(fd)[stat.ST_MODE], os.fstat(fd).st_size
+        if not stat.S_ISREG(mode):
+            kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "not a file")
+            raise FileRefused(f"not_a_file: {kind}, not a regular file")
+        if size > limit:
+            raise FileRefused(f"too_large: {size} bytes, over the {limit >> 20} MiB limit for an image file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:  # it grew while being read
+            raise FileRefused(f"too_large: over the {limit >> 20} MiB limit for an image file")
+        return data
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class _Job:
     path: str
@@ -165,14 +200,17 @@ class Scorer:
         self._pool = ThreadPoolExecutor(self.calls, thread_name_prefix="fc-model") if self.calls > 1 else None
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        if self._pool is None or len(batch) < 2:
-            return self.clf.infer(batch)
-        parts = np.array_split(batch, min(self.calls, len(batch)))
+        parts = np.array_split(batch, max(min(self.calls, len(batch)), -(-len(batch) // MAX_CALL_IMAGES)))
+        if self._pool is None or len(parts) < 2:
+            return np.concatenate([self.clf.infer(p) for p in parts])
         return np.concatenate(list(self._pool.map(self.clf.infer, parts)))
 
     def _prepare(self, job: _Job) -> np.ndarray | None:
         try:
-            data = Path(job.path).read_bytes()
+            data = read_image_file(job.path)
+        except FileRefused as e:
+            job.row = error_row(job.path, None, str(e), self.clf.bundle)
+            return None
         except OSError as e:
             job.row = error_row(job.path, None, f"unreadable: {e.strerror or e}", self.clf.bundle)
             return None
@@ -193,14 +231,26 @@ class Scorer:
         return None
 
     def chunks(self, paths: list[str], batch_size: int) -> Iterator[Chunk]:
-        """Per batch, in input order: the new rows, and how many inputs the batch handled."""
+        """Per `batch_size` inputs (the last batch may be smaller), in input order: the new rows, and how many
+        inputs the batch handled. Decoded a few model calls ahead, not a whole batch: memory stays flat
+        whatever the batch size and the number of images."""
         jobs = [_Job(p) for p in paths]
-        batches = runtime.iter_batched(jobs, self._prepare, self._run, batch_size, self.threads)
-        for chunk, probs in zip(runtime.chunks(jobs, batch_size), batches, strict=True):
+        step = min(batch_size, 2 * self.calls * MAX_CALL_IMAGES)
+        rows: list[dict] = []
+        handled = 0
+        batches = runtime.iter_batched(jobs, self._prepare, self._run, step, self.threads)
+        for chunk, probs in zip(runtime.chunks(jobs, step), batches, strict=True):
             answers = iter(self.clf.decide(probs) if probs is not None else ())
-            rows = [job.row if job.row is not None else answer_row(job.path, job.sha256, next(answers))
-                    for job in chunk if not job.skip]
-            yield rows, len(chunk)
+            rows += [job.row if job.row is not None else answer_row(job.path, job.sha256, next(answers))
+                     for job in chunk if not job.skip]
+            handled += len(chunk)
+            for job in chunk:
+                job.row = None  # written by the caller: nothing of an image outlives its batch
+            if handled >= batch_size:
+                yield rows, handled
+                rows, handled = [], 0
+        if handled:
+            yield rows, handled
 
 
 def local_engine(threads: int | None = None, variant: str = AUTO) -> Engine:
@@ -311,6 +361,10 @@ class Summary:
                 f"{self.seconds:.1f} s ({rate:.1f} img/s). Model {self.model} {self.model_version}.")
 
 
+def _brief(row: dict) -> dict:
+    return {"label": row["label"], "abstained": row["abstained"], "error": row["error"]}
+
+
 def predict_dir(source: str | Path, model: str | Path, out: str | Path, fmt: str | None = None,
                 batch_size: int = 64, engine: Engine | None = None, progress: TextIO | None = None) -> Summary:
     """Score every image of `source` with the newest valid version of `model` into `out` (resuming it)."""
@@ -322,7 +376,9 @@ def predict_dir(source: str | Path, model: str | Path, out: str | Path, fmt: str
     with open_store(Path(out), fmt) as store:
         existing = store.read()
         done = done_index(existing, bundle.version)
-        latest = {r["path"]: r for r in existing if r["model_version"] == bundle.version}
+        keep = src.labels.keys()  # for the accuracy table, only what it reads of each labelled image's row
+        latest = {r["path"]: _brief(r) for r in existing if r["model_version"] == bundle.version and r["path"] in keep}
+        del existing
         summary = Summary(store.out, bundle.name, bundle.version, len(src.paths))
         bar = Progress(len(src.paths), progress)
         try:
@@ -330,7 +386,8 @@ def predict_dir(source: str | Path, model: str | Path, out: str | Path, fmt: str
                 if rows:
                     store.append(rows)
                 for r in rows:
-                    latest[r["path"]] = r
+                    if r["path"] in keep:
+                        latest[r["path"]] = _brief(r)
                     summary.errors += bool(r["error"])
                     summary.copied += r["sha256"] in done
                 summary.scored += sum(1 for r in rows if not r["error"] and r["sha256"] not in done)

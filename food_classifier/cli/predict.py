@@ -83,7 +83,8 @@ def predict_dir_cmd(
             "local", help="local: this process; ray: a Ray Data actor pool (the 'ray' extra)."),
         ray_address: str | None = typer.Option(None, help="With --engine ray: auto (the Ray that `ray start` runs "
                                                           "here) or ray://HOST:10001; default: a local Ray."),
-        batch_size: int = typer.Option(64, min=1, help="Images per model call."),
+        batch_size: int = typer.Option(64, min=1, help="Images per written batch (what a killed job can lose); "
+                                                        "the model runs them in calls of at most 4 images."),
         fmt: Literal["parquet", "jsonl"] | None = typer.Option(
             None, "--format", help="Default: jsonl for an --out ending in .jsonl, else parquet."),
         variant: str = typer.Option(AUTO, help="auto (the bundle's recommended one, as `serve` and `predict`), "

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from html import escape
 
-W, H, LEFT, RIGHT, TOP, BOTTOM = 640, 240, 48, 150, 12, 36
+W, H, LEFT, RIGHT, TOP, BOTTOM = 640, 260, 62, 150, 28, 48
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 
 
-def _frame(y_max: float, y_min: float = 0.0) -> tuple[list[str], Callable[[float], float]]:
+def _frame(y_max: float, y_min: float = 0.0, title: str = "", xlabel: str = "",
+           ylabel: str = "") -> tuple[list[str], Callable[[float], float]]:
     plot_h = H - TOP - BOTTOM
     span = (y_max - y_min) or 1.0
 
@@ -23,6 +24,15 @@ def _frame(y_max: float, y_min: float = 0.0) -> tuple[list[str], Callable[[float
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
              f'font-size="11">', f'<rect x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{plot_h}" '
              'fill="none" stroke="#ccc"/>']
+    if title:
+        parts.append(f'<text x="{(LEFT + W - RIGHT) / 2:.0f}" y="16" text-anchor="middle" font-size="13" '
+                     f'font-weight="bold">{escape(title)}</text>')
+    if xlabel:
+        parts.append(f'<text x="{(LEFT + W - RIGHT) / 2:.0f}" y="{H - 6}" text-anchor="middle">{escape(xlabel)}</text>')
+    if ylabel:
+        mid = TOP + plot_h / 2
+        parts.append(f'<text x="14" y="{mid:.0f}" text-anchor="middle" transform="rotate(-90 14 {mid:.0f})">'
+                     f'{escape(ylabel)}</text>')
     for i in range(5):
         v = y_min + span * i / 4
         parts.append(f'<text x="{LEFT - 4}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>'
@@ -44,10 +54,11 @@ def _xlabels(parts: list[str], labels: list[str], x: Callable[[float], float]) -
 
 
 def lines(series: dict[str, list[float | None]], xlabels: list[str], y_max: float | None = None,
-          hlines: dict[str, float] | None = None) -> str:
-    """One line per series over the x positions; None leaves a gap. `hlines`: dashed reference lines."""
+          hlines: dict[str, float] | None = None, title: str = "", xlabel: str = "", ylabel: str = "") -> str:
+    """One line per series over the x positions; None leaves a gap. `hlines`: dashed reference lines.
+    `title` above, `xlabel` under the x axis, `ylabel` along the y axis."""
     values = [v for vs in series.values() for v in vs if v is not None] + list((hlines or {}).values())
-    parts, y = _frame(y_max if y_max is not None else max(values + [1e-9]) * 1.1)
+    parts, y = _frame(y_max if y_max is not None else max(values + [1e-9]) * 1.1, 0.0, title, xlabel, ylabel)
     n = max(1, len(xlabels) - 1)
 
     def x(i: float) -> float:
@@ -72,9 +83,10 @@ def lines(series: dict[str, list[float | None]], xlabels: list[str], y_max: floa
     return "".join(parts) + "</svg>"
 
 
-def bars(series: dict[str, list[float]], categories: list[str]) -> str:
-    """Grouped bars: one group per category, one bar per series."""
-    parts, y = _frame(max([v for vs in series.values() for v in vs] + [1e-9]) * 1.1)
+def bars(series: dict[str, list[float]], categories: list[str], title: str = "", xlabel: str = "",
+         ylabel: str = "") -> str:
+    """Grouped bars: one group per category, one bar per series (title and axis labels as in `lines`)."""
+    parts, y = _frame(max([v for vs in series.values() for v in vs] + [1e-9]) * 1.1, 0.0, title, xlabel, ylabel)
     group = (W - LEFT - RIGHT) / max(1, len(categories))
     width = group * 0.8 / max(1, len(series))
 

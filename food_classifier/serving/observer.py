@@ -78,7 +78,7 @@ class ServingMonitor:
         self.log = None
         if settings.prediction_log is not None:
             self.log = PredictionLog(settings.prediction_log, settings.prediction_log_max_bytes,
-                                     settings.log_images_sample)
+                                     settings.log_images_sample, keep=settings.prediction_log_keep)
         self.keep = None  # the photos worth a label (monitoring/keep.py): written off the event loop
         if settings.keep_photos is not None:
             self.keep = KeptPhotos(settings.keep_photos, settings.keep_max_mb * MiB, settings.keep_sample,

@@ -160,6 +160,9 @@ class ServeSettings(BaseSettings):
                                                           "into this dir (off when not given).")
     prediction_log_max_bytes: int = Field(PREDICTION_LOG_MAX_BYTES, ge=1024,
                                           description="Rotate the prediction log at this size.")
+    prediction_log_keep: int | None = Field(None, ge=0, description="Rotated prediction-log files to keep: at "
+                                                                    "each rotation the oldest beyond this many "
+                                                                    "are deleted (default: keep all).")
     log_images_sample: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of images saved beside the "
                                                                       "prediction log, for later labelling.")
     # Kept photos (monitoring/keep.py, docs/MONITORING.md "Kept photos"): the photos worth a label.
