@@ -74,7 +74,7 @@ ABSTENTION = {
     "n_shared_food": 1123,
 }
 # The "not food" rule (food_classifier/not_food.py) over the graph's second output, all 1000 ImageNet logits:
-# food-ish mass (training/not_food.FOOD_CLASSES) below `threshold`. Chosen by `bench/not_food.py --mode builtin`
+# food-ish mass (training/not_food.FOODISH_CLASSES) below `threshold`. Chosen by `bench/not_food.py --mode builtin`
 # on the shared Food-101 photos' train+validation tiers at this model's preprocessing; re-run it (and bump
 # RECIPE) when FOOD_CLASSES or the preprocessing change. Test tier: 2 of 168 rejected, both show no food.
 NOT_FOOD = {

