@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_report import make_imagefolder
+from conftest import make_imagefolder
 
 from food_classifier.training.cv import cross_validate, format_cv, make_folds, mean_std, row_groups
 from food_classifier.training.data import Row

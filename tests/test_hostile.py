@@ -78,6 +78,7 @@ def send(client: httpx.Client, transport: str, name: str, data: bytes) -> httpx.
     return client.get("/predict", params={"image_path": f"{name}.bin"})
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("name", list(CORPUS))
 def test_file_through_every_transport(live, name, transport):
@@ -182,6 +183,7 @@ REQUESTS = {
 }
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("name", list(REQUESTS))
 def test_hostile_request(live, name):
     client, _ = live
@@ -190,6 +192,7 @@ def test_hostile_request(live, name):
     assert_alive(client)
 
 
+@pytest.mark.live
 def test_405_lists_every_method_of_the_path(live):
     client, _ = live
     r = client.request("OPTIONS", "/predict")
@@ -197,6 +200,7 @@ def test_405_lists_every_method_of_the_path(live):
     assert client.put("/healthz").headers["allow"] == "GET, HEAD"
 
 
+@pytest.mark.live
 def test_nested_json_keeps_the_connection(live):
     """The 422 must not reset keep-alive: the next request goes over the same connection."""
     _, srv = live
@@ -208,6 +212,7 @@ def test_nested_json_keeps_the_connection(live):
             assert got == status and headers.get("connection") != "close"
 
 
+@pytest.mark.live
 def test_head_health_probes(live):
     client, _ = live
     for path in ("/healthz", "/readyz"):
