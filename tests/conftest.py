@@ -106,9 +106,10 @@ def builtin_bundle(builtin_cache) -> Path:
         return builtin.builtin_bundle_path(quiet=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(colour_bundle):
-    """The real server process (uvicorn) serving the colour bundle on a free port."""
+    """The real server process (uvicorn) serving the colour bundle on a free port: one per session, shared by
+    every module that only reads from it (a test that reloads or stops a server starts its own)."""
     from food_classifier.testing import ServerProcess
 
     env = {"FOOD_CLASSIFIER_ADMIN_KEY": ADMIN_KEY}
