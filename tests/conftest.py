@@ -115,3 +115,46 @@ def server(colour_bundle):
     env = {"FOOD_CLASSIFIER_ADMIN_KEY": ADMIN_KEY}
     with ServerProcess([colour_bundle], args=["--ort-threads", "1"], env=env) as srv:
         yield srv
+
+
+# --- tier guard: a test that starts a server or a broker must carry the marker that says so -----------------
+# (README: Tests). Without it the test would run in `make test-fast`, which promises to start nothing.
+_running: list[pytest.Item | None] = [None]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running[0] = item  # fixtures of any scope are set up for this item after this hook
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    _running[0] = None  # stopping a module's server at teardown is no start
+
+
+def _require(marker: str, what: str) -> None:
+    item = _running[0]
+    if item is not None and item.get_closest_marker(marker) is None:
+        pytest.fail(f"{item.nodeid} starts {what} but is not marked `{marker}`: add @pytest.mark.{marker} "
+                    "(or `pytestmark` for the module; README: Tests)", pytrace=False)
+
+
+def _guarded(cls: type, marker: str, what: str) -> None:
+    start = cls.start
+
+    def guarded_start(self, *args, **kwargs):
+        _require(marker, what)
+        return start(self, *args, **kwargs)
+
+    cls.start = guarded_start
+
+
+def _install_guards() -> None:
+    from services import _Service
+
+    from food_classifier.testing import ServerProcess
+
+    _guarded(ServerProcess, "live", "the server process")
+    _guarded(_Service, "broker", "a broker (Redis or tansu)")
+
+
+_install_guards()
