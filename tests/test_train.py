@@ -96,6 +96,7 @@ def test_resume_continues_where_it_stopped(tiny_manifest, tmp_path, monkeypatch)
     assert meta.arch == "base_cnn" and not model.training
 
 
+@pytest.mark.slow
 def test_out_of_fold_logits_never_see_their_own_row():
     """A row duplicated with a flipped label would be memorised by a head that saw it; out of fold it can't be."""
     import torch
@@ -169,6 +170,7 @@ def test_refit_head_sees_validation_and_says_so(tiny_manifest, tmp_path, refit):
     np.testing.assert_allclose(saved["logits"][idx], ref, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_ensemble_head_fit_equals_each_member_fitted_alone():
     """The joint L-BFGS fit of an EnsembleHead is the sum of independent problems: at convergence
     each member head is the one a plain Linear reaches on that member's features alone."""
