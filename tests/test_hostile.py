@@ -237,6 +237,7 @@ def _metric(client: httpx.Client, series: str) -> float | None:
     return None if line is None else float(line.rsplit(" ", 1)[1])
 
 
+@pytest.mark.live
 def test_feedback_cannot_be_rigged(live):
     """Issue 22 #13: 60 cache-hit requests for one photo + a wrong-label feedback on each moved
     live_accuracy from 1.0 to 0.032, and 100 posts on one request id counted 100. Now one vote per
@@ -262,6 +263,8 @@ def test_feedback_cannot_be_rigged(live):
     assert len(long_label.content) < 2000 and "1,900,000 characters" in body["detail"]
 
 
+@pytest.mark.live
+@pytest.mark.broker
 def test_small_ones_head_probes_admin_key_on_grpc_and_a_full_redis(tmp_path):
     """Issue 22 #17: HEAD on the OIP health probes was a 405; the admin key, which SERVING.md says passes
     wherever the API key does, was refused on gRPC; /readyz said the cache was "ok" while an out-of-memory

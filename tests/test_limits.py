@@ -197,6 +197,7 @@ def test_the_decode_budget_queues_large_images_instead_of_failing(models):
     assert max(t["queue_ms"] for t in timings) > 2 * one_decode, timings  # someone waited for two decodes
 
 
+@pytest.mark.live
 def test_json_pixels_count_against_the_decode_budget(tmp_path):
     """Issue 22 #15: a tensor in JSON is parsed into Python numbers (~9x the body at worst), and those bodies
     bypassed the budget: 48 connections of 8 JSON crops took the RSS to 0.9-1.3 GB. Now each waits for

@@ -339,6 +339,7 @@ HOSTILE_TENSORS = [  # issue 22 #12: each was a JSON 500 internal_error (np.prod
 ]
 
 
+@pytest.mark.live
 def test_hostile_tensors_are_400_over_rest_and_invalid_argument_over_grpc(served, clf):
     """Out-of-range values and absurd shapes: a 400 with a clear message on REST (JSON and binary) and
     INVALID_ARGUMENT on gRPC, counted in the gRPC metrics; never a 500 / UNKNOWN leaking the exception."""
