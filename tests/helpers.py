@@ -24,7 +24,8 @@ JPEG = "image/jpeg"
 def ready_client(settings):
     """A TestClient on `create_app(settings)`, lifespan entered, returned once /readyz answers 200."""
     from fastapi.testclient import TestClient
-    from food_classifier.serving.app import create_app
+
+    from food_classifier.serving.http.app import create_app
 
     client = TestClient(create_app(settings))
     client.__enter__()
