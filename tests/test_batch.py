@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import signal
 import subprocess
@@ -16,31 +15,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import COLOURS, colour_image
+from helpers import ROOT, make_photos, read_rows
 
 from food_classifier import runtime
 from food_classifier.batch.job import MAX_FILE_BYTES, Progress, predict_dir, read_source
 from food_classifier.batch.store import COLUMNS, BatchError, open_store
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_photos(root: Path, per_class: int = 4) -> Path:
-    """Class folders of colour photos (JPEG and PNG), one nested a level deeper, plus files to ignore."""
-    for c, name in enumerate(COLOURS):
-        for i in range(per_class):
-            sub = root / name / ("nested" if i == 0 else "")
-            sub.mkdir(parents=True, exist_ok=True)
-            colour_image(name, seed=10 * c + i).save(sub / f"{name}{i}.{'png' if i % 2 else 'jpg'}")
-    (root / "red" / "notes.txt").write_text("not an image")
-    (root / ".hidden").mkdir()
-    colour_image("red").save(root / ".hidden" / "x.jpg")
-    return root
-
-
-def read_rows(out: Path) -> list[dict]:
-    if out.suffix == ".jsonl":
-        return [json.loads(line) for line in out.read_text().splitlines()]
-    return pq.read_table(out).to_pylist()
 
 
 def test_sources_folder_manifest_and_path_list(tmp_path):

@@ -1,4 +1,4 @@
-"""The built-in `imagenet_food` bundle: built once per session into a temporary cache (~30 s).
+"""The built-in `imagenet_food` bundle: built once per session into a temporary cache (~30 s, conftest).
 
 Needs the training extras (it is built from the shipped Lite0 weights); the photos come from
 scikit-image (its coffee cup) and, when present, the shared Food-101 subset.
@@ -27,15 +27,13 @@ skimage_data = pytest.importorskip("skimage.data")
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("fc_cache")
+def cache(builtin_cache) -> Path:
+    return builtin_cache
 
 
 @pytest.fixture(scope="session")
-def food_bundle(cache) -> Path:
-    with pytest.MonkeyPatch.context() as mp:  # only while building: other tests keep their cache
-        mp.setenv("FOOD_CLASSIFIER_CACHE", str(cache))
-        return builtin.builtin_bundle_path(quiet=True)
+def food_bundle(builtin_bundle) -> Path:
+    return builtin_bundle  # conftest: built once per session into `cache`, shared with test_not_food and others
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +47,7 @@ def coffee():
     return Image.fromarray(skimage_data.coffee())
 
 
+@pytest.mark.slow
 def test_bundle_is_cached_where_documented_with_complete_metadata(food_bundle, cache):
     assert food_bundle == cache / "builtin" / "imagenet_food" / builtin.VERSION
     meta = json.loads((food_bundle / "bundle.json").read_text())
@@ -73,12 +72,14 @@ def test_bundle_is_cached_where_documented_with_complete_metadata(food_bundle, c
     assert not [p for p in food_bundle.parent.iterdir() if p.name.startswith(".tmp")]  # atomic, no leftovers
 
 
+@pytest.mark.slow
 def test_coffee_photo_is_espresso(food_clf):
     pred = food_clf.predict(coffee())
     assert pred.label == "espresso" and pred.confidence > 0.5, pred
     assert sum(t.probability for t in pred.top_k) <= 1.0 + 1e-6
 
 
+@pytest.mark.slow
 def test_non_food_photos_get_unsure_from_the_chosen_threshold(food_bundle, food_clf):
     """Issue 16: the built-in model abstains below the threshold bench/builtin_threshold.py chose."""
     from PIL import Image
@@ -99,6 +100,7 @@ def test_non_food_photos_get_unsure_from_the_chosen_threshold(food_bundle, food_
     assert not food_clf.predict(coffee()).abstained
 
 
+@pytest.mark.slow
 def test_probabilities_are_imagenet_renormalized_over_foods(food_clf):
     """Softmax over the bundle's logits == the full ImageNet softmax restricted and renormalized."""
     import torch
@@ -114,6 +116,7 @@ def test_probabilities_are_imagenet_renormalized_over_foods(food_clf):
     assert full[0, 967] > 0.9  # FACTS: the coffee photo is espresso in the full model too
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} not present")
 def test_burrito_photos_are_burritos(food_clf):
     photos = sorted((SHARED_DATA / "breakfast_burrito").glob("*.jpg"))[:20]
@@ -121,6 +124,7 @@ def test_burrito_photos_are_burritos(food_clf):
     assert sum(p.label == "burrito" for p in preds) >= 12, [p.label for p in preds]  # 82% over all 375
 
 
+@pytest.mark.slow
 def test_serving_side_loads_it_without_torch(food_bundle, cache, tmp_path):
     photo = tmp_path / "coffee.jpg"
     coffee().save(photo)
@@ -135,6 +139,7 @@ def test_serving_side_loads_it_without_torch(food_bundle, cache, tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"label": "espresso", "torch": False, "timm": False}
 
 
+@pytest.mark.slow
 def test_second_call_uses_the_cache(food_bundle, cache, monkeypatch):
     monkeypatch.setenv("FOOD_CLASSIFIER_CACHE", str(cache))
     mtime = (food_bundle / "bundle.json").stat().st_mtime_ns
@@ -165,6 +170,7 @@ def test_failed_build_reports_the_builder_error(tmp_path, monkeypatch):
     assert not builtin.builtin_dir().exists()
 
 
+@pytest.mark.slow
 def test_cli_prints_the_path_and_labels(food_bundle, cache, monkeypatch):
     from typer.testing import CliRunner
 
@@ -177,6 +183,7 @@ def test_cli_prints_the_path_and_labels(food_bundle, cache, monkeypatch):
     assert lines[0] == str(food_bundle) and " 963  pizza" in lines and len(lines) == 45
 
 
+@pytest.mark.slow
 def test_int8_recipe_on_the_real_lite0_graph(food_bundle, food_clf, tmp_path):
     """The quantization recipe on the actual Lite0 architecture keeps the coffee photo espresso."""
     from food_classifier.preprocessing import preprocess
@@ -197,6 +204,7 @@ def test_int8_recipe_on_the_real_lite0_graph(food_bundle, food_clf, tmp_path):
     assert int8.predict(coffee()).label == "espresso"
 
 
+@pytest.mark.slow
 def test_served_listing_says_builtin(food_bundle):
     from fastapi.testclient import TestClient
 

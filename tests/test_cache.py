@@ -16,9 +16,9 @@ import httpx
 import numpy as np
 import pytest
 from conftest import SHARED_DATA, colour_image, image_bytes, make_colour_bundle
+from helpers import ready_client
 from PIL import Image
 from services import RedisServer
-from test_serving import ready_client
 
 from food_classifier.cache import HIT_BYTES, HIT_PIXELS, MISS, OFF, CacheError, MemoryLRU, PredictionCache, namespace
 from food_classifier.cache_pixels import fingerprint_diffs, pixel_view, same_photo
@@ -80,7 +80,7 @@ def lookups(client) -> dict[tuple[str, str], float]:
     return out
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("backend", ["memory", pytest.param("redis", marks=pytest.mark.broker)])
 def test_hits_per_level_and_probabilities_not_responses(colour_bundle, backend, request):
     if backend == "redis":
         if RedisServer.binary() is None:
@@ -128,6 +128,7 @@ def test_reencoded_jpeg_hits_pixel_level(colour_bundle):
     assert clf.predict(image_bytes(crop)).cache == MISS
 
 
+@pytest.mark.broker
 def test_batch_endpoint_and_classifier_share_the_cache(colour_bundle, tmp_path):
     if RedisServer.binary() is None:
         pytest.skip("redis-server not installed")
@@ -171,7 +172,7 @@ def test_reload_never_serves_the_old_versions_answers(tmp_path):
         client.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("backend", ["memory", pytest.param("redis", marks=pytest.mark.broker)])
 def test_ttl_expiry(colour_bundle, backend, request):
     if backend == "redis":
         if RedisServer.binary() is None:
@@ -186,6 +187,8 @@ def test_ttl_expiry(colour_bundle, backend, request):
     assert clf.predict(data).cache == MISS
 
 
+@pytest.mark.broker
+@pytest.mark.live
 @needs_redis
 def test_redis_killed_during_load_fails_no_request(colour_bundle):
     """Kill -9 Redis while 4 clients hammer the real server: every request still answers 200."""
@@ -228,6 +231,7 @@ def test_redis_killed_during_load_fails_no_request(colour_bundle):
         redis.stop()
 
 
+@pytest.mark.broker
 @needs_redis
 def test_redis_absent_at_start_then_back(colour_bundle):
     port = free_port()  # nothing listens here yet

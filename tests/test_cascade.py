@@ -142,6 +142,7 @@ def test_a_broken_stage_file_is_named(cascade_models, tmp_path):
         Classifier(load_bundle(bad, verify=False), variant=CASCADE)
 
 
+@pytest.mark.live
 def test_the_server_reports_the_stage_and_counts_it(cascade_models):
     from food_classifier.testing import ServerProcess
 

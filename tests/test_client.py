@@ -21,6 +21,7 @@ def photos(tmp_path_factory):
     return paths
 
 
+@pytest.mark.live
 def test_predict_paths_and_bytes(server, photos):
     with Client(server.url) as c:
         c.wait_ready(10)
@@ -32,6 +33,7 @@ def test_predict_paths_and_bytes(server, photos):
         assert [m["name"] for m in c.models()] == ["colour"]
 
 
+@pytest.mark.live
 def test_predict_batch_mixed_inputs_in_order(server, photos):
     with Client(server.url, model="colour") as c:
         res = c.predict_batch([photos["blue"], b"not an image", photos["red"].read_bytes(), str(photos["green"])])
@@ -39,6 +41,7 @@ def test_predict_batch_mixed_inputs_in_order(server, photos):
     assert res[1]["error"] == "invalid_image" and res[1]["status"] == 415
 
 
+@pytest.mark.live
 def test_errors_raise_prediction_error(server, photos):
     with Client(server.url) as c:
         with pytest.raises(PredictionError) as e:
@@ -49,12 +52,14 @@ def test_errors_raise_prediction_error(server, photos):
     assert e.value.status == 404
 
 
+@pytest.mark.live
 def test_module_level_helpers(server, photos):
     assert fc_client.predict(photos["green"], url=server.url)["label"] == "green"
     res = fc_client.predict_batch([photos["red"], photos["blue"]], url=server.url, top_k=2)
     assert [r["label"] for r in res] == ["red", "blue"] and len(res[0]["top_k"]) == 2
 
 
+@pytest.mark.live
 def test_async_client(server, photos):
     async def main():
         async with AsyncClient(server.url) as c:

@@ -42,23 +42,6 @@ REAL_SLIM_MB = 130  # python:3.11-slim (bookworm, amd64) as `docker images` repo
 TARGET_MB = 350
 
 
-
-def test_compose_file_matches_the_containerfile():
-    """compose.yaml builds targets that exist, publishes the port the image exposes, mounts /models."""
-    yaml = pytest.importorskip("yaml")
-    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
-    containerfile = (REPO / "Containerfile").read_text()
-    stages = {line.split()[-1] for line in containerfile.splitlines() if line.startswith("FROM ") and " AS " in line}
-    services = compose["services"]
-    assert {"serve", "redis", "worker"} <= set(services) and services["worker"]["profiles"] == ["worker"]
-    for name in ("serve", "worker"):
-        assert services[name]["build"]["target"] in stages and services[name]["build"]["dockerfile"] == "Containerfile"
-        assert "./models:/models:ro" in services[name]["volumes"]
-    assert "EXPOSE 8383" in containerfile and services["serve"]["ports"] == ["8383:8383"]
-    assert services["worker"]["command"][:4] == ["worker", "/models", "--kafka", "kafka:9092"]
-    assert services["serve"]["environment"]["FOOD_CLASSIFIER_CACHE_URL"].startswith("redis://redis:")
-
-
 @pytest.fixture(scope="module")
 def podman_env(tmp_path_factory) -> dict[str, str]:
     if shutil.which("podman") is None:

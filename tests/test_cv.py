@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_report import make_imagefolder
+from conftest import make_imagefolder
 
 from food_classifier.training.cv import cross_validate, format_cv, make_folds, mean_std, row_groups
 from food_classifier.training.data import Row
@@ -71,6 +71,7 @@ def test_row_groups_merge_exact_and_reported_duplicates(tmp_path):
     assert g[0] == g[1] and g[2] == g[3] and len(set(g.tolist())) == 3
 
 
+@pytest.mark.slow
 def test_cross_validate_runs_the_recipe_and_leaves_test_alone(tmp_path):
     from food_classifier.training.data import read_manifest, split
     from food_classifier.training.train import TrainConfig

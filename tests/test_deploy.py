@@ -74,6 +74,7 @@ def exporting(tmp_path_factory):
         yield srv, c
 
 
+@pytest.mark.live
 def test_dashboard_and_alerts_only_use_metrics_the_server_exports(exporting):
     _, c = exporting
     exported = {line.split("{")[0].split(" ")[0] for line in c.get("/metrics").text.splitlines()
@@ -92,6 +93,7 @@ def _prom_query(url: str, expr: str) -> dict:
     return r.json()
 
 
+@pytest.mark.live
 def test_prometheus_evaluates_every_dashboard_query_and_rule(exporting, tmp_path):
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus not installed (apt-get install prometheus)")

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import typer
 from conftest import colour_image, make_colour_bundle
+from helpers import ready_client
 from PIL import Image
-from test_serving import ready_client
 from typer.testing import CliRunner
 
 from food_classifier.bundle import update_meta

@@ -18,8 +18,8 @@ import pytest
 from conftest import colour_image, image_bytes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import png_with_size
 from pydantic import TypeAdapter
-from test_serving import png_with_size
 
 from food_classifier.client import GrpcClient, PredictionError
 from food_classifier.serving.http import schemas
@@ -58,6 +58,7 @@ def grpc_error(call) -> PredictionError:
     return e.value
 
 
+@pytest.mark.live
 def test_classify_gives_the_http_answer(served):
     http, g, _ = served
     for colour in ("red", "green", "blue"):
@@ -71,6 +72,7 @@ def test_classify_gives_the_http_answer(served):
     assert unsure["abstained"] is True and unsure["label"] == "unsure"
 
 
+@pytest.mark.live
 def test_errors_map_to_grpc_codes_with_the_http_messages(served, tmp_path):
     http, g, port = served
     url = str(http.base_url).rstrip("/")
@@ -103,6 +105,7 @@ def test_errors_map_to_grpc_codes_with_the_http_messages(served, tmp_path):
     assert g.predict(jpg("red"))["label"] == "red"  # and the server goes on
 
 
+@pytest.mark.live
 def test_stream_answers_in_order_and_a_bad_image_is_an_entry(served):
     http, g, _ = served
     colours = ["red", "green", "blue", "blue", "red"] * 8
@@ -122,11 +125,13 @@ def test_stream_answers_in_order_and_a_bad_image_is_an_entry(served):
            [{k: v for k, v in r.items() if k not in volatile} for r in over_http]
 
 
+@pytest.mark.live
 def test_list_models_is_the_http_list(served):
     http, g, _ = served
     assert g.models() == http.get("/v1/models").json()["models"]
 
 
+@pytest.mark.live
 def test_grpc_goes_through_the_same_service(served):
     http, g, _ = served
 
@@ -144,6 +149,7 @@ def test_grpc_goes_through_the_same_service(served):
     assert 'food_classifier_grpc_requests_total{code="OK",method="ClassifyStream"}' in text
 
 
+@pytest.mark.live
 def test_health_and_reflection(served):
     _, g, port = served
     assert g.ready()
@@ -186,6 +192,7 @@ def _in_thread(coro_fn) -> None:
         raise errors[0]
 
 
+@pytest.mark.live
 def test_health_is_serving_only_once_models_are_loaded(colour_bundle):
     from food_classifier.serving.compose import build_app
     from food_classifier.serving.settings import ServeSettings
@@ -223,6 +230,7 @@ def test_health_is_serving_only_once_models_are_loaded(colour_bundle):
     _in_thread(scenario)
 
 
+@pytest.mark.live
 def test_sigterm_lets_a_stream_in_flight_finish(colour_bundle):
     port = free_port()
     with ServerProcess([colour_bundle], args=["--grpc-port", str(port)]) as srv, \
@@ -245,6 +253,7 @@ def test_sigterm_lets_a_stream_in_flight_finish(colour_bundle):
         assert srv.proc.wait(20) in (0, -signal.SIGTERM)  # graceful; uvicorn re-raises the signal (not -9)
 
 
+@pytest.mark.live
 def test_port_in_use_is_a_clear_startup_error(colour_bundle):
     import socket
 

@@ -78,6 +78,7 @@ def send(client: httpx.Client, transport: str, name: str, data: bytes) -> httpx.
     return client.get("/predict", params={"image_path": f"{name}.bin"})
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("name", list(CORPUS))
 def test_file_through_every_transport(live, name, transport):
@@ -182,6 +183,7 @@ REQUESTS = {
 }
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("name", list(REQUESTS))
 def test_hostile_request(live, name):
     client, _ = live
@@ -190,6 +192,7 @@ def test_hostile_request(live, name):
     assert_alive(client)
 
 
+@pytest.mark.live
 def test_405_lists_every_method_of_the_path(live):
     client, _ = live
     r = client.request("OPTIONS", "/predict")
@@ -197,6 +200,7 @@ def test_405_lists_every_method_of_the_path(live):
     assert client.put("/healthz").headers["allow"] == "GET, HEAD"
 
 
+@pytest.mark.live
 def test_nested_json_keeps_the_connection(live):
     """The 422 must not reset keep-alive: the next request goes over the same connection."""
     _, srv = live
@@ -208,6 +212,7 @@ def test_nested_json_keeps_the_connection(live):
             assert got == status and headers.get("connection") != "close"
 
 
+@pytest.mark.live
 def test_head_health_probes(live):
     client, _ = live
     for path in ("/healthz", "/readyz"):
@@ -232,6 +237,7 @@ def _metric(client: httpx.Client, series: str) -> float | None:
     return None if line is None else float(line.rsplit(" ", 1)[1])
 
 
+@pytest.mark.live
 def test_feedback_cannot_be_rigged(live):
     """Issue 22 #13: 60 cache-hit requests for one photo + a wrong-label feedback on each moved
     live_accuracy from 1.0 to 0.032, and 100 posts on one request id counted 100. Now one vote per
@@ -257,6 +263,8 @@ def test_feedback_cannot_be_rigged(live):
     assert len(long_label.content) < 2000 and "1,900,000 characters" in body["detail"]
 
 
+@pytest.mark.live
+@pytest.mark.broker
 def test_small_ones_head_probes_admin_key_on_grpc_and_a_full_redis(tmp_path):
     """Issue 22 #17: HEAD on the OIP health probes was a 405; the admin key, which SERVING.md says passes
     wherever the API key does, was refused on gRPC; /readyz said the cache was "ok" while an out-of-memory

@@ -99,6 +99,7 @@ def test_classifier_matches_the_keras_model_itself(keras_model, keras_bundle):
     assert [p.label for p in clf.predict_batch(images)] == [*COLOURS] * 2
 
 
+@pytest.mark.live
 def test_predict_command_and_server_answer_right(keras_bundle, tmp_path):
     from food_classifier.client import Client
     from food_classifier.testing import ServerProcess

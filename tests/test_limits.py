@@ -18,10 +18,10 @@ import pytest
 import rawhttp
 from conftest import colour_image, image_bytes, make_colour_bundle
 from fastapi.testclient import TestClient
+from helpers import JPEG, assert_error, jpg, ready_client
 from hostile_corpus import saved
 from PIL import Image
 from pydantic import ValidationError
-from test_serving import JPEG, assert_error, jpg, ready_client
 
 from food_classifier.serving.admission import DecodeBudget
 from food_classifier.serving.http.app import create_app
@@ -52,6 +52,7 @@ def good_request(srv: ServerProcess) -> httpx.Response:
     return httpx.post(srv.url + "/predict", content=jpg("red"), headers={"content-type": "image/jpeg"}, timeout=10)
 
 
+@pytest.mark.live
 def test_stalled_connections_are_closed(live):
     idle = [rawhttp.connect(live.port) for _ in range(10)]
     partial_head = [rawhttp.connect(live.port) for _ in range(10)]
@@ -72,6 +73,7 @@ def test_stalled_connections_are_closed(live):
     assert time.monotonic() - start < 6  # 1 s limits, not the 30+ s before
 
 
+@pytest.mark.live
 def test_protocol_errors_are_json(live):
     cases = [
         (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n", 431, "request_header_too_large"),
@@ -90,6 +92,7 @@ def test_protocol_errors_are_json(live):
     assert good_request(live).status_code == 200
 
 
+@pytest.mark.live
 def test_connection_cap_answers_503(live):
     socks = [rawhttp.connect(live.port) for _ in range(40)]  # the cap counts open connections
     try:
@@ -104,6 +107,7 @@ def test_connection_cap_answers_503(live):
         time.sleep(0.05)
 
 
+@pytest.mark.live
 def test_dropped_uploads_are_499_with_one_log_line(live):
     pattern = re.compile(r'food_classifier_requests_total\{endpoint="/predict",model="colour",status="499"\} (\S+)')
 
@@ -125,6 +129,7 @@ def test_dropped_uploads_are_499_with_one_log_line(live):
     assert "Traceback" not in log and 'status="500"' not in httpx.get(live.url + "/metrics").text
 
 
+@pytest.mark.live
 def test_early_413_reaches_clients_still_sending(live):
     """The 413 goes out on the declared size, before the body is read. Closing with unread body data would
     reset the connection and destroy the answer (without the lingering close, ~70 % of these failed)."""
@@ -146,6 +151,7 @@ def test_early_413_reaches_clients_still_sending(live):
     assert asyncio.run(main()) == [413] * 48
 
 
+@pytest.mark.live
 def test_idle_keep_alive_connection_is_closed(live):
     with rawhttp.connect(live.port) as s:
         s.sendall(rawhttp.request_head("GET", "/healthz"))
@@ -154,6 +160,7 @@ def test_idle_keep_alive_connection_is_closed(live):
         assert rawhttp.closed_by_peer(s) and time.monotonic() - start < 3
 
 
+@pytest.mark.live
 def test_requests_cut_by_the_shutdown_timeout_get_json_503(models):
     log = models / "shutdown.log"
     srv = ServerProcess([models / "colour"], args=["--shutdown-timeout", "1", "--body-timeout", "30"], log_path=log)
@@ -169,6 +176,7 @@ def test_requests_cut_by_the_shutdown_timeout_get_json_503(models):
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.live
 def test_the_decode_budget_queues_large_images_instead_of_failing(models):
     """16 MiB budget: each 2500x2500 PNG (25 MB decoded) decodes alone; all of them answer 200, and the
     later ones report the time they queued."""
@@ -189,6 +197,7 @@ def test_the_decode_budget_queues_large_images_instead_of_failing(models):
     assert max(t["queue_ms"] for t in timings) > 2 * one_decode, timings  # someone waited for two decodes
 
 
+@pytest.mark.live
 def test_json_pixels_count_against_the_decode_budget(tmp_path):
     """Issue 22 #15: a tensor in JSON is parsed into Python numbers (~9x the body at worst), and those bodies
     bypassed the budget: 48 connections of 8 JSON crops took the RSS to 0.9-1.3 GB. Now each waits for

@@ -59,15 +59,13 @@ def _head(features: np.ndarray, y: list[int], c: float) -> tuple[np.ndarray, np.
 
 
 @pytest.fixture(scope="module")
-def cascade_bundle(tmp_path_factory) -> Path:
+def cascade_bundle(tmp_path_factory, builtin_bundle) -> Path:
     """A 2-stage cascade bundle: stage 1 (Lite0 + a weak head, features, ImageNet logits), stage 2 (a
     stronger head on stage 1's features), the built-in not-food rule."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from food_classifier.builtin import builtin_bundle_path
-
-    base = load_bundle(builtin_bundle_path(quiet=True))
+    base = load_bundle(builtin_bundle)
     model = onnx.load(str(base.model_file()))
     nodes = list(model.graph.node)
     gemm = next(n for n in nodes if n.op_type == "Gemm")  # pooled features -> the 1000 ImageNet logits
@@ -160,6 +158,7 @@ def exported(cascade_bundle, phone_photos, tmp_path_factory) -> tuple[Path, int]
     return tmp / "mobile", int((tmp / "rss").read_text())
 
 
+@pytest.mark.slow
 def test_the_test_bundle_is_a_real_food_classifier_that_reaches_every_branch(cascade_bundle, phone_photos):
     clf = Classifier(cascade_bundle, threads=2, variant="cascade")
     held_out = photos(60, offset=2)
@@ -170,6 +169,7 @@ def test_the_test_bundle_is_a_real_food_classifier_that_reaches_every_branch(cas
     assert {s for s, _ in seen} == {1, 2} and {k for _, k in seen} == {"food", UNSURE, NOT_FOOD}, seen
 
 
+@pytest.mark.slow
 def test_export_writes_the_served_path_in_one_file_under_1_gb(exported, cascade_bundle):
     out, rss = exported
     assert sorted(p.name for p in out.iterdir()) == ["labels.txt", "mobile.json", "model.ort",
@@ -189,6 +189,7 @@ def test_export_writes_the_served_path_in_one_file_under_1_gb(exported, cascade_
     assert rss < 1e9, f"export-mobile peaked at {rss / 1e6:.0f} MB"  # 2.7 GB before (torch came with ORT's tools)
 
 
+@pytest.mark.slow
 def test_phone_answers_like_the_server_on_photos_at_phone_resolution(exported, cascade_bundle, phone_photos):
     """Independently of export-mobile's own check: the server's `predict` on the photo file vs the .ort
     file fed the photo's RGB bytes, decoded as docs/MOBILE.md tells an app to (JPEG at the server's scale)."""
@@ -214,6 +215,7 @@ def test_phone_answers_like_the_server_on_photos_at_phone_resolution(exported, c
     assert {s for s, _ in seen} == {1, 2} and {k for _, k in seen} == {"food", UNSURE, NOT_FOOD}
 
 
+@pytest.mark.slow
 def test_stage_one_only_flags_what_the_server_would_escalate(cascade_bundle, phone_photos, tmp_path):
     result = run("export-mobile", cascade_bundle.parent, "--out", tmp_path / "m", "--check",
                  phone_photos[0].parent, "--stages", "1")
@@ -297,6 +299,7 @@ def test_every_routing_decision_of_the_colour_cascade(tmp_path):
         assert (want.stage, want.label) == {"red": (1, "red"), "green": (2, "green")}.get(colour, (2, NOT_FOOD))
 
 
+@pytest.mark.slow
 def test_user_errors(colour_bundle, cascade_bundle, tmp_path):
     photos_dir = tmp_path / "photos"
     photos_dir.mkdir()

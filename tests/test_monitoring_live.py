@@ -30,7 +30,7 @@ SPEC = PreprocessSpec(resize=72, crop=64)
 FIT_PER_CLASS, GRID = 150, 4
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "monitor-key"
-pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs the shared Food-101 photos")
+pytestmark = [pytest.mark.live, pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs the shared Food-101 photos")]
 
 
 def _features(paths: list[Path]) -> np.ndarray:

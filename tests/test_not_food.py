@@ -32,10 +32,8 @@ from food_classifier.training.not_food import (  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    from food_classifier.training.builtin import build
-
-    return build(tmp_path_factory.mktemp("nf") / "builtin")
+def bundle(builtin_bundle):
+    return builtin_bundle  # conftest: built once per session
 
 
 def imagenet_logits(bundle, images) -> tuple[np.ndarray, np.ndarray]:
@@ -53,6 +51,7 @@ def imagenet_logits(bundle, images) -> tuple[np.ndarray, np.ndarray]:
     return both[:, :len(meta.labels)], both[:, len(meta.labels):]
 
 
+@pytest.mark.slow
 def test_builtin_graph_rejects_astronaut_and_chelsea_keeps_coffee(bundle):
     from PIL import Image
 
@@ -69,6 +68,7 @@ def test_builtin_graph_rejects_astronaut_and_chelsea_keeps_coffee(bundle):
     assert logits[1].argmax() in (281, 282, 285)  # the cat really is a cat to ImageNet
 
 
+@pytest.mark.slow
 def test_the_builtin_classifier_answers_not_food_and_the_switch_turns_it_off(bundle):
     from PIL import Image
 
@@ -92,11 +92,13 @@ def shared_food_logits(bundle) -> np.ndarray:
     return imagenet_logits(bundle, photos)[1]
 
 
+@pytest.mark.slow
 def test_builtin_rule_keeps_shared_food_photos(bundle, shared_food_logits):
     kept = 1 - reject(shared_food_logits, read_meta(bundle).not_food).mean()
     assert len(shared_food_logits) > 200 and kept >= 0.99, kept
 
 
+@pytest.mark.slow
 def test_fit_for_a_graph_measures_held_out_non_food(bundle, shared_food_logits):
     meta = read_meta(bundle)
     session = runtime.create_session(bundle / meta.variants["fp32"].file, threads=2)

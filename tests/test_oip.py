@@ -75,6 +75,7 @@ def expected(clf: Classifier, photos: list[bytes], threshold: float | None = Non
     return [p.label for p in preds], [p.label_idx for p in preds], probs, top
 
 
+@pytest.mark.live
 def test_http_json_and_binary_answers_equal_the_classifier(served, clf):
     _, _, client, _ = served
     photos = [jpg(c, seed=i) for i, c in enumerate(COLOURS + ["blue"])]
@@ -96,6 +97,7 @@ def test_http_json_and_binary_answers_equal_the_classifier(served, clf):
     assert r.as_numpy("label").tolist() == [b"red"] and r.get_response()["id"] == "mine"
 
 
+@pytest.mark.live
 def test_parameters_threshold_top_k_and_classification(served, clf):
     _, _, client, _ = served
     photos = [jpg("green", seed=5), jpg("red", seed=6)]
@@ -113,6 +115,7 @@ def test_parameters_threshold_top_k_and_classification(served, clf):
         assert e.value.status() == "400" and "parameter" in e.value.message()
 
 
+@pytest.mark.live
 def test_pixels_input_skips_decoding_and_gives_the_same_answer(served, clf):
     srv, http, client, _ = served
     photos = [jpg(c, seed=20 + i) for i, c in enumerate(COLOURS)]
@@ -132,6 +135,7 @@ def test_pixels_input_skips_decoding_and_gives_the_same_answer(served, clf):
         assert e.value.status() == status and words in e.value.message()
 
 
+@pytest.mark.live
 def test_errors_come_in_the_protocol_form(served):
     srv, http, client, _ = served
     one = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(jpg("red")).decode()]}
@@ -172,6 +176,7 @@ def test_errors_come_in_the_protocol_form(served):
     assert client.infer("colour", [image_input([jpg("blue")], True)], headers=auth()).as_numpy("label")[0] == b"blue"
 
 
+@pytest.mark.live
 def test_compressed_requests_health_metadata_and_the_same_core(served, clf):
     srv, http, client, _ = served
     r = client.infer("colour", [image_input([jpg("green", seed=40)], True)], headers=auth(),
@@ -231,6 +236,7 @@ print(json.dumps({"live": c.is_server_live(), "ready": c.is_server_ready(), "mod
 """
 
 
+@pytest.mark.live
 def test_grpc_answers_equal_the_classifier(served, clf):
     _, http, _, port = served
     photos = [jpg(c, seed=60 + i) for i, c in enumerate(COLOURS)]
@@ -254,14 +260,16 @@ def test_grpc_answers_equal_the_classifier(served, clf):
     assert 'food_classifier_grpc_requests_total{code="OK",method="ModelInfer"}' in metrics
 
 
-def test_a_real_photo_through_the_builtin_model():
-    """Lite0 on a Food-101 photo: the OIP answer is the Classifier's (if the built-in bundle is built)."""
+@pytest.mark.live
+@pytest.mark.slow
+def test_a_real_photo_through_the_builtin_model(builtin_bundle):
+    """Lite0 on a Food-101 photo: the OIP answer is the Classifier's (the built-in bundle: conftest)."""
     from food_classifier import builtin
 
     photo = next(iter(sorted((SHARED_DATA / "bibimbap").glob("*.jpg"))), None) if SHARED_DATA.is_dir() else None
-    if photo is None or not (builtin.builtin_dir() / "bundle.json").is_file():
-        pytest.skip("needs the shared Food-101 photos and the built-in bundle, built (`food-classifier builtin`)")
-    bundle = builtin.builtin_dir()
+    if photo is None:
+        pytest.skip("needs the shared Food-101 photos")
+    bundle = builtin_bundle
     want = Classifier(bundle, threads=1).predict(photo.read_bytes(), top_k=3)
     with ServerProcess([bundle], args=["--ort-threads", "1"]) as srv:
         client = th.InferenceServerClient(srv.url.removeprefix("http://"))
@@ -297,6 +305,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.live
 def test_the_kserve_rest_client(colour_bundle, clf):
     """kserve cannot install beside our pins (it wants protobuf<7): point FOOD_CLASSIFIER_KSERVE_PYTHON at
     the python of a venv that has it (`python3.11 -m venv v && v/bin/pip install kserve`)."""
@@ -330,6 +339,7 @@ HOSTILE_TENSORS = [  # issue 22 #12: each was a JSON 500 internal_error (np.prod
 ]
 
 
+@pytest.mark.live
 def test_hostile_tensors_are_400_over_rest_and_invalid_argument_over_grpc(served, clf):
     """Out-of-range values and absurd shapes: a 400 with a clear message on REST (JSON and binary) and
     INVALID_ARGUMENT on gRPC, counted in the gRPC metrics; never a 500 / UNKNOWN leaking the exception."""

@@ -81,6 +81,7 @@ def live(models):
         yield client, Spec(client.get("/openapi.json").json())
 
 
+@pytest.mark.live
 def test_live_responses_match_the_published_schema(live, models):
     c, spec = live
     check = spec.check
@@ -198,6 +199,7 @@ def test_not_ready_answers_match_the_schema(tmp_path):
     assert spec.check(c.get("/v1/models"), 200) == {"default": None, "models": []}
 
 
+@pytest.mark.live
 def test_a_default_model_that_does_not_exist_stops_the_server(tmp_path):
     make_colour_bundle(tmp_path / "colour" / "v1", version="v1")
     log = tmp_path / "server.log"
@@ -207,6 +209,7 @@ def test_a_default_model_that_does_not_exist_stops_the_server(tmp_path):
     assert "default model 'nope' is not among the loaded models" in log.read_text()
 
 
+@pytest.mark.live
 def test_the_validator_is_strict(live):
     """The check can fail: an extra, a missing or a mistyped key is refused, through the $refs."""
     c, spec = live

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import colour_image, image_bytes
-from test_batch import make_photos, read_rows
+from helpers import make_photos, read_rows
 
 from food_classifier.ray_env import LOCAL_ENV
 
@@ -27,12 +27,13 @@ ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed (pip i
 
 from food_classifier.batch.job import predict_dir, read_source  # noqa: E402
 from food_classifier.batch.ray_engine import RayEngine  # noqa: E402
-from food_classifier.serving.ray_serve import APP_NAME, application, deployment_options  # noqa: E402
+from food_classifier.serving.ray_serve import APP_NAME, application  # noqa: E402
 from food_classifier.serving.settings import ServeSettings  # noqa: E402
 from food_classifier.testing import free_port, process_tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside Ray (pydantic, Ray Data)
+pytestmark = [pytest.mark.ray,
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # inside Ray (pydantic, Ray Data)
 
 
 
@@ -64,6 +65,7 @@ def _loopback(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return addr.is_loopback or bool(mapped and mapped.is_loopback)
 
 
+@pytest.mark.live
 def test_serve_engine_ray_from_the_cli_listens_on_loopback_only_and_drains_on_sigterm(colour_bundle):
     port = free_port()
     cmd = [sys.executable, "-m", "food_classifier.cli", "serve", str(colour_bundle), "--engine", "ray", "--host",
@@ -139,6 +141,7 @@ def test_predict_dir_on_ray_gives_the_local_rows_and_resumes(tmp_path, colour_bu
     _same(read_rows(tmp_path / "local.jsonl"), read_rows(tmp_path / "resumed.jsonl"))
 
 
+@pytest.mark.live
 def test_ray_serve_answers_like_the_plain_server(colour_bundle, ray_session, server):
     from ray import serve
 
@@ -170,19 +173,6 @@ def _untimed(body: dict) -> dict:
         item.pop("timing", None)
         item.pop("request_id", None)
     return body
-
-
-def test_deployment_options_expose_ray_autoscaling():
-    fixed = deployment_options(ServeSettings(replicas="3", max_ongoing_requests=6, replica_cpus=0.5))
-    assert (fixed["num_replicas"], fixed["max_ongoing_requests"], fixed["ray_actor_options"]) == (
-        3, 6, {"num_cpus": 0.5})
-    assert fixed["logging_config"] == {"enable_access_log": False, "log_level": "INFO"}  # as uvicorn: no access log
-    auto = deployment_options(ServeSettings(replicas="auto", min_replicas=0, max_replicas=4,
-                                            target_ongoing_requests=3))
-    assert "num_replicas" not in auto and auto["autoscaling_config"] == {
-        "min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 3.0}
-    with pytest.raises(ValueError, match="replicas"):
-        ServeSettings(replicas="many")
 
 
 def test_predict_dir_on_ray_gives_the_classifier_answers_of_a_cascade(tmp_path, ray_session):

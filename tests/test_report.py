@@ -40,6 +40,7 @@ def report_html(tiny_run) -> str:
     return html_path.read_text()
 
 
+@pytest.mark.slow
 def test_pipeline_stores_calibration_and_abstention(tiny_run):
     meta = json.loads((tiny_run / "bundle" / "bundle.json").read_text())
     assert meta["calibration"]["fitted"] and meta["calibration"]["temperature"] > 0
@@ -49,6 +50,7 @@ def test_pipeline_stores_calibration_and_abstention(tiny_run):
     assert metrics["temperature"] == meta["calibration"]["temperature"]  # stored metrics use T
 
 
+@pytest.mark.slow
 def test_report_has_every_section_and_readable_pngs(tiny_run, report_html):
     html = report_html
     for sid in SECTIONS:
@@ -64,6 +66,7 @@ def test_report_has_every_section_and_readable_pngs(tiny_run, report_html):
             assert np.asarray(im.convert("L")).std() > 5, name
 
 
+@pytest.mark.slow
 def test_report_shows_time_per_stage_and_the_int8_variant(tiny_run, report_html):
     """Issue 16: the stage times of the run and the int8 section (accuracy, agreement, speed-up)."""
     times = json.loads((tiny_run / "timings.json").read_text())
@@ -83,6 +86,7 @@ def test_report_shows_time_per_stage_and_the_int8_variant(tiny_run, report_html)
     assert ("recommended: `serve` uses it by default" if int8["recommended"] else "not recommended") in section
 
 
+@pytest.mark.slow
 def test_report_is_self_contained(report_html):
     html = report_html
     assert not re.search(r'(src|href)="(https?:)?//', html)
@@ -91,6 +95,7 @@ def test_report_is_self_contained(report_html):
     assert len(srcs) >= 7 and all(s.startswith("data:image/") for s in srcs)
 
 
+@pytest.mark.slow
 def test_report_mistakes_match_the_logits(tiny_run, report_html):
     d = np.load(tiny_run / "logits.npz")
     test = d["tier"] == "test"
@@ -100,6 +105,7 @@ def test_report_mistakes_match_the_logits(tiny_run, report_html):
     assert f"(of {n_wrong} mistakes)" in section
 
 
+@pytest.mark.slow
 def test_report_shows_cv_when_present(tiny_run, tmp_path):
     cv = {"k": 2, "n_rows": 30, "seconds": 1.0, "accuracy": {"mean": 0.9, "std": 0.05, "min": 0.85, "max": 0.95},
           "macro_f1": {"mean": 0.89, "std": 0.04, "min": 0.85, "max": 0.93},
@@ -114,6 +120,7 @@ def test_report_shows_cv_when_present(tiny_run, tmp_path):
     assert (tmp_path / "out" / "roc.png").is_file()
 
 
+@pytest.mark.slow
 def test_report_cli(tiny_run, tmp_path):
     from typer.testing import CliRunner
 

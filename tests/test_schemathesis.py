@@ -19,10 +19,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import colour_image, image_bytes, make_colour_bundle
 
 from food_classifier.testing import ServerProcess
 
+pytestmark = pytest.mark.live
 ADMIN = "schemathesis-admin-key"
 EXAMPLES = int(os.environ.get("FC_SCHEMATHESIS_EXAMPLES", "12"))  # raise it for a deeper run
 CONFIG = """

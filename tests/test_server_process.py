@@ -13,11 +13,12 @@ import time
 import httpx
 import pytest
 from conftest import colour_image, image_bytes, make_colour_bundle
-from test_serving import png_with_size
+from helpers import png_with_size
 
 from food_classifier.client import Client, PredictionError
 from food_classifier.testing import ServerProcess, rss_mb
 
+pytestmark = pytest.mark.live
 KEY = "process-test-key"
 ADMIN = "process-admin-key"
 

@@ -6,28 +6,14 @@ Every endpoint, every bad-input case, the API key and path traversal on the seed
 from __future__ import annotations
 
 import base64
-import struct
-import time
-import zlib
 
 import pytest
 from conftest import colour_image, image_bytes
 from fastapi.testclient import TestClient
+from helpers import JPEG, assert_error, jpg, png_with_size, ready_client
 
 from food_classifier.serving.http.app import create_app
 from food_classifier.serving.settings import ServeSettings
-
-JPEG = "image/jpeg"
-
-
-def ready_client(settings: ServeSettings) -> TestClient:
-    client = TestClient(create_app(settings))
-    client.__enter__()
-    deadline = time.monotonic() + 20
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json()
-        time.sleep(0.02)
-    return client
 
 
 @pytest.fixture(scope="module")
@@ -35,29 +21,6 @@ def client(colour_bundle):
     c = ready_client(ServeSettings(bundles=[colour_bundle], max_body_bytes=200_000, max_batch_images=8))
     yield c
     c.__exit__(None, None, None)
-
-
-def jpg(colour: str, **kw) -> bytes:
-    return image_bytes(colour_image(colour, **kw))
-
-
-def assert_error(r, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error", "detail"}, body
-    if code:
-        assert body["error"] == code, body
-    return body
-
-
-def png_with_size(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height (a decompression bomb's calling card)."""
-    raw = image_bytes(colour_image("red", size=(8, 8)), "PNG")
-    ihdr_at = raw.index(b"IHDR")
-    body = bytearray(raw[ihdr_at:ihdr_at + 17])
-    body[4:12] = struct.pack(">II", width, height)
-    crc = struct.pack(">I", zlib.crc32(bytes(body)) & 0xFFFFFFFF)
-    return raw[:ihdr_at] + bytes(body) + crc + raw[ihdr_at + 21:]
 
 
 # --- liveness, readiness, model listing --------------------------------------------------------

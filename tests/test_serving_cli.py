@@ -10,8 +10,8 @@ import sys
 import pytest
 import typer
 from fastapi.testclient import TestClient
+from helpers import ROOT, invoke_serve
 from pydantic import Field
-from test_serving_units import ROOT, invoke_serve
 from typer.testing import CliRunner
 
 from food_classifier.cli.serve import command_for

@@ -7,7 +7,7 @@ import time
 import pytest
 from conftest import make_colour_bundle
 from fastapi.testclient import TestClient
-from test_serving import JPEG, assert_error, jpg, ready_client
+from helpers import JPEG, assert_error, jpg, ready_client
 
 from food_classifier.serving.http.app import create_app
 from food_classifier.serving.settings import ServeSettings

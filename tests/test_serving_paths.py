@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_serving import assert_error, jpg, ready_client
+from helpers import assert_error, jpg, ready_client
 
 from food_classifier.serving.settings import ServeSettings
 

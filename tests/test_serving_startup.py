@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_colour_bundle
-from test_serving import JPEG, jpg, ready_client
+from helpers import JPEG, jpg, ready_client
 
 from food_classifier.bundle import file_sha256, update_meta
 from food_classifier.serving.settings import ServeSettings
@@ -67,6 +67,7 @@ def test_broken_and_temporary_versions_are_skipped_and_counted(tmp_path):
         c.__exit__(None, None, None)
 
 
+@pytest.mark.live
 def test_real_server_serves_the_newest_valid_version(tmp_path):
     model = tmp_path / "models" / "colour"
     published(model, "v1", 1)
@@ -82,6 +83,7 @@ def test_real_server_serves_the_newest_valid_version(tmp_path):
     assert "v2/model.onnx: sha256 does not match" in text and ".tmp-v9" not in text
 
 
+@pytest.mark.live
 def test_real_server_exits_non_zero_when_no_version_is_valid(tmp_path):
     model = tmp_path / "models" / "colour"
     corrupt(model)

@@ -8,15 +8,13 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, invoke_serve
 
 from food_classifier.answer import Options
 from food_classifier.serving.batching import MicroBatcher
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class SlowModel:
@@ -189,30 +187,6 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
     return subprocess.run([sys.executable, "-m", "food_classifier.cli", "serve", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env={**os.environ, **(env or {})})
-
-
-def invoke_serve(monkeypatch, builtin, *args: str):
-    """Run `serve` in-process with a stand-in `food_classifier.builtin` and uvicorn.run captured."""
-    import types
-
-    import typer
-    import uvicorn
-    from typer.testing import CliRunner
-
-    from food_classifier.cli.serve import serve
-
-    if builtin is None:
-        monkeypatch.setitem(sys.modules, "food_classifier.builtin", None)  # import fails
-    else:
-        mod = types.ModuleType("food_classifier.builtin")
-        mod.builtin_bundle_path = builtin
-        monkeypatch.setitem(sys.modules, "food_classifier.builtin", mod)
-    monkeypatch.delenv("FOOD_CLASSIFIER_BUNDLES", raising=False)
-    started = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
-    cli = typer.Typer()
-    cli.command()(serve)
-    return CliRunner().invoke(cli, list(args)), started
 
 
 def test_cli_without_bundle_says_what_to_do(monkeypatch):

@@ -33,6 +33,7 @@ def history(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_run_dir_has_checkpoint_history_and_plot(cnn_run):
     run, _, _ = cnn_run
     rows = history(run)
@@ -47,6 +48,7 @@ def test_run_dir_has_checkpoint_history_and_plot(cnn_run):
     assert config["train_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_published_bundle_is_complete_and_predicts(cnn_run, tiny_manifest):
     run, bundle_dir, metrics = cnn_run
     assert bundle_dir.parent.name == "tiny" and bundle_dir.name.endswith(load_bundle(bundle_dir).version[-8:])
@@ -63,6 +65,7 @@ def test_published_bundle_is_complete_and_predicts(cnn_run, tiny_manifest):
     assert all(0 <= p.label_idx < 3 for p in preds)
 
 
+@pytest.mark.slow
 def test_same_seed_same_model(tiny_manifest, tmp_path):
     config = TrainConfig(arch="base_cnn", epochs=1, batch_size=8, seed=3, threads=1)
     a = fit(tiny_manifest, config, runs_dir=tmp_path)
@@ -71,6 +74,7 @@ def test_same_seed_same_model(tiny_manifest, tmp_path):
     assert [r["train_loss"] for r in history(a)] == [r["train_loss"] for r in history(b)]
 
 
+@pytest.mark.slow
 def test_resume_continues_where_it_stopped(tiny_manifest, tmp_path, monkeypatch):
     config = TrainConfig(arch="base_cnn", epochs=4, batch_size=8, seed=0, threads=1, patience=10)
     original = History.log
@@ -92,6 +96,7 @@ def test_resume_continues_where_it_stopped(tiny_manifest, tmp_path, monkeypatch)
     assert meta.arch == "base_cnn" and not model.training
 
 
+@pytest.mark.slow
 def test_out_of_fold_logits_never_see_their_own_row():
     """A row duplicated with a flipped label would be memorised by a head that saw it; out of fold it can't be."""
     import torch
@@ -113,6 +118,7 @@ def test_out_of_fold_logits_never_see_their_own_row():
     assert logits_bad[0].argmax() == y[0]
 
 
+@pytest.mark.slow
 def test_calibration_uses_out_of_fold_logits_on_the_head_path(tiny_manifest, tmp_path):
     from food_classifier.training.pipeline import finalize
 
@@ -127,6 +133,7 @@ def test_calibration_uses_out_of_fold_logits_on_the_head_path(tiny_manifest, tmp
     assert ref is not None and ref.n == n and ref.source == cal.fitted_on and sum(ref.class_counts) == n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refit", [True, False])
 def test_refit_head_sees_validation_and_says_so(tiny_manifest, tmp_path, refit):
     """With refit the head is fitted on train+validation: validation is then flagged as not held out
@@ -163,6 +170,7 @@ def test_refit_head_sees_validation_and_says_so(tiny_manifest, tmp_path, refit):
     np.testing.assert_allclose(saved["logits"][idx], ref, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_ensemble_head_fit_equals_each_member_fitted_alone():
     """The joint L-BFGS fit of an EnsembleHead is the sum of independent problems: at convergence
     each member head is the one a plain Linear reaches on that member's features alone."""

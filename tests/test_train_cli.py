@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import make_colour_bundle, make_imagefolder
 
 from food_classifier.cli.train import next_steps
@@ -17,6 +18,7 @@ CLI = [sys.executable, "-m", "food_classifier.cli"]
 STAGES = ["prepare", "fit", "export", "evaluate", "calibrate", "int8", "publish"]
 
 
+@pytest.mark.slow
 def test_train_data_folder_prepares_trains_and_says_how_to_serve(tmp_path):
     photos = make_imagefolder(tmp_path / "my photos", per_class=10)
     (photos / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")

@@ -15,6 +15,8 @@ from conftest import make_colour_bundle
 from food_classifier.bundle import versions
 from food_classifier.testing import ServerProcess
 
+pytestmark = [pytest.mark.slow, pytest.mark.live]  # trains (torch), then serves what survived
+
 # Runs `train` in a child that kills itself (SIGKILL: no cleanup, no finally) at one moment.
 CHILD = r"""
 import os, signal, sys

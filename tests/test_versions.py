@@ -58,6 +58,7 @@ def test_a_broken_promoted_version_fails_loudly_instead_of_serving_another(tmp_p
         promote(models, "colour", "v2")
 
 
+@pytest.mark.live
 def test_serve_and_reload_take_the_promoted_version(tmp_path):
     models = tmp_path / "models"
     publish(models, "v1", "v2")

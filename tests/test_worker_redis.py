@@ -16,7 +16,8 @@ from conftest import COLOURS, colour_image, image_bytes
 from services import RedisServer
 
 redis = pytest.importorskip("redis")
-pytestmark = pytest.mark.skipif(RedisServer.binary() is None, reason="redis-server not installed (apt)")
+pytestmark = [pytest.mark.broker,
+              pytest.mark.skipif(RedisServer.binary() is None, reason="redis-server not installed (apt)")]
 
 
 def test_redis_stream_worker(colour_bundle):
