@@ -27,9 +27,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("tiny")
     split(make_imagefolder(tmp / "photos"), tmp / "manifest.csv", progress=False)
-    config = TrainConfig(arch="base_cnn", epochs=1, batch_size=8, seed=0, threads=1)
-    run, _, _ = train_and_publish(tmp / "manifest.csv", config, runs_dir=tmp / "runs", models_dir=None,
-                                  target_precision=0.9)
+    config = TrainConfig(arch="base_cnn", epochs=1, batch_size=8, seed=0, threads=1, target_precision=0.9)
+    run, _, _ = train_and_publish(tmp / "manifest.csv", config, runs_dir=tmp / "runs", models_dir=None)
     return run
 
 
@@ -44,6 +43,7 @@ def test_pipeline_stores_calibration_and_abstention(tiny_run):
     meta = json.loads((tiny_run / "bundle" / "bundle.json").read_text())
     assert meta["calibration"]["fitted"] and meta["calibration"]["temperature"] > 0
     assert meta["abstention"]["target_precision"] == 0.9 and meta["abstention"]["threshold"] is not None
+    assert meta["abstention"]["rule"] == "target-precision" and meta["training"]["target_precision"] == 0.9
     assert "ece" in meta["metrics"]["test"]
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["temperature"] == meta["calibration"]["temperature"]  # stored metrics use T
