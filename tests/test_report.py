@@ -168,3 +168,13 @@ def test_report_mistakes_on_controlled_logits(tmp_path):
     assert "No history.csv" in html.split('data-section="history"')[1]
     for sid in SECTIONS:
         assert f'data-section="{sid}"' in html
+
+
+def test_report_abstention_names_the_rule_and_the_chosen_point(tiny_run, report_html):
+    """Issue 24: which rule chose the threshold, and the point it chose on the held-out curve."""
+    ab = json.loads((tiny_run / "bundle" / "bundle.json").read_text())["abstention"]
+    section = report_html[report_html.index('data-section="abstention"'):]
+    section = section[:section.index("</section>")]
+    assert "target-precision: most coverage at precision &gt;= 0.9 (--target-precision)" in section
+    assert f"{100 * ab['fit_coverage']:.1f} %, {100 * ab['fit_precision']:.1f} %" in section
+    assert f"{ab['threshold']:.4f}" in section and 'alt="coverage"' in section
