@@ -241,7 +241,7 @@ def _int8_stage1(bundle: Bundle, rows: list[Row], oof: HeldOut, chosen: dict) ->
     `quantize.int8_verdict` says so: top-1 agreement with fp32 on every labelled photo, the cascade's
     out-of-fold accuracy and the speed-up measured here (AVX-512 VNNI: about 2x).
 
-    Out-of-fold with int8: each train+validation photo's member-1 OOF logits are shifted by what int8
+    Out-of-fold with int8: each train+validation photo's first-member OOF logits are shifted by what int8
     changes in its stage-1 logits (int8 - fp32 graph, same final head; the head stays fp32, so stage 2
     sees the same shift through the features it is fed), then the cascade is replayed with the planned
     temperatures and thresholds. Exact for the final head; the fold heads differ from it only by their
@@ -273,7 +273,7 @@ def _int8_stage1(bundle: Bundle, rows: list[Row], oof: HeldOut, chosen: dict) ->
     verdict = Q.int8_verdict(float(same.mean()), len(same), acc[0], acc[1], speedup)
     record: dict = {"speedup_batch32": speedup, "ms_per_image": {k: round(v[32]["best"], 2) for k, v in speed.items()},
                     "method": info["method"], "top1_agreement_by_tier": by_tier,
-                    "oof_method": "member-1 OOF logits + the int8 - fp32 shift of each photo's stage-1 logits",
+                    "oof_method": "first member's OOF logits + the int8 - fp32 shift of each photo's stage-1 logits",
                     **verdict}
     if not verdict["used"]:
         out.unlink()
@@ -346,8 +346,11 @@ def format_cascade(bundle: str | Path) -> str:
                    f"{checks['top1_agreement']['n']} photos, out-of-fold accuracy "
                    f"{-checks['oof_accuracy_loss_points']['value']:+.2f} points, "
                    if checks else "")  # bundles trained before the rule
+        why = f"; fails: {q['why']}" if q.get("why") and not checks else ""  # the numbers above say it otherwise
+        failed = [k for k, c in checks.items() if not c["ok"]]
         lines.append(f"  stage 1 in int8: {'served' if q.get('used') else 'not used'} ({numbers}"
-                     f"{q['speedup_batch32']:.2f}x fp32's speed here{'; ' + q['why'] if q.get('why') else ''})")
+                     f"{q['speedup_batch32']:.2f}x fp32's speed here{why}"
+                     f"{'; fails ' + ', '.join(failed) if failed else ''}; rule: {q.get('rule', 'older bundle')})")
     if meta.not_food is not None:
         nf = meta.not_food.measured
         lines.append(f"  not food: threshold {meta.not_food.threshold:.3f}; food photos rejected "

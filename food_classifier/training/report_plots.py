@@ -182,7 +182,7 @@ def plot_coverage(curves: dict[str, dict], threshold: float | None, marks: dict[
     ax.grid(alpha=0.3)
     thr = "none" if threshold is None else "0: never abstains" if threshold == 0 else f"{threshold:.3f}"
     ax.set_title(f"Coverage vs accuracy (abstention threshold {thr}{f', rule {rule}' if rule else ''})")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.14), fontsize=8, frameon=False)  # below: never on a curve
     return _save(fig, path)
 
 
