@@ -15,22 +15,26 @@ from conftest import colour_image, make_colour_bundle
 from food_classifier.bundle import load_bundle
 from food_classifier.inference import UNSURE, Classifier, softmax
 from food_classifier.training.calibrate import (
+    AbstentionRule,
     abstention_stats,
     calibrate_run,
+    choose_abstention,
     choose_threshold,
     coverage_curve,
     ece_noise_floor,
     expected_calibration_error,
     fit_temperature,
     format_calibration,
+    format_tradeoff,
     nll,
     reliability_bins,
+    threshold_for_coverage,
 )
 
 
-def calibrated_logits(n: int, classes: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def calibrated_logits(n: int, classes: int = 5, seed: int = 0, spread: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    z = rng.normal(0, 2.0, size=(n, classes))
+    z = rng.normal(0, spread, size=(n, classes))
     p = softmax(z).astype(np.float64)
     y = (rng.random((n, 1)) * p.sum(1, keepdims=True) > p.cumsum(1)).sum(1)
     return z, y
@@ -99,6 +103,73 @@ def test_threshold_is_the_lowest_that_meets_the_target():
     assert not met
 
 
+def held_out_pair(classes: int, spread: float, n: int = 20000) -> tuple[tuple, tuple]:
+    """Two independent samples of one perfectly calibrated model: one to choose on, one to check on."""
+    z, y = calibrated_logits(2 * n, classes=classes, seed=7, spread=spread)
+    p = softmax(z)
+    return (p[:n], y[:n]), (p[n:], y[n:])
+
+
+def test_default_rule_answers_most_photos_of_a_hard_task():
+    """Issue 24: ten classes at ~88 % accuracy. Precision 0.98 answers barely two thirds of the
+    photos; the default (precision >= accuracy + 0.07) answers >= 80 % at >= 95 % on unseen photos."""
+    fit, check = held_out_pair(classes=10, spread=9.5)
+    accuracy = float((fit[0].argmax(1) == fit[1]).mean())
+    assert 0.88 < accuracy < 0.89
+    old, _ = choose_threshold(*fit, target_precision=0.98)
+    assert abstention_stats(*check, old)["coverage"] < 0.7
+    chosen = choose_abstention(*fit, AbstentionRule())
+    assert chosen["rule"] == "auto" and chosen["target_met"]
+    assert chosen["target_precision"] == pytest.approx(accuracy + 0.07, abs=1e-4)
+    assert chosen["fit_coverage"] >= 0.8 and chosen["fit_precision"] >= chosen["target_precision"]
+    s = abstention_stats(*check, chosen["threshold"])
+    assert s["coverage"] >= 0.8 and s["accuracy_covered"] >= 0.95
+    assert s["accuracy_covered"] == pytest.approx(chosen["target_precision"], abs=0.005)  # holds on unseen photos
+
+
+def test_default_rule_keeps_the_easy_tasks_098():
+    """Three easy classes (~96 % accurate): accuracy + 0.07 is past the cap, so the old 0.98 threshold."""
+    fit, _ = held_out_pair(classes=3, spread=14.0, n=3000)
+    assert (fit[0].argmax(1) == fit[1]).mean() > 0.95
+    chosen = choose_abstention(*fit, AbstentionRule())
+    assert chosen["target_precision"] == 0.98
+    assert chosen["threshold"] == choose_threshold(*fit, target_precision=0.98)[0] > 0
+
+
+def test_the_user_sets_a_precision_or_a_coverage_never_both():
+    fit, check = held_out_pair(classes=10, spread=9.0, n=5000)
+    strict = choose_abstention(*fit, AbstentionRule(target_precision=0.99))
+    assert strict["rule"] == "target-precision" and strict["fit_precision"] >= 0.99 and strict["fit_coverage"] < 0.7
+    half = choose_abstention(*fit, AbstentionRule(target_coverage=0.5))
+    assert half["rule"] == "target-coverage" and half["target_coverage"] == 0.5 and "target_precision" not in half
+    assert half["fit_coverage"] == pytest.approx(0.5, abs=1e-3)
+    assert abstention_stats(*check, half["threshold"])["coverage"] == pytest.approx(0.5, abs=0.02)
+    for bad, match in (({"target_precision": 0.9, "target_coverage": 0.8}, "exclude each other"),
+                       ({"target_coverage": 0.0}, r"in \(0, 1\]"), ({"target_precision": 1.5}, r"in \(0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            AbstentionRule(**bad)
+
+
+def test_coverage_threshold_is_the_highest_that_answers_enough():
+    conf = np.array([0.99, 0.97, 0.95, 0.93, 0.90, 0.85, 0.80, 0.70, 0.60, 0.55])
+    probs = np.stack([conf, 1 - conf], 1)
+    assert 0.80 < threshold_for_coverage(probs, 0.6) < 0.85  # the 6 most confident
+    assert 0.80 < threshold_for_coverage(probs, 0.55) < 0.85  # 5.5 photos: 6
+    assert threshold_for_coverage(probs, 1.0) == 0.0  # everything: never abstain
+    assert 0.97 < threshold_for_coverage(probs, 0.1) < 0.99
+    tied = np.array([[0.9, 0.1]] * 4 + [[0.6, 0.4]] * 4)
+    assert 0.6 < threshold_for_coverage(tied, 0.3) < 0.9  # ties: all four or none of them
+
+
+def test_the_tradeoff_line_says_what_the_user_gets():
+    ab = {"threshold": 0.62, "rule": "auto", "chosen_on": "out-of-fold train+validation", "fit_coverage": 0.861,
+          "fit_precision": 0.9612, "test_coverage": 0.85, "test_accuracy_covered": 0.953}
+    line = format_tradeoff(ab)
+    assert line.startswith("abstention: answers 86 % of photos, 96 % of those right; 'unsure' on the rest")
+    assert "rule auto" in line and "test photos: answers 85 %, 95.3 % right" in line
+    assert "never" in format_tradeoff({"threshold": None})
+
+
 def test_classifier_abstains_as_configured(tmp_path):
     from food_classifier.bundle import update_meta
 
@@ -129,7 +200,7 @@ def fake_run(tmp_path, scale: float = 0.3):
 
 def test_calibrate_run_stores_everything_in_the_bundle(tmp_path):
     run = fake_run(tmp_path)
-    metrics = calibrate_run(run, target_precision=0.9)
+    metrics = calibrate_run(run, rule=AbstentionRule(target_precision=0.9))
     meta = json.loads((run / "bundle" / "bundle.json").read_text())
     cal, ab = meta["calibration"], meta["abstention"]
     assert cal["fitted"] and cal["temperature"] == pytest.approx(0.3, rel=0.15)
@@ -144,6 +215,7 @@ def test_calibrate_run_stores_everything_in_the_bundle(tmp_path):
     detail = json.loads((run / "calibration.json").read_text())
     assert set(detail["reliability"]["test"]) == {"before", "after"} and detail["coverage_curve"]["test"]["coverage"]
     assert "T=0.3" in format_calibration(run)
+    assert ab["rule"] == "target-precision" and "--target-precision" in ab["rule_text"]
     # inference applies both
     b = load_bundle(run / "bundle")
     assert b.temperature == cal["temperature"] and b.abstain_threshold == ab["threshold"]

@@ -18,7 +18,7 @@ from conftest import colour_image, image_bytes
 
 from food_classifier.bundle import CASCADE, load_bundle
 from food_classifier.cache import PredictionCache
-from food_classifier.inference import Classifier
+from food_classifier.inference import Classifier, softmax
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,54 @@ def test_a_sure_first_stage_never_escalates_and_a_useless_one_always_does():
     wrong = np.eye(3)[(y + 1) % 3] * 0.6 + 0.2
     assert choose_thresholds([right, right], y) == [0.0]
     assert choose_thresholds([wrong, right], y)[0] > 0.6
+
+
+def member_logits(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """[2, N, 10] OOF-like logits of two noisy members sharing a signal, and labels: a ten-class task."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    signal = np.eye(10)[y] * rng.uniform(0.5, 6.0, (n, 1))
+    return np.stack([signal + rng.normal(0, 1.4, (n, 10)) for _ in range(2)]), y
+
+
+def test_the_cascade_abstains_by_the_same_rule_on_its_own_answers():
+    """Issue 24: the cascade's threshold follows the whole model's rule, on the cascade's OOF answers."""
+    from food_classifier.training.calibrate import AbstentionRule, abstention_stats
+    from food_classifier.training.cascade import cascade_answer, plan
+    from food_classifier.training.runs import HeldOut
+
+    members, y = member_logits()
+    held = HeldOut(members.mean(0), y, members)
+    auto = plan(held, AbstentionRule())
+    ab = auto["abstention"]
+    assert ab["rule"] == "auto" and auto["abstain_threshold"] == ab["threshold"] > 0
+    assert ab["accuracy_fit"] == pytest.approx(auto["oof"]["accuracy"], abs=1e-4) and ab["accuracy_fit"] < 0.9
+    assert ab["target_precision"] == pytest.approx(min(0.98, ab["accuracy_fit"] + 0.07), abs=1e-4)
+    stages = [members[0], members.mean(0)]
+    answered = cascade_answer([softmax(z, t) for z, t in zip(stages, auto["temperatures"], strict=True)],
+                              auto["thresholds"])[0]
+    s = abstention_stats(answered, y, ab["threshold"])
+    assert s["coverage"] == pytest.approx(ab["fit_coverage"]) and s["accuracy_covered"] >= ab["target_precision"]
+    third = plan(held, AbstentionRule(target_coverage=0.7))["abstention"]
+    assert third["rule"] == "target-coverage" and third["fit_coverage"] == pytest.approx(0.7, abs=1e-3)
+
+
+def test_int8_out_of_fold_replay_sees_what_a_stage_one_shift_costs():
+    """The int8 rule's out-of-fold accuracy: member 1's logits shifted, the cascade replayed as planned."""
+    from food_classifier.training.calibrate import AbstentionRule
+    from food_classifier.training.cascade import oof_accuracy, plan
+    from food_classifier.training.runs import HeldOut
+
+    members, y = member_logits()
+    chosen = plan(HeldOut(members.mean(0), y, members), AbstentionRule())
+    base = oof_accuracy(members, y, chosen["temperatures"], chosen["thresholds"])
+    assert base == pytest.approx(chosen["oof"]["accuracy"], abs=1e-4)
+    tiny = members.copy()
+    tiny[0] += np.random.default_rng(1).normal(0, 1e-4, tiny[0].shape)  # int8-like rounding: nothing changes
+    assert oof_accuracy(tiny, y, chosen["temperatures"], chosen["thresholds"]) == pytest.approx(base, abs=5e-4)
+    broken = members.copy()
+    broken[0] = np.roll(broken[0], 1, axis=1)  # a stage 1 that answers the wrong class
+    assert oof_accuracy(broken, y, chosen["temperatures"], chosen["thresholds"]) < base - 0.05
 
 
 # --- a real cascade bundle ------------------------------------------------------------------------

@@ -267,3 +267,28 @@ def test_quantization_scratch_stays_beside_the_output(bundle, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         quantize_model(bundle / "model.onnx", bundle / "model.int8.onnx", None, method="dynamic")
     assert seen[0].parent == bundle and seen[0].name.startswith(".tmp-int8-")
+
+
+def test_int8_rule_on_numbers():
+    """Issue 24: a cascade's int8 stage 1 is judged on every labelled photo (agreement >= 99.5 %), its
+    out-of-fold accuracy (at most 0.2 points lost) and the speed-up here (>= 1.1x), and says which failed."""
+    from food_classifier.training.quantize import int8_verdict
+
+    ok = int8_verdict(agreement=0.998, n_agreement=1500, oof_fp32=0.8000, oof_int8=0.7990, speedup=1.9)
+    assert ok["used"] and ok["why"] == "" and all(c["ok"] for c in ok["checks"].values())
+    assert ok["checks"]["oof_accuracy_loss_points"]["value"] == pytest.approx(0.1)
+    assert "99.5 %" in ok["rule"] and "0.2 points" in ok["rule"] and "1.1x" in ok["rule"]
+    # the old test-tier rule's case: 1 of 168 test photos changed is 0.6 points there, but 99.93 % agreement
+    # and no out-of-fold loss over all 1,500 photos
+    assert int8_verdict(1 - 1 / 1500, 1500, 0.8, 0.8, 1.53)["used"]
+    # a gain never fails the accuracy check; exactly at each limit passes
+    assert int8_verdict(0.995, 1500, 0.8, 0.81, 1.1)["used"]
+    assert int8_verdict(0.999, 1500, 0.8, 0.798, 1.2)["used"]
+    for args, failed, text in (((0.994, 1500, 0.8, 0.8, 2.0), "top1_agreement", "agrees with fp32 on 99.40 %"),
+                               ((0.999, 1500, 0.8, 0.797, 2.0), "oof_accuracy_loss_points", "-0.30 points"),
+                               ((0.999, 1500, 0.8, 0.8, 1.05), "speedup", "1.05x fp32's speed")):
+        v = int8_verdict(*args)
+        assert not v["used"] and text in v["why"], v["why"]
+        assert [k for k, c in v["checks"].items() if not c["ok"]] == [failed]
+    worst = int8_verdict(0.9, 100, 0.8, 0.7, 0.9)
+    assert not worst["used"] and worst["why"].count(";") == 2  # every failed check is named

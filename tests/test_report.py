@@ -27,9 +27,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("tiny")
     split(make_imagefolder(tmp / "photos"), tmp / "manifest.csv", progress=False)
-    config = TrainConfig(arch="base_cnn", epochs=1, batch_size=8, seed=0, threads=1)
-    run, _, _ = train_and_publish(tmp / "manifest.csv", config, runs_dir=tmp / "runs", models_dir=None,
-                                  target_precision=0.9)
+    config = TrainConfig(arch="base_cnn", epochs=1, batch_size=8, seed=0, threads=1, target_precision=0.9)
+    run, _, _ = train_and_publish(tmp / "manifest.csv", config, runs_dir=tmp / "runs", models_dir=None)
     return run
 
 
@@ -45,6 +44,7 @@ def test_pipeline_stores_calibration_and_abstention(tiny_run):
     meta = json.loads((tiny_run / "bundle" / "bundle.json").read_text())
     assert meta["calibration"]["fitted"] and meta["calibration"]["temperature"] > 0
     assert meta["abstention"]["target_precision"] == 0.9 and meta["abstention"]["threshold"] is not None
+    assert meta["abstention"]["rule"] == "target-precision" and meta["training"]["target_precision"] == 0.9
     assert "ece" in meta["metrics"]["test"]
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["temperature"] == meta["calibration"]["temperature"]  # stored metrics use T
@@ -175,3 +175,13 @@ def test_report_mistakes_on_controlled_logits(tmp_path):
     assert "No history.csv" in html.split('data-section="history"')[1]
     for sid in SECTIONS:
         assert f'data-section="{sid}"' in html
+
+
+def test_report_abstention_names_the_rule_and_the_chosen_point(tiny_run, report_html):
+    """Issue 24: which rule chose the threshold, and the point it chose on the held-out curve."""
+    ab = json.loads((tiny_run / "bundle" / "bundle.json").read_text())["abstention"]
+    section = report_html[report_html.index('data-section="abstention"'):]
+    section = section[:section.index("</section>")]
+    assert "target-precision: most coverage at precision &gt;= 0.9 (--target-precision)" in section
+    assert f"{100 * ab['fit_coverage']:.1f} %, {100 * ab['fit_precision']:.1f} %" in section
+    assert f"{ab['threshold']:.4f}" in section and 'alt="coverage"' in section

@@ -53,6 +53,30 @@ def test_train_refuses_data_with_resume(tmp_path):
     assert out.returncode == 1 and "pass one of them" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_train_refuses_both_abstention_targets_before_any_work(tmp_path):
+    photos = make_imagefolder(tmp_path / "photos", per_class=2)
+    manifest = tmp_path / "m.csv"
+    for extra, message in ((["--target-precision", "0.9", "--target-coverage", "0.8"], "exclude each other"),
+                           (["--target-coverage", "0"], "--target-coverage must be in (0, 1]")):
+        out = subprocess.run([*CLI, "train", "--data", str(photos), "--manifest", str(manifest), *extra],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert not manifest.exists()  # nothing half done
+
+
+def test_train_options_come_from_train_config():
+    """The abstention targets are declared once, in TrainConfig: the CLI shows its help text."""
+    from dataclasses import fields
+
+    from food_classifier.training.config import TrainConfig
+
+    out = subprocess.run([*CLI, "train", "--help"], capture_output=True, text=True, timeout=120)
+    shown = " ".join(out.stdout.split())  # the help is wrapped to the terminal
+    for name in ("target_precision", "target_coverage"):
+        f = next(f for f in fields(TrainConfig) if f.name == name)
+        assert f.default is None and " ".join(f.metadata["help"].split()) in shown, name
+
+
 def test_next_steps_name_the_version_to_serve_when_another_is_promoted(tmp_path):
     from food_classifier.bundle import set_promoted
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import typer
 
 from food_classifier.cli.common import fail, need_training_extras
 from food_classifier.defaults import MODEL_NAME, MODELS_DIR
-from food_classifier.training.config import DEFAULT_TARGET_PRECISION, TrainConfig
+from food_classifier.training.config import TrainConfig, abstention_check
 from food_classifier.training.config import option as config_option
 
 
@@ -42,9 +43,10 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
           models_dir: Path = typer.Option(MODELS_DIR, help="Bundles are published to MODELS_DIR/NAME/VERSION."),
           name: str = typer.Option(MODEL_NAME, help="Model name in the bundle and the server."),
           resume: Path | None = typer.Option(None, help="Continue an interrupted run dir."),
-          target_precision: float = typer.Option(
-              DEFAULT_TARGET_PRECISION, min=0.0, max=1.0,
-              help="Abstention: lowest threshold whose kept validation predictions reach this precision."),
+          target_precision: float | None = _train_option("target_precision", "--target-precision", metavar="P",
+                                                         min=0.0, max=1.0, show_default="auto"),
+          target_coverage: float | None = _train_option("target_coverage", "--target-coverage", metavar="C",
+                                                        min=0.0, max=1.0),
           cv: int = typer.Option(0, "--cv", min=0, metavar="K",
                                  help="Also retrain on K folds of train+validation (test untouched) and report "
                                       "accuracy / macro-F1 mean ± std; writes RUN/cv.json."),
@@ -64,6 +66,8 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
         fail("--cv needs K >= 2 folds (0 = off)")
     if data and resume:
         fail("--data starts a new run; --resume continues one on its own manifest: pass one of them")
+    if problem := abstention_check(target_precision, target_coverage):
+        fail(problem)
     from food_classifier.training import runs
     from food_classifier.training.calibrate import format_calibration
     from food_classifier.training.evaluate import format_table
@@ -80,20 +84,26 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
             fail(f"{resume} is not a run dir (no {runs.CONFIG})")
         saved = runs.read_meta(resume)
         config, manifest = saved.config, Path(saved.manifest)
+        if target_precision is not None or target_coverage is not None:  # a post-fit choice: may change on resume
+            config = replace(config, target_precision=target_precision, target_coverage=target_coverage)
     else:
         config = TrainConfig(arch=arch, weights=str(weights) if weights else None, epochs=epochs, lr=lr,
                              batch_size=batch_size, fine_tune=fine_tune, aug_views=aug_views, refit=refit,
                              label_smoothing=label_smoothing, patience=patience, seed=seed,
-                             image_size=image_size)
+                             image_size=image_size, target_precision=target_precision,
+                             target_coverage=target_coverage)
     run, bundle, metrics = train_and_publish(manifest, config, runs_dir, models_dir, name, resume=resume,
-                                             target_precision=target_precision, int8=int8, seconds=seconds,
-                                             cascade=cascade)
+                                             int8=int8, seconds=seconds, cascade=cascade)
     typer.echo(format_table(metrics))
     typer.echo(format_calibration(run))
     if cascade and "+" in config.arch:
         from food_classifier.training.cascade import format_cascade
 
         typer.echo(format_cascade(bundle))
+    from food_classifier.bundle import read_meta
+    from food_classifier.training.calibrate import served_tradeoff
+
+    typer.echo(served_tradeoff(read_meta(bundle)))
     if cv:
         from food_classifier.training.cv import cross_validate, format_cv
 

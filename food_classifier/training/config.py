@@ -10,7 +10,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 DEFAULT_ARCH = "efficientnet_lite0+efficientnet_lite1"
-DEFAULT_TARGET_PRECISION = 0.98  # abstention: precision the kept held-out predictions must reach
+# abstention, when neither target is set: the most coverage whose out-of-fold precision reaches
+# min(ABSTAIN_MAX_PRECISION, out-of-fold accuracy + ABSTAIN_MARGIN) (calibrate.AbstentionRule)
+ABSTAIN_MAX_PRECISION = 0.98
+ABSTAIN_MARGIN = 0.07
 
 
 def _opt(default: Any, help: str = "") -> Any:
@@ -36,7 +39,25 @@ class TrainConfig:
     fine_tune_blocks: int = 2
     image_size: int = _opt(0, "Input crop in px; 0 = the model's default (288 for Lite0).")
     seed: int = _opt(42)
+    target_precision: float | None = _opt(
+        None, "Abstention: answer only as many photos as keep this precision on held-out photos (the most "
+              "confident first); excludes --target-coverage. Default: chosen for the task, precision >= "
+              f"min({ABSTAIN_MAX_PRECISION:g}, the model's out-of-fold accuracy + {ABSTAIN_MARGIN:g}).")
+    target_coverage: float | None = _opt(
+        None, "Abstention: answer this share of photos (the most confident), 'unsure' on the rest, whatever "
+              "the precision; excludes --target-precision.")
     threads: int = 0               # 0 = all cores
+
+
+def abstention_check(target_precision: float | None, target_coverage: float | None) -> str | None:
+    """What is wrong with this pair of abstention targets, for the user (None: nothing)."""
+    if target_precision is not None and target_coverage is not None:
+        return ("--target-precision and --target-coverage exclude each other: pass one of them, or neither for "
+                "the default rule")
+    for flag, v in (("--target-precision", target_precision), ("--target-coverage", target_coverage)):
+        if v is not None and not 0.0 < v <= 1.0:
+            return f"{flag} must be in (0, 1], got {v:g}"
+    return None
 
 
 def option(name: str) -> tuple[Any, str | None]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from food_classifier.bundle import Bundle, BundleMeta
 from food_classifier.training import runs
-from food_classifier.training.calibrate import Calibrated, calibrate
-from food_classifier.training.config import DEFAULT_TARGET_PRECISION, TrainConfig
+from food_classifier.training.calibrate import AbstentionRule, Calibrated, calibrate
+from food_classifier.training.config import TrainConfig
 from food_classifier.training.data import read_manifest
 from food_classifier.training.evaluate import evaluate_bundle
 from food_classifier.training.export import export_model
@@ -86,15 +86,16 @@ def format_timings(seconds: dict[str, float], total: float | None = None) -> str
 
 
 def finalize(run: str | Path | Fitted, models_dir: str | Path | None = "models", name: str = "food",
-             target_precision: float = DEFAULT_TARGET_PRECISION, int8: bool | None = None,
-             seconds: dict[str, float] | None = None, cascade: bool = True) -> tuple[Path, dict]:
+             int8: bool | None = None, seconds: dict[str, float] | None = None,
+             cascade: bool = True) -> tuple[Path, dict]:
     """Export a fitted run (in memory, or read back from its dir), measure it on every tier,
     calibrate it, add the int8 variant, publish it: to `models_dir/name/version`, or with no
     models dir to `<run>/bundle` (replaced). Returns the bundle dir and the per-tier metrics.
     Each stage's wall time is added to `seconds` (earlier stages, e.g. fit, may be in it already)
-    and the whole dict written to the run's timings.json."""
+    and the whole dict written to the run's timings.json. The abstention rule is the run's TrainConfig's."""
     r = Run(run if isinstance(run, Fitted) else load_fitted(run), seconds=seconds if seconds is not None else {})
     rows = read_manifest(r.fitted.meta.manifest)
+    rule = AbstentionRule.of(r.fitted.meta.config)
     with stage(r.seconds, "export"):
         r.exported = export_model(r.fitted, name)
     with stage(r.seconds, "evaluate"):
@@ -103,7 +104,7 @@ def finalize(run: str | Path | Fitted, models_dir: str | Path | None = "models",
     with stage(r.seconds, "calibrate"):
         # temperature + abstention threshold fitted on out-of-fold (else validation) logits; metrics with T
         r.calibrated = calibrate(r.scores, r.fitted.oof, r.fitted.meta.fit_tiers, name, r.exported.meta.version,
-                                 target_precision=target_precision)
+                                 rule=rule)
         runs.write_json(r.dir, runs.METRICS, r.calibrated.metrics)
         runs.write_json(r.dir, runs.CALIBRATION, r.calibrated.detail)
     oof = r.fitted.oof
@@ -111,7 +112,7 @@ def finalize(run: str | Path | Fitted, models_dir: str | Path | None = "models",
         from food_classifier.training.cascade import build_cascade
 
         with stage(r.seconds, "cascade"):
-            r.cascade, r.not_food = build_cascade(r.fitted, r.exported, rows, target_precision)
+            r.cascade, r.not_food = build_cascade(r.fitted, r.exported, rows, rule)
             runs.write_json(r.dir, "cascade.json", {"cascade": r.cascade, "not_food": r.not_food})
     # int8 (None = auto): a cascade is what gets served, so its whole-graph int8 is made only when asked
     if int8 or (int8 is None and r.cascade is None):  # quantized variant, measured against fp32 on test
@@ -132,14 +133,11 @@ def finalize(run: str | Path | Fitted, models_dir: str | Path | None = "models",
 
 def train_and_publish(manifest: str | Path, config: TrainConfig, runs_dir: str | Path = "runs",
                       models_dir: str | Path | None = "models", name: str = "food",
-                      resume: str | Path | None = None,
-                      target_precision: float = DEFAULT_TARGET_PRECISION,
-                      int8: bool | None = None, seconds: dict[str, float] | None = None,
-                      cascade: bool = True) -> tuple[Path, Path, dict]:
+                      resume: str | Path | None = None, int8: bool | None = None,
+                      seconds: dict[str, float] | None = None, cascade: bool = True) -> tuple[Path, Path, dict]:
     """Fit, then `finalize`; `seconds` (stage -> wall time) gets "fit" and the later stages."""
     seconds = seconds if seconds is not None else {}
     with stage(seconds, "fit"):
         fitted = fit_run(manifest, config, runs_dir=runs_dir, resume=resume)
-    published, metrics = finalize(fitted, models_dir=models_dir, name=name, target_precision=target_precision,
-                                  int8=int8, seconds=seconds, cascade=cascade)
+    published, metrics = finalize(fitted, models_dir=models_dir, name=name, int8=int8, seconds=seconds, cascade=cascade)
     return fitted.dir, published, metrics

@@ -47,6 +47,34 @@ DEFAULT_METHOD = "static-qdq"
 KEEP_FP32_CONVS = 3  # stem + first depthwise-separable block (EfficientNet-Lite / MobileNet layout)
 
 
+# The rule that lets a cascade's int8 stage 1 be served (`int8_verdict`): judged on every labelled photo,
+# not on the test tier alone (1 changed photo of 168 is 0.6 points there: noise decided, not the graph).
+INT8_MIN_AGREEMENT = 0.995   # top-1 agreement with fp32 over train+validation+test
+INT8_MAX_OOF_LOSS_POINTS = 0.2  # out-of-fold cascade accuracy may fall at most this much (points)
+INT8_MIN_SPEEDUP = 1.1       # batch-32 speed-up over fp32 measured on this machine
+
+
+def int8_verdict(agreement: float, n_agreement: int, oof_fp32: float, oof_int8: float, speedup: float) -> dict:
+    """Serve the int8 graph only if it agrees with fp32 on >= 99.5 % of the `n_agreement` photos, keeps the
+    out-of-fold accuracy within 0.2 points and is >= 1.1x faster here. Returns what decided, with the
+    numbers: {"used", "rule", "checks": {name: {"value", "limit", "ok"}}, "why"}."""
+    loss = round(100 * (oof_fp32 - oof_int8), 3)
+    checks = {"top1_agreement": {"value": round(agreement, 5), "limit": INT8_MIN_AGREEMENT, "n": n_agreement,
+                                 "ok": agreement >= INT8_MIN_AGREEMENT - 1e-12},
+              "oof_accuracy_loss_points": {"value": loss, "limit": INT8_MAX_OOF_LOSS_POINTS,
+                                           "fp32": oof_fp32, "int8": oof_int8,
+                                           "ok": loss <= INT8_MAX_OOF_LOSS_POINTS + 1e-9},
+              "speedup": {"value": round(speedup, 3), "limit": INT8_MIN_SPEEDUP, "ok": speedup >= INT8_MIN_SPEEDUP}}
+    why = [text for name, text in (
+        ("top1_agreement", f"agrees with fp32 on {100 * agreement:.2f} % of {n_agreement} photos "
+                           f"(needs >= {100 * INT8_MIN_AGREEMENT:g} %)"),
+        ("oof_accuracy_loss_points", f"out-of-fold accuracy {-loss:+.2f} points (limit -{INT8_MAX_OOF_LOSS_POINTS:g})"),
+        ("speedup", f"{speedup:.2f}x fp32's speed here (needs >= {INT8_MIN_SPEEDUP:g}x)")) if not checks[name]["ok"]]
+    return {"used": not why, "checks": checks, "why": "; ".join(why),
+            "rule": f"top-1 agreement >= {100 * INT8_MIN_AGREEMENT:g} % on every labelled photo, out-of-fold accuracy "
+                    f"within {INT8_MAX_OOF_LOSS_POINTS:g} points, >= {INT8_MIN_SPEEDUP:g}x faster at batch 32"}
+
+
 class QuantizeError(RuntimeError):
     """Quantization could not produce a usable graph."""
 

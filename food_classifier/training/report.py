@@ -107,7 +107,7 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
             "Wall time of each stage of `train` on this machine (timings.json in the run); the fit is the "
             "feature extraction and the head, the rest is the bundle: export, scoring every tier, calibration, "
             "the int8 variant, publishing.")
-    add("int8", "int8 variant", _int8_section(meta, runs.bundle_dir(run)))
+    add("int8", "int8 variant", _int8_section(meta, runs.bundle_dir(run)) + _int8_stage1_section(meta))
 
     rows = [(t if v["held_out"] else f"{t}*", v["n"], f"{v['accuracy']:.4f}", _ci(v["accuracy_ci95"]),
              f"{v['macro_f1']:.4f}", _ci(f1_ci[t]), f"{v['nll']:.4f}", f"{v['ece']:.4f}") for t, v in metrics.items()]
@@ -152,23 +152,11 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
         f"Temperature scaling fitted on {fitted_on}: probabilities = softmax(logits / T). Bars below the "
         "diagonal are over-confident, above it under-confident. ECE is biased upwards on small tiers.")
 
-    ab = meta.abstention.model_dump(exclude_none=True) if meta else {}
-    curves = {t: coverage_curve(cal[tier == t], y[tier == t]) for t in ("validation", "test")
-              if t in metrics and (metrics[t]["held_out"] or t == ev)}  # a tier the head saw has no honest curve
-    marks = {t: abstention_stats(cal[tier == t], y[tier == t], threshold) for t in curves} if threshold is not None \
-        else {}
-    grid = [g for g in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99) if g > 1 / len(labels)]
-    ev_rows = [(f"{g:.2f}",) + _cov_row(abstention_stats(cal[m], y[m], g)) for g in grid]
-    if threshold is not None:
-        ev_rows.insert(0, (f"{threshold:.4f} (bundle)",) + _cov_row(marks[ev]))
     add("abstention", "Abstention: coverage vs accuracy",
-        H.key_values([("threshold", "none" if threshold is None else f"{threshold:.4f}"),
-                      (f"target precision (on {ab.get('chosen_on', 'validation')})", ab.get("target_precision", "-")),
-                      ("target reached there", ab.get("target_met", "-"))])
-        + H.table(["threshold", f"{ev} coverage", "accuracy on answered", "answered / n"], ev_rows)
-        + H.figure(plot_coverage(curves, threshold, marks, out / "coverage.png"), "coverage"),
+        _abstention_section(run, meta, detail, cal, y, tier, metrics, ev, labels, out),
         'Below the threshold a prediction says label "unsure" (abstained: true) and still returns top-k; '
-        "clients may pass their own `threshold` per request.")
+        "clients may pass their own `threshold` per request. The threshold is chosen on the held-out curve "
+        "by the rule named above; the test tier only measures it.")
 
     wrong = np.flatnonzero(m & (cal.argmax(1) != y))
     wrong = wrong[np.argsort(-cal[wrong].max(1))][:max_mistakes]
@@ -200,9 +188,90 @@ def build_report(run: str | Path, out_dir: str | Path | None = None, max_mistake
     return html_path
 
 
+def _abstention_section(run: Path, meta: BundleMeta | None, detail: dict | None, cal: np.ndarray, y: np.ndarray,
+                        tier: np.ndarray, metrics: dict, ev: str, labels: list[str], out: Path) -> str:
+    """What `serve` answers and what it calls "unsure": the rule that chose the threshold, the held-out
+    curve it was chosen on with the chosen point, the test tier, and a table of other thresholds."""
+    served = meta.cascade.model_dump().get("abstention") if meta and meta.cascade is not None else None
+    ab = served or (meta.abstention.model_dump(exclude_none=True) if meta else {})
+    what = " (cascade, as served)" if served else ""
+    threshold = ab.get("threshold")
+    fit_curve = _cascade_oof_curve(run, meta) if served else (detail or {}).get("coverage_curve", {}).get("fit")
+    curves, marks = {}, {}
+    fit_name = f"held out: {ab.get('chosen_on', 'validation')}{what}"
+    if fit_curve:
+        curves[fit_name] = fit_curve
+    if ab.get("fit_coverage") is not None:
+        marks[fit_name] = {"coverage": ab["fit_coverage"], "accuracy_covered": ab.get("fit_precision")}
+    whole = meta.abstain_threshold if meta else None
+    suffix = " (whole model)" if served else ""
+    for t in ("validation", "test"):  # a tier the head saw has no honest curve
+        if t in metrics and (metrics[t]["held_out"] or t == ev):
+            curves[t + suffix] = coverage_curve(cal[tier == t], y[tier == t])
+            if whole is not None:
+                marks[t + suffix] = abstention_stats(cal[tier == t], y[tier == t], whole)
+    if served and served.get("test_coverage") is not None:
+        marks["test" + what] = {"coverage": served["test_coverage"],
+                                "accuracy_covered": served["test_accuracy_covered"]}
+    m = tier == ev
+    grid = [g for g in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99) if g > 1 / len(labels)]
+    rows = [(f"{g:.2f}",) + _cov_row(abstention_stats(cal[m], y[m], g)) for g in grid]
+    if whole is not None:
+        rows.insert(0, (f"{whole:.4f} (bundle{suffix})",) + _cov_row(abstention_stats(cal[m], y[m], whole)))
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f} %"
+
+    kv = [("threshold" + what, "none" if threshold is None else f"{threshold:.4f}"),
+          ("rule", f"{ab.get('rule', 'target-precision')}: {ab.get('rule_text') or ab.get('target_precision', '-')}"),
+          ("target reached", ab.get("target_met", "-")),
+          (f"held out ({ab.get('chosen_on', 'validation')}): answered, right among them",
+           f"{pct(ab.get('fit_coverage'))}, {pct(ab.get('fit_precision'))}"),
+          ("test: answered, right among them",
+           f"{pct(ab.get('test_coverage'))}, {pct(ab.get('test_accuracy_covered'))}")]
+    png = plot_coverage(curves, threshold, marks, out / "coverage.png", target_precision=ab.get("target_precision"),
+                        target_coverage=ab.get("target_coverage"), rule=ab.get("rule"))
+    return (H.key_values(kv) + H.figure(png, "coverage")
+            + H.table(["threshold", f"{ev} coverage{suffix}", "accuracy on answered", "answered / n"], rows))
+
+
+def _cascade_oof_curve(run: Path, meta: BundleMeta) -> dict | None:
+    """The cascade's out-of-fold answers replayed from the run's member OOF logits (what its abstention
+    threshold was chosen on)."""
+    oof = runs.read_oof(run)
+    if oof is None or oof.members is None or meta.cascade is None:
+        return None
+    from food_classifier.training.cascade import cascade_answer, stage_logits
+
+    stages = meta.cascade.stages
+    probs = [softmax(z, s.temperature) for z, s in zip(stage_logits(oof.members), stages, strict=True)]
+    return coverage_curve(cascade_answer(probs, [s.threshold for s in stages[:-1]])[0], oof.y)
+
+
 def _cov_row(s: dict) -> tuple:
     acc = "-" if s["accuracy_covered"] is None else f"{s['accuracy_covered']:.4f}"
     return (f"{s['coverage']:.3f}", acc, f"{s['kept']} / {s['n']}")
+
+
+def _int8_stage1_section(meta: BundleMeta | None) -> str:
+    """A cascade's int8 stage 1: the rule that decided whether it is served, and its numbers."""
+    q = meta.cascade.measured.get("int8_stage1") if meta and meta.cascade is not None else None
+    if not q or "checks" not in q:
+        return ""
+    c = q["checks"]
+    agree, loss, speed = c["top1_agreement"], c["oof_accuracy_loss_points"], c["speedup"]
+    rows = [(f"top-1 agreement with fp32 ({agree['n']} labelled photos: train+validation+test)",
+             f"{100 * agree['value']:.2f} %", f">= {100 * agree['limit']:g} %", "yes" if agree["ok"] else "no"),
+            (f"cascade out-of-fold accuracy, int8 vs fp32 ({loss['int8']:.4f} vs {loss['fp32']:.4f})",
+             f"{-loss['value']:+.2f} points", f">= -{loss['limit']:g} points", "yes" if loss["ok"] else "no"),
+            ("speed-up at batch 32 on this machine", f"x{speed['value']:.2f}", f">= x{speed['limit']:g}",
+             "yes" if speed["ok"] else "no")]
+    rows += [(f"top-1 agreement, {t} tier", f"{100 * v:.2f} %", "", "") for t, v in q.get("top1_agreement_by_tier",
+                                                                                          {}).items()]
+    verdict = "served instead of fp32 stage 1" if q.get("used") else f"not used: {q.get('why', '')}"
+    return (f"<h3>Cascade stage 1 in int8: {H.esc(verdict)}</h3>" + H.key_values([("rule", q.get("rule", "?"))])
+            + H.table(["check", "measured", "needed", "passed"], rows)
+            + f"<p>Out-of-fold with int8: {H.esc(q.get('oof_method', ''))}.</p>")
 
 
 def _int8_section(meta: BundleMeta | None, bundle: Path | None) -> str:

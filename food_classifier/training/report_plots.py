@@ -151,24 +151,38 @@ def plot_reliability(before: list[dict], after: list[dict], ece: tuple[float, fl
     return _save(fig, path)
 
 
-def plot_coverage(curves: dict[str, dict], threshold: float | None, marks: dict[str, dict], path: Path) -> Path:
+def plot_coverage(curves: dict[str, dict], threshold: float | None, marks: dict[str, dict], path: Path,
+                  target_precision: float | None = None, target_coverage: float | None = None,
+                  rule: str | None = None) -> Path:
+    """Coverage-accuracy curves (most confident first), each chosen/served point marked (`marks` may name
+    a point without a curve, e.g. a cascade's test tier), and the rule's target as a dashed line."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    for (tier, c), colour in zip(curves.items(), ("#8a94a6", "#3b6fb6"), strict=False):
-        ax.plot(c["coverage"], c["accuracy"], lw=2, color=colour, label=f"{tier}", drawstyle="steps-post")
-        if tier in marks and marks[tier]["accuracy_covered"] is not None:
-            m = marks[tier]
+    colours = ("#3b6fb6", "#8a94a6", "#e08a2c", "#4f9a5a")
+    for name, colour in zip(dict.fromkeys([*curves, *marks]), colours * 3, strict=False):
+        if name in curves:
+            c = curves[name]
+            ax.plot(c["coverage"], c["accuracy"], lw=2, color=colour, label=name, drawstyle="steps-post")
+        m = marks.get(name)
+        if m and m.get("accuracy_covered") is not None:
             ax.plot([m["coverage"]], [m["accuracy_covered"]], "o", ms=9, color=colour, mec="black",
-                    label=f"{tier} at threshold: coverage {m['coverage']:.2f}, accuracy {m['accuracy_covered']:.3f}")
+                    label=f"{name} at the threshold: answers {100 * m['coverage']:.0f} %, "
+                          f"{100 * m['accuracy_covered']:.1f} % right")
+    if target_precision is not None:
+        ax.axhline(target_precision, ls="--", lw=1, color="#c0504d", label=f"target precision {target_precision:.3f}")
+    if target_coverage is not None:
+        ax.axvline(target_coverage, ls="--", lw=1, color="#c0504d", label=f"target coverage {target_coverage:.2f}")
     ax.set_xlabel("coverage (share of images answered, most confident first)")
     ax.set_ylabel("accuracy on answered images")
     ax.set_xlim(0, 1.02)
-    lo = min([min(c["accuracy"]) for c in curves.values() if c["accuracy"]] + [1.0])
+    lows = [min(c["accuracy"]) for c in curves.values() if c["accuracy"]]
+    lows += [m["accuracy_covered"] for m in marks.values() if m and m.get("accuracy_covered") is not None]
+    lo = min(lows + [1.0, target_precision if target_precision is not None else 1.0])
     ax.set_ylim(max(0.0, lo - 0.03), 1.005)
     ax.grid(alpha=0.3)
     thr = "none" if threshold is None else "0: never abstains" if threshold == 0 else f"{threshold:.3f}"
-    ax.set_title(f"Coverage vs accuracy (abstention threshold {thr})")
-    ax.legend(loc="lower left", fontsize=9)
+    ax.set_title(f"Coverage vs accuracy (abstention threshold {thr}{f', rule {rule}' if rule else ''})")
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.14), fontsize=8, frameon=False)  # below: never on a curve
     return _save(fig, path)
 
 
