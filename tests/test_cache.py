@@ -343,7 +343,7 @@ def test_pixel_key_collisions_are_told_apart_by_the_fingerprint():
         assert same_photo(jfp, rfp, PHOTO_SPEC.crop), (quality, fingerprint_diffs(jfp, rfp, PHOTO_SPEC.crop))
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("backend", ["memory", pytest.param("redis", marks=pytest.mark.broker)])
 def test_a_mosaic_sent_first_never_answers_for_the_photo(tmp_path, backend, request):
     """Sending a block-shuffled mosaic X of Y (or a checkerboard before flat grey) first must not make Y a
     pixel hit with X's answer, nor put X's answer under Y's bytes key (shared through Redis when configured)."""

@@ -20,10 +20,10 @@ from food_classifier.cli.common import user_errors
 from food_classifier.cli.models import models_app
 
 
-def _single(function: Callable[..., None], name: str) -> Any:
+def _single(function: Callable[..., None], name: str, short_help: str | None = None) -> Any:
     """One Typer command function as a click command (plain help, as the whole app)."""
     sub = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
-    sub.command(name)(function)
+    sub.command(name, short_help=short_help)(function)
     return typer.main.get_command(sub)
 
 
@@ -44,7 +44,7 @@ LAZY: dict[str, Callable[[], Any]] = {
     # bring your own ONNX, phone-ready export (training/deploy_cli.py)
     "import-onnx": lambda: _single(import_module("food_classifier.training.deploy_cli").import_onnx_cmd, "import-onnx"),
     "export-mobile": lambda: _single(import_module("food_classifier.training.deploy_cli").export_mobile_cmd,
-                                     "export-mobile"),
+                                     "export-mobile", "Export what the server serves for phones (one .ort file)."),
     # the labelling page over the photos `serve --keep-photos` kept (labeling/)
     "label": lambda: _single(import_module("food_classifier.cli.label").label, "label"),
 }
