@@ -40,7 +40,7 @@ from food_classifier.preprocessing import PreprocessSpec
 
 __all__ = ["CASCADE", "FORMAT", "META_FILE", "PROMOTED_FILE", "Bundle", "BundleError", "BundleMeta", "Variant",
            "file_sha256", "load_bundle", "load_newest", "model_sources", "newest_bundle", "promoted_version",
-           "published_versions", "read_meta", "set_promoted", "update_meta", "write_bundle"]
+           "published_versions", "read_meta", "set_promoted", "write_bundle"]
 
 META_FILE = "bundle.json"
 PROMOTED_FILE = "PROMOTED"
@@ -332,14 +332,3 @@ def write_bundle(target: str | Path, meta: BundleMeta | dict[str, Any],
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def update_meta(path: str | Path, updates: dict[str, Any]) -> None:
-    """Atomically merge sections into bundle.json, validated through the schema (training adds
-    metrics and variants after export with it)."""
-    meta_path = Path(path) / META_FILE
-    data = json.loads(meta_path.read_text())
-    meta = _for_writing({**data, **updates}, meta_path)
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta.to_json_dict(), indent=2))
-    os.replace(tmp, meta_path)

@@ -108,3 +108,20 @@ def invoke_serve(monkeypatch, builtin, *args: str):
     cli = typer.Typer()
     cli.command()(serve)
     return CliRunner().invoke(cli, list(args)), started
+
+
+# --- bundles ------------------------------------------------------------------------------------------
+
+def update_meta(path, updates: dict) -> None:
+    """Merge sections into a test bundle's bundle.json, validated through the schema (tests edit bundles that
+    training would have written; the product writes a bundle once, at publish)."""
+    import os
+
+    from food_classifier.bundle import META_FILE, _for_writing
+
+    meta_path = Path(path) / META_FILE
+    data = json.loads(meta_path.read_text())
+    meta = _for_writing({**data, **updates}, meta_path)
+    tmp = meta_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta.to_json_dict(), indent=2))
+    os.replace(tmp, meta_path)

@@ -174,7 +174,9 @@ def test_insane_preprocessing_is_refused(tmp_path, pre, problem):
 
 
 def test_missing_or_changed_model_file_is_refused_by_name(tmp_path):
-    from food_classifier.bundle import file_sha256, update_meta
+    from helpers import update_meta
+
+    from food_classifier.bundle import file_sha256
 
     b = make_colour_bundle(tmp_path / "c" / "v1", version="v1")
     load_bundle(b)  # no sha256 recorded (hand-made bundles): only existence is checked

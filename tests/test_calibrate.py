@@ -171,7 +171,7 @@ def test_the_tradeoff_line_says_what_the_user_gets():
 
 
 def test_classifier_abstains_as_configured(tmp_path):
-    from food_classifier.bundle import update_meta
+    from helpers import update_meta
 
     bundle = make_colour_bundle(tmp_path / "b")
     clf = Classifier(bundle)

@@ -191,7 +191,9 @@ def test_runs_as_non_root_without_torch_and_healthcheck_passes(container, podman
 
 
 def test_a_bundle_whose_model_changed_is_refused_at_start(serve_image, podman_env, tmp_path):
-    from food_classifier.bundle import file_sha256, update_meta
+    from helpers import update_meta
+
+    from food_classifier.bundle import file_sha256
 
     bundle = make_colour_bundle(tmp_path / "models" / "colour" / "20260101T000000-colour")
     update_meta(bundle, {"variants": {"fp32": {"file": "model.onnx", "sha256": file_sha256(bundle / "model.onnx")}}})

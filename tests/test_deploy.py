@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import yaml
 from conftest import colour_image, image_bytes, make_colour_bundle
+from helpers import update_meta
 
-from food_classifier.bundle import update_meta
 from food_classifier.client import GrpcClient
 from food_classifier.inference import Classifier
 from food_classifier.monitoring.statistics import reference_stats

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 import typer
 from conftest import colour_image, make_colour_bundle
-from helpers import ready_client
+from helpers import ready_client, update_meta
 from PIL import Image
 from typer.testing import CliRunner
 
-from food_classifier.bundle import update_meta
 from food_classifier.cli import app
 from food_classifier.inference import Classifier
 from food_classifier.serving.settings import ServeSettings

@@ -15,7 +15,7 @@ from food_classifier.serving.settings import ServeSettings
 # --- several models, variants, reload ------------------------------------------------------------
 
 def test_models_dir_with_several_models_and_variants(tmp_path):
-    from food_classifier.bundle import update_meta
+    from helpers import update_meta
 
     make_colour_bundle(tmp_path / "colour" / "v1")
     for name, recommended in (("tint", True), ("shade", False)):

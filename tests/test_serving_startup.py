@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from conftest import make_colour_bundle
-from helpers import JPEG, jpg, ready_client
+from helpers import JPEG, jpg, ready_client, update_meta
 
-from food_classifier.bundle import file_sha256, update_meta
+from food_classifier.bundle import file_sha256
 from food_classifier.serving.settings import ServeSettings
 from food_classifier.testing import ServerProcess
 

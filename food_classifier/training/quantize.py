@@ -349,15 +349,3 @@ def add_int8_variant(bundle_dir: str | Path, manifest: str | Path, **kwargs) -> 
     entry = build_int8(bundle, read_manifest(manifest), **kwargs)
     republish(bundle, _with_int8(bundle, entry), {INT8_FILE: bundle.path / INT8_FILE})
     return entry
-
-
-def int8_step(bundle_dir: str | Path, manifest: str | Path, **kwargs) -> dict | None:
-    """`add_int8_variant` that never fails: on error the bundle dir is left fp32-only (an older int8
-    entry would point at a deleted file), with a warning."""
-    from food_classifier.training.publish import republish
-
-    bundle = load_bundle(bundle_dir)
-    entry = try_int8(bundle, read_manifest(manifest), **kwargs)
-    if entry is not None or "int8" in bundle.variants:
-        republish(bundle, _with_int8(bundle, entry), {INT8_FILE: bundle.path / INT8_FILE} if entry else {})
-    return entry
