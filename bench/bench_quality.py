@@ -56,6 +56,8 @@ ROWS: dict[str, dict] = {
     "best01": {"desc": "tuned Lite0 + tuned Lite1, logits averaged (= --quality best, default arch)",
                "combine": ["best0", "best1"]},
     "best012": {"desc": "tuned Lite0 + Lite1 + Lite2, logits averaged", "combine": ["best0", "best1", "best2"]},
+    "fast+best0": {"desc": "the frozen Lite0+Lite1 ensemble's logits averaged with the tuned Lite0's (does the "
+                           "tuned member add anything?)", "combine": ["fast", "best0"]},
 }
 
 
