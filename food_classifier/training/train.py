@@ -4,6 +4,8 @@ Two paths, picked by the model:
 - pretrained backbone (default): a linear head on cached frozen features (`head.py`), seconds;
   `fine_tune=True` then unfreezes the last blocks end to end at a lower learning rate (`loop.py`).
 - from scratch (`base_cnn`): end to end with augmentation (`loop.py`).
+- `quality="best"`: the last stage of each pretrained backbone tuned on cached trunk activations
+  (`finetune.py`), the tuned classifiers as the ensemble's heads.
 Both: seeded, history.csv + plot, the files of `runs.py` left in the run dir.
 """
 
