@@ -114,7 +114,10 @@ def measure(name: str, manifest: Path, shared_cache: bool) -> dict:
         held = [r for r in rows if r.tier in ("validation", "test")]
         logits, ms = onnx_scores(fitted.model, fitted.meta.preprocessing, held, Path(tmp))
     labels = fitted.meta.labels
-    return {"desc": row["desc"], "config": row["config"], "train_seconds": round(seconds, 1),
+    extra = {}
+    if fitted.oof is not None:  # a head refitted on train+validation: T and threshold come from out-of-fold logits
+        extra = {"oof_logits": np.round(fitted.oof.logits, 4).tolist(), "oof_y": fitted.oof.y.tolist()}
+    return extra | {"desc": row["desc"], "config": row["config"], "train_seconds": round(seconds, 1),
             "serve_ms": round(ms, 2), "stopped": fitted.stopped, "labels": labels,
             "tier": [r.tier for r in held], "y": [labels.index(r.label) for r in held],
             "logits": np.round(logits, 4).tolist()}
@@ -130,7 +133,13 @@ def combine(name: str, results: dict) -> dict:
             "train_seconds": round(sum(p["train_seconds"] for p in parts), 1),
             "serve_ms": round(sum(p["serve_ms"] for p in parts), 2), "stopped": "",
             "labels": parts[0]["labels"], "tier": parts[0]["tier"], "y": parts[0]["y"],
-            "logits": np.round(logits, 4).tolist()}
+            "logits": np.round(logits, 4).tolist()} | (
+        {"fitted_on_validation": True} if any("oof_logits" in p or "fitted_on_validation" in p for p in parts) else {})
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    p = np.exp(z - z.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
 
 
 def metrics(r: dict) -> dict:
@@ -139,19 +148,26 @@ def metrics(r: dict) -> dict:
 
     logits, y, tier = np.array(r["logits"]), np.array(r["y"]), np.array(r["tier"])
     val, test = tier == "validation", tier == "test"
-    t = fit_temperature(logits[val], y[val])
-    z = logits / t
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
+    if "oof_logits" in r:  # the held-out logits the trainer itself calibrates on
+        held, y_held = np.array(r["oof_logits"]), np.array(r["oof_y"])
+    elif "fitted_on_validation" in r:  # measured before oof logits were kept: no held-out calibration set
+        held = y_held = None
+    else:
+        held, y_held = logits[val], y[val]
+    t = fit_temperature(held, y_held) if held is not None else 1.0
+    p, p_held = softmax(logits / t), softmax(held / t) if held is not None else None
     correct = int((p[test].argmax(1) == y[test]).sum())
     lo, hi = wilson_interval(correct, int(test.sum()))
-    thr, _ = choose_threshold(p[val], y[val], TARGET)
-    ab = abstention_stats(p[test], y[test], thr)
+    ab = {"coverage": None, "accuracy_covered": None}
+    if p_held is not None:
+        thr, _ = choose_threshold(p_held, y_held, TARGET)
+        ab = abstention_stats(p[test], y[test], thr)
     k = len(r["labels"])
     confusion = np.zeros((k, k), dtype=int)
     np.add.at(confusion, (y[test], p[test].argmax(1)), 1)
-    return {"top1": correct / test.sum(), "ci": (lo, hi), "ece": expected_calibration_error(p[test], y[test]),
-            "T": t, "threshold": thr, "coverage": ab["coverage"], "acc_covered": ab["accuracy_covered"],
+    ece = expected_calibration_error(p[test], y[test]) if p_held is not None else None
+    return {"top1": correct / test.sum(), "ci": (lo, hi), "ece": ece,
+            "T": t, "coverage": ab["coverage"], "acc_covered": ab["accuracy_covered"],
             "confusion": confusion.tolist()}
 
 
@@ -162,9 +178,11 @@ def table(results: dict) -> str:
         m = metrics(r)
         m_s, s_s = divmod(round(r["train_seconds"]), 60)
         acc = f"{100 * m['acc_covered']:.1f} %" if m["acc_covered"] is not None else "-"
+        cov = f"{100 * m['coverage']:.0f} % ({acc})" if m["coverage"] is not None else "n/a"
+        ece = f"{m['ece']:.3f}" if m["ece"] is not None else "n/a"
         lines.append(f"| {name} | {r['desc']}{' (' + r['stopped'] + ')' if r.get('stopped') else ''} | "
-                     f"{100 * m['top1']:.1f} % ({100 * m['ci'][0]:.1f}–{100 * m['ci'][1]:.1f}) | {m['ece']:.3f} | "
-                     f"{100 * m['coverage']:.0f} % ({acc}) | {m_s} min {s_s:02d} s | {r['serve_ms']:.1f} |")
+                     f"{100 * m['top1']:.1f} % ({100 * m['ci'][0]:.1f}–{100 * m['ci'][1]:.1f}) | {ece} | "
+                     f"{cov} | {m_s} min {s_s:02d} s | {r['serve_ms']:.1f} |")
     return "\n".join(lines)
 
 
