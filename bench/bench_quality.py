@@ -9,8 +9,9 @@ unless --shared-cache, a cold feature cache of its own (so its train time is a c
 the fitted model to ONNX and scores validation + test with ONNX Runtime (the serving runtime):
 
 - test top-1 with its 95 % Wilson interval;
-- ECE on test after temperature scaling (T fitted on validation, 15 bins);
-- coverage on test at the stated threshold rule: the lowest confidence threshold whose validation
+- ECE on test after temperature scaling (15 bins; T fitted on the held-out logits the trainer
+  calibrates on: out-of-fold for a head refitted on train+validation, else validation);
+- coverage on test at the stated threshold rule: the lowest confidence threshold whose held-out
   predictions (after T) are >= 95 % right; with the accuracy on the answered photos;
 - cold train wall time (fit only) and serving ms per image (ONNX Runtime, batch 1, model only,
   threads = all cores).
