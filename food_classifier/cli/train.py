@@ -13,7 +13,7 @@ import typer
 
 from food_classifier.cli.common import fail, need_training_extras
 from food_classifier.defaults import MODEL_NAME, MODELS_DIR
-from food_classifier.training.config import TrainConfig, abstention_check
+from food_classifier.training.config import DEVICES, QUALITIES, TrainConfig, abstention_check
 from food_classifier.training.config import option as config_option
 
 
@@ -27,6 +27,9 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
                                           help="Your photos (one folder per class, or train/ and test/): split "
                                                "them into --manifest first, as `data split` does."),
           manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `data split` (written by --data)."),
+          quality: str = _train_option("quality", metavar="fast|best"),
+          time_budget: float = _train_option("time_budget", min=0.0, metavar="SECONDS"),
+          device: str = _train_option("device", metavar="auto|cpu|cuda"),
           arch: str = _train_option("arch"),
           weights: Path | None = _train_option("weights"),
           epochs: int = _train_option("epochs"),
@@ -64,6 +67,15 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
     need_training_extras()
     if cv == 1:
         fail("--cv needs K >= 2 folds (0 = off)")
+    if quality not in QUALITIES:
+        fail(f"--quality {quality}: choose one of {', '.join(QUALITIES)}")
+    if device not in DEVICES:
+        fail(f"--device {device}: choose one of {', '.join(DEVICES)}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("--device cuda: PyTorch sees no CUDA GPU here; use --device auto (a GPU when there is one) or cpu")
     if data and resume:
         fail("--data starts a new run; --resume continues one on its own manifest: pass one of them")
     if problem := abstention_check(target_precision, target_coverage):
@@ -91,7 +103,8 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
                              batch_size=batch_size, fine_tune=fine_tune, aug_views=aug_views, refit=refit,
                              label_smoothing=label_smoothing, patience=patience, seed=seed,
                              image_size=image_size, target_precision=target_precision,
-                             target_coverage=target_coverage)
+                             target_coverage=target_coverage, quality=quality, time_budget=time_budget,
+                             device=device)
     run, bundle, metrics = train_and_publish(manifest, config, runs_dir, models_dir, name, resume=resume,
                                              int8=int8, seconds=seconds, cascade=cascade)
     typer.echo(format_table(metrics))

@@ -14,6 +14,8 @@ DEFAULT_ARCH = "efficientnet_lite0+efficientnet_lite1"
 # min(ABSTAIN_MAX_PRECISION, out-of-fold accuracy + ABSTAIN_MARGIN) (calibrate.AbstentionRule)
 ABSTAIN_MAX_PRECISION = 0.98
 ABSTAIN_MARGIN = 0.07
+QUALITIES = ("fast", "best")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def _opt(default: Any, help: str = "") -> Any:
@@ -22,6 +24,14 @@ def _opt(default: Any, help: str = "") -> Any:
 
 @dataclass
 class TrainConfig:
+    quality: str = _opt("fast", "fast: linear heads on frozen features of each backbone (minutes); best: also "
+                                "fine-tune the last stages of each backbone (docs/BENCHMARKS.md, 'Quality on "
+                                "ten classes').")
+    time_budget: float = _opt(600.0, "--quality best: seconds the fit may take (trunk activations + fine-tuning); "
+                                      "it stops between epochs, keeping the best weights so far, when the next "
+                                      "epoch would pass it; 0 = no limit.")
+    device: str = _opt("auto", "--quality best: where fine-tuning runs: auto = a CUDA GPU when PyTorch sees one "
+                               "(mixed precision), else the CPU.")
     arch: str = _opt(DEFAULT_ARCH, "Registered name, any timm architecture, or an ensemble a+b.")
     weights: str | None = _opt(None, "Local checkpoint for a timm architecture.")
     epochs: int = _opt(0, "0 = default for the chosen path.")  # head 40, end-to-end 30, fine-tune 6

@@ -83,7 +83,8 @@ def fold_logits(fitted: Fitted, rows: list[Row]) -> np.ndarray:
 
     model, config, spec = fitted.model.eval(), fitted.meta.config, fitted.meta.preprocessing
     with torch.inference_mode():
-        if is_pretrained(config.arch, config.weights) and not config.fine_tune:
+        # cached features are the frozen backbones': a tuned model (fine_tune, quality best) runs whole
+        if is_pretrained(config.arch, config.weights) and not config.fine_tune and config.quality != "best":
             feats = extract_features(rows, model, config, spec)[:, 0]
             return model.classifier(torch.from_numpy(feats)).numpy()
         out = [model(torch.from_numpy(np.stack([preprocess(r.path, spec) for r in rows[s:s + 32]]))).numpy()

@@ -38,7 +38,7 @@ class HeadFit:
 
 def fit_tiers(config: TrainConfig) -> list[str]:
     """Tiers the final model was fitted on: their metrics are not held-out estimates."""
-    head_path = is_pretrained(config.arch, config.weights) and not config.fine_tune
+    head_path = is_pretrained(config.arch, config.weights) and not config.fine_tune and config.quality != "best"
     return ["train", "validation"] if head_path and config.refit else ["train"]
 
 

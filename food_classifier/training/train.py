@@ -4,6 +4,8 @@ Two paths, picked by the model:
 - pretrained backbone (default): a linear head on cached frozen features (`head.py`), seconds;
   `fine_tune=True` then unfreezes the last blocks end to end at a lower learning rate (`loop.py`).
 - from scratch (`base_cnn`): end to end with augmentation (`loop.py`).
+- `quality="best"`: the last stage of each pretrained backbone tuned on cached trunk activations
+  (`finetune.py`), the tuned classifiers as the ensemble's heads.
 Both: seeded, history.csv + plot, the files of `runs.py` left in the run dir.
 """
 
@@ -23,7 +25,7 @@ from torch import nn
 from food_classifier.training import runs
 from food_classifier.training.config import TrainConfig
 from food_classifier.training.data import TIERS, read_manifest
-from food_classifier.training.head import fit_head, fit_tiers
+from food_classifier.training.head import backbone_keys, fit_head, fit_tiers
 from food_classifier.training.loop import fit_end_to_end
 from food_classifier.training.models import ModelError, create_model, default_preprocessing, is_pretrained, members
 from food_classifier.training.report_plots import plot_history
@@ -41,6 +43,7 @@ class Fitted:
     model: nn.Module                                # best weights, eval mode
     head_logits: dict[str, np.ndarray] | None = None  # head path: eval-view logits of the fitted tiers
     oof: HeldOut | None = None                        # head path: out-of-fold logits of train+validation
+    stopped: str = ""                                 # --quality best: why fine-tuning stopped early, if it did
 
 
 def new_run_dir(root: str | Path, arch: str) -> Path:
@@ -81,7 +84,15 @@ def fit_run(manifest: str | Path, config: TrainConfig, runs_dir: str | Path = "r
     by_tier = {t: [r for r in rows if r.tier == t] for t in TIERS}
     t0 = time.time()
     fitted = Fitted(run, meta, model)
-    if is_pretrained(config.arch, config.weights):
+    if config.quality == "best":
+        if not is_pretrained(config.arch, config.weights):
+            raise ModelError("--quality best fine-tunes pretrained backbones; train a from-scratch model "
+                             "with the default --quality fast")
+        from food_classifier.training.finetune import fit_best
+
+        fitted.stopped = fit_best(model, backbone_keys(config), by_tier, labels, spec, config, run).stopped
+        runs.save_checkpoint(run, {"model": model.state_dict(), "epoch": 0, "stage": "best"})
+    elif is_pretrained(config.arch, config.weights):
         head = fit_head(model, by_tier, labels, spec, config, run)
         fitted.head_logits, fitted.oof = head.fitted_logits, head.oof
         runs.write_head_logits(run, head.fitted_logits)
