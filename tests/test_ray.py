@@ -9,9 +9,13 @@ from __future__ import annotations
 import io
 import ipaddress
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,6 +98,78 @@ def test_serve_engine_ray_from_the_cli_listens_on_loopback_only_and_drains_on_si
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def doc_block(doc: Path, name: str) -> str:
+    """The fenced code block after `<!-- tested: name -->` in a doc: the test runs what readers copy."""
+    m = re.search(rf"<!-- tested: {re.escape(name)} -->\n```[a-z]*\n(.*?)\n```", doc.read_text(), re.S)
+    assert m, f"no block marked 'tested: {name}' in {doc}"
+    return m.group(1)
+
+
+def _stop_ray_started_in(temp_dir: str) -> None:
+    """`ray start` daemonizes: end the processes of this Ray (their command lines name its temp dir), never
+    `ray stop`, which stops every Ray of the machine."""
+    def ours() -> list[int]:
+        found = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if temp_dir.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                continue
+        return found
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def test_one_machine_cluster_recipe_joins_and_a_client_without_the_variable_fails_fast(tmp_path, colour_bundle):
+    """docs/SCALING.md's one-machine block: its variables for `ray start` and the client join; a client
+    without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (before: retried a non-loopback GCS address forever, deaf
+    to SIGTERM) exits 1 within the join timeout, naming the variable."""
+    lines = doc_block(ROOT / "docs" / "SCALING.md", "ray-one-machine").splitlines()
+    export = shlex.split(lines[0], comments=True)
+    assert export[0] == "export" and dict(kv.split("=", 1) for kv in export[1:]) == LOCAL_ENV, lines[0]
+    start = shlex.split(next(line for line in lines if line.startswith("ray start")), comments=True)
+    predict = shlex.split(next(line for line in lines if line.startswith("food-classifier predict-dir")),
+                          comments=True)
+    assert start[:4] == ["ray", "start", "--head", "--port"] and predict[-2:] == ["--ray-address", "auto"]
+    port, temp = free_port(), tempfile.mkdtemp(prefix="fcray", dir="/tmp")  # Ray's socket paths must stay short
+    plain = {k: v for k, v in os.environ.items() if k not in LOCAL_ENV and k != "RAY_ADDRESS"}
+    recipe = {**plain, **LOCAL_ENV}
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    photos = make_photos(tmp_path / "photos", per_class=2)
+
+    def predict_dir(env: dict, out: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "food_classifier.cli", *predict[1:]]
+        args[args.index("photos/")], args[args.index("models/food")] = str(photos), str(colour_bundle)
+        args[args.index("run.parquet")] = str(tmp_path / out)
+        # RAY_ADDRESS: `auto` finds this Ray, not one another test on the machine started
+        return subprocess.run(args, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, cwd=ROOT, capture_output=True,
+                              text=True, timeout=150)
+
+    try:
+        subprocess.run([ray_cli, *start[1:4], str(port), "--temp-dir", temp, "--num-cpus", "1",
+                        "--include-dashboard", "false"], env=recipe, check=True, capture_output=True, timeout=180)
+        joined = predict_dir(recipe, "run.parquet")
+        assert joined.returncode == 0 and "6 scored" in joined.stdout, joined.stdout + joined.stderr
+        t = time.monotonic()
+        lost = predict_dir(plain, "lost.parquet")
+        took = time.monotonic() - t
+    finally:
+        _stop_ray_started_in(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert lost.returncode == 1 and took < 60, (took, lost.stdout, lost.stderr)
+    assert "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in lost.stderr and "Traceback" not in lost.stderr, lost.stderr
+    assert not (tmp_path / "lost.parquet").exists()
 
 
 @pytest.fixture(scope="module")
