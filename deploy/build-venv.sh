@@ -1,7 +1,7 @@
 #!/bin/sh
 # Builds the serving venv /opt/venv in an image build (the Containerfile's build and build-full stages),
 # in two steps so the dependency layer survives code changes:
-#   build-venv.sh deps EXTRAS   pyproject.toml's dependencies with these extras (under an empty package)
+#   build-venv.sh deps EXTRAS   pyproject.toml's dependencies with these extras (an empty package and README)
 #   build-venv.sh app [MODULE]  the package itself, no dependencies; then trims what serving never loads
 #                               (pip, test suites, ONNX Runtime's Python tooling: -60 MB), keeps bytecode
 #                               only for what a server start imports, and checks that it (and MODULE) import
@@ -11,7 +11,7 @@ shift
 case "$step" in
 deps)
   python -m venv /opt/venv
-  mkdir -p food_classifier && touch food_classifier/__init__.py
+  mkdir -p food_classifier && touch food_classifier/__init__.py README.md  # the real ones come with `app`
   /opt/venv/bin/pip install ".[$1]"
   /opt/venv/bin/pip uninstall -y food-classifier
   ;;

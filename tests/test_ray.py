@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import ipaddress
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import colour_image, image_bytes
+from doc_blocks import doc_block
 from test_batch import make_photos, read_rows
 
 from food_classifier.ray_env import LOCAL_ENV
@@ -98,13 +98,6 @@ def test_serve_engine_ray_from_the_cli_listens_on_loopback_only_and_drains_on_si
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-
-
-def doc_block(doc: Path, name: str) -> str:
-    """The fenced code block after `<!-- tested: name -->` in a doc: the test runs what readers copy."""
-    m = re.search(rf"<!-- tested: {re.escape(name)} -->\n```[a-z]*\n(.*?)\n```", doc.read_text(), re.S)
-    assert m, f"no block marked 'tested: {name}' in {doc}"
-    return m.group(1)
 
 
 def _stop_ray_started_in(temp_dir: str) -> None:
