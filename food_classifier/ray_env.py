@@ -77,8 +77,28 @@ def connect(address: str | None, num_cpus: int | None = None, object_store_mb: i
                  object_store_memory=object_store_mb * MiB, logging_level=logging.WARNING)
     else:
         check_reachable(address)
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
+            raise Unreachable(_join_failure(address, e)) from None
     return True
+
+
+def _join_failure(address: str, e: Exception) -> str:
+    """One line for a failed `ray.init(address)` (Ray's own text may carry a whole traceback)."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = e
+    while cause is not None and len(chain) < 10:  # Ray wraps the RPC error it got (an AuthenticationError)
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = "\n".join(f"{type(c).__name__}: {c}" for c in chain)
+    if "InvalidAuthToken" in text or "AuthenticationError" in text:
+        return (f"the Ray at {address!r} uses token authentication and this client sent no valid token: "
+                "export RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
+                "(`ray get-auth-token` prints it on the head node). An explicit address (not `auto`) or "
+                "RAY_ADDRESS never picks the token up by itself")
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return f"cannot join Ray at {address!r}: {first[:300]}"
 
 
 def check_reachable(address: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
