@@ -19,6 +19,7 @@ is gone or broken, loading fails with that error instead of falling back to some
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -54,6 +55,23 @@ log = logging.getLogger("food_classifier.bundle")
 
 class BundleError(ValueError):
     """A path that is not a loadable bundle."""
+
+
+def _readable(fn: Callable[..., T]) -> Callable[..., T]:
+    """A loader entry point whose PermissionError becomes a `BundleError` naming the folder and the UID.
+    The error's own file may not exist: stat('/models/bundle.json') fails that way when /models is closed."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except PermissionError as e:
+            target = Path(e.filename or ".")
+            blocked = next((p for p in reversed(target.parents) if not os.access(p, os.R_OK | os.X_OK)), target)
+            uid, gid = os.geteuid(), os.getegid()
+            raise BundleError(f"cannot read {blocked} as UID {uid} (GID {gid}): permission denied. The models "
+                              f"folder and everything in it must be readable by UID {uid} (on the host: "
+                              f"`chown -R {uid}:{gid} FOLDER` or `chmod -R a+rX FOLDER`)") from None
+    return wrapper
 
 
 @dataclass
@@ -159,6 +177,7 @@ def verify_files(path: Path, meta: BundleMeta) -> None:
             raise BundleError(f"{f}: sha256 does not match {path / META_FILE} (file changed or corrupt)")
 
 
+@_readable
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """A bundle dir, validated: metadata, and (with `verify`) every model file and its hash."""
     path = Path(path)
@@ -227,6 +246,7 @@ def versions(path: str | Path) -> list[Path]:
     return [path / promoted] if promoted else published_versions(path)
 
 
+@_readable
 def model_sources(paths: list[Path]) -> list[Path]:
     """Expand user paths (bundle dir, model dir, dir of model dirs) into sources for `load_newest`."""
     sources: list[Path] = []
@@ -246,6 +266,7 @@ def model_sources(paths: list[Path]) -> list[Path]:
     return sources
 
 
+@_readable
 def load_newest(path: str | Path, build: Callable[[Path], T] = load_bundle,
                 on_skip: Callable[[Path, BundleError], None] | None = None) -> T:
     """`build(version)` for the newest version of `path` that builds; broken versions (a `BundleError`)

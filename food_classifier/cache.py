@@ -179,8 +179,9 @@ class RedisBackend:
             from redis.backoff import NoBackoff
             from redis.retry import Retry
         except ImportError:
-            raise CacheError("a Redis cache URL needs the 'cache' extra: "
-                             "pip install 'food-classifier[cache]'") from None
+            from food_classifier.extras import missing_extra
+
+            raise CacheError(missing_extra("a Redis cache URL", "cache")) from None
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise CacheError("the cache URL must start with redis://, rediss:// or unix://")
         try:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +65,51 @@ def test_load_errors_are_clear(tmp_path):
     (b / "bundle.json").write_text(json.dumps({"format": "other/9"}))
     with pytest.raises(BundleError, match="unknown bundle format"):
         load_bundle(b)
+
+
+UNREADABLE_PROBE = """
+import json, os, sys
+from pathlib import Path
+from food_classifier.bundle import BundleError, load_bundle, load_newest, model_sources
+if os.geteuid() == 0:
+    os.setgid(10001), os.setuid(10001)  # the image's user; after the imports: the venv may be closed to it
+out = []
+calls = [(model_sources, [Path(sys.argv[1])]), (load_newest, Path(sys.argv[2])), (load_bundle, Path(sys.argv[3]))]
+for call, arg in calls:
+    try:
+        call(arg)
+        out.append("loaded")
+    except BundleError as e:
+        out.append(str(e))
+print(json.dumps([os.geteuid(), out]))
+"""
+
+
+def test_an_unreadable_models_folder_names_the_folder_and_the_uid():
+    """The images run as UID 10001. A models folder closed to it said "Permission denied:
+    '/models/bundle.json'" (a file that does not exist); a bundle file closed to it, the file alone."""
+    root = Path(tempfile.mkdtemp(prefix="fc-perm-"))  # not under pytest's 0700 basetemp: 10001 must get this far
+    try:
+        root.chmod(0o755)
+        closed, open_ = root / "closed", root / "open"
+        for models in (closed, open_):
+            make_colour_bundle(models / "colour" / "v1", version="v1")
+            for p in [models, *models.rglob("*")]:
+                p.chmod(0o755 if p.is_dir() else 0o644)
+        closed.chmod(0o700 if os.geteuid() == 0 else 0o000)
+        (open_ / "colour" / "v1" / "bundle.json").chmod(0o600 if os.geteuid() == 0 else 0o000)
+        run = subprocess.run([sys.executable, "-c", UNREADABLE_PROBE, str(closed), str(closed / "colour"),
+                              str(open_ / "colour" / "v1")], capture_output=True, text=True, timeout=60,
+                             cwd=Path(__file__).resolve().parents[1])
+        assert run.returncode == 0, run.stderr
+        uid, (sources, newest, bundle) = json.loads(run.stdout)
+    finally:
+        closed.chmod(0o755)
+        shutil.rmtree(root)
+    for message in (sources, newest):
+        assert message.startswith(f"cannot read {closed} as UID {uid} ") and "bundle.json" not in message, message
+        assert f"readable by UID {uid}" in message and f"chown -R {uid}:" in message
+    assert bundle.startswith(f"cannot read {open_ / 'colour' / 'v1' / 'bundle.json'} as UID {uid} "), bundle
 
 
 def test_classifier_predicts_every_input_kind(colour_bundle, tmp_path):

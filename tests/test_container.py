@@ -1,9 +1,9 @@
 """The `serve` image of the Containerfile, built and run with podman (there is no Docker engine here).
 
-Follows the recipe in ../shared/FACTS.md: podman configured by tests/container/containers.conf
-(runc, cgroupfs, ulimits, and the machine's CA bundle + pip.conf mounted into builds), and a
-stand-in for `python:3.11-slim` built from Debian packages (mmdebstrap -> podman import), so the
-real Containerfile builds unchanged without a registry. The stand-in's rootfs tarball is cached in
+Follows the recipe in ../shared/FACTS.md (tests/podman_images.py): podman configured by
+tests/container/containers.conf (runc, cgroupfs, ulimits, and the machine's CA bundle + pip.conf mounted
+into builds), and a stand-in for `python:3.11-slim` built from Debian packages (mmdebstrap -> podman
+import), so the real Containerfile builds unchanged without a registry. The stand-in's rootfs tarball is cached in
 $FOOD_CLASSIFIER_CACHE/container and the image stays in podman's store, so only the first run pays
 for it (1-4 min); the test's serve image is kept too (`podman build` reuses its layers: seconds on the
 next run) and its container is always removed.
@@ -14,11 +14,8 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import select
-import shutil
 import socket
-import subprocess
 import threading
 import time
 import urllib.request
@@ -29,14 +26,11 @@ import numpy as np
 import pytest
 from conftest import colour_image, image_bytes, make_colour_bundle
 from PIL import Image
+from podman_images import BASE, STAND_IN_LABEL, build, configure, image_mb, podman
 
 from food_classifier.inference import Classifier
 
 pytestmark = pytest.mark.container
-REPO = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent / "container"
-BASE = "docker.io/library/python:3.11-slim"
-STAND_IN_LABEL = "org.food_classifier.stand_in"
 IMAGE = "localhost/food-classifier-test:serve"
 REAL_SLIM_MB = 130  # python:3.11-slim (bookworm, amd64) as `docker images` reports it; not pullable here
 TARGET_MB = 350
@@ -44,68 +38,12 @@ TARGET_MB = 350
 
 @pytest.fixture(scope="module")
 def podman_env(tmp_path_factory) -> dict[str, str]:
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not installed (.ci/run installs it: apt-get install podman buildah runc mmdebstrap)")
-    conf = tmp_path_factory.mktemp("podman") / "containers.conf"
-    conf.write_text((HERE / "containers.conf").read_text().replace("@CONTAINER_DIR@", str(HERE)))
-    return {**os.environ, "CONTAINERS_CONF": str(conf)}
-
-
-def podman(env: dict, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(["podman", *args], env=env, capture_output=True, text=True, timeout=timeout)
-    if check and out.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return out
-
-
-def image_mb(env: dict, image: str) -> float:
-    return int(podman(env, "image", "inspect", "--format", "{{.Size}}", image).stdout.strip()) / 1e6
-
-
-def ensure_base(env: dict) -> None:
-    """A stand-in python:3.11-slim: Debian bookworm minbase + python3 + a venv first on PATH
-    (so `python` and `pip` behave as in the official image)."""
-    if podman(env, "image", "exists", BASE, check=False).returncode == 0:
-        return
-    cache = Path(os.environ.get("FOOD_CLASSIFIER_CACHE", Path.home() / ".cache" / "food_classifier")) / "container"
-    tar = cache / "debian-bookworm-python3.tar"
-    if not tar.is_file():
-        if shutil.which("mmdebstrap") is None:
-            pytest.skip("no python:3.11-slim image and no mmdebstrap to build a stand-in")
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = tar.with_suffix(".tmp.tar")
-        subprocess.run(
-            ["mmdebstrap", "--variant=minbase", "--include=python3,python3-venv", "--quiet",
-             *[f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "locale")],
-             "--customize-hook=chroot \"$1\" python3 -m venv /opt/python",
-             "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*",
-             "bookworm", str(tmp)], check=True, timeout=900, capture_output=True)
-        tmp.rename(tar)
-    podman(env, "import", "--change", "ENV PATH=/opt/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
-           ":/sbin:/bin", "--change", 'CMD ["python3"]', "--change", f"LABEL {STAND_IN_LABEL}=debian-bookworm",
-           str(tar), BASE, timeout=300)
+    return configure(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def serve_image(podman_env) -> str:
-    ensure_base(podman_env)
-    t = time.monotonic()
-    build = podman(podman_env, "build", "--format", "docker", "--target", "serve", "-t", IMAGE, "-f",
-                   str(REPO / "Containerfile"), str(REPO), timeout=1200)
-    print(f"\nbuild: {time.monotonic() - t:.1f} s")
-    remove_stale_layers(podman_env, build.stdout)
-    return IMAGE
-
-
-def remove_stale_layers(env: dict, build_log: str) -> None:
-    """Untagged images on the stand-in base that this build did not use: earlier builds' layers."""
-    used = {line.split()[-1][:11] for line in build_log.splitlines() if line.startswith("--> ")}  # 11 or 64 hex
-    listed = podman(env, "images", "-a", "--filter", f"label={STAND_IN_LABEL}", "--format",
-                    "{{.ID}} {{.Repository}}").stdout.split("\n")
-    stale = [line.split()[0] for line in listed if line.endswith(" <none>") and line[:11] not in used]
-    assert len(used) > 5, "no layer ids in the build output: refusing to guess what is stale"
-    for image in stale:  # newest first, so children go before their parents
-        podman(env, "rmi", image, check=False)
+    return build(podman_env, "serve", IMAGE)
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +192,33 @@ def test_sigterm_drains_the_request_in_flight(container, podman_env):
     assert unanswered, "the batch was answered before shutdown began: nothing was in flight (make it heavier)"
     assert code == "0", code  # exited by itself, not killed (137)
     assert "Finished server process" in logs.stdout + logs.stderr
+
+
+def test_a_missing_extra_names_the_image_target_that_has_it(serve_image, podman_env, models):
+    """The serve image has neither the Redis nor the Kafka client. Asking for them used to say
+    "pip install 'food-classifier[cache]'" inside an image without pip; now it names the target to build."""
+    runs = {
+        "cache": ["-e", "FOOD_CLASSIFIER_CACHE_URL=redis://redis:6379/0", serve_image],
+        "kafka": [serve_image, "worker", "/models", "--kafka", "kafka:9092", "--in-topic", "in", "--out-topic", "out"],
+    }
+    for extra, args in runs.items():
+        out = podman(podman_env, "run", "--rm", "--read-only", "-v", f"{models}:/models:ro", *args, timeout=120,
+                     check=False)
+        said = out.stdout + out.stderr
+        assert out.returncode not in (0, 137), said
+        assert f"needs the '{extra}' extra, which this image (Containerfile target 'serve') does not have" in said
+        assert "--target serve-full" in said and "pip install" not in said and "Traceback" not in said, said
+
+
+def test_a_models_folder_closed_to_the_image_user_is_named_with_the_uid(serve_image, podman_env, tmp_path):
+    """Before: "Permission denied: '/models/bundle.json'", a file that does not exist."""
+    tmp_path.chmod(0o755)
+    models = tmp_path / "models"
+    make_colour_bundle(models / "colour" / "20260101T000000-colour")
+    models.chmod(0o700)  # root's: UID 10001 in the container cannot enter it
+    out = podman(podman_env, "run", "--rm", "--read-only", "-v", f"{models}:/models:ro", serve_image, timeout=120,
+                 check=False)
+    said = out.stdout + out.stderr
+    assert out.returncode not in (0, 137), said
+    assert "cannot read /models as UID 10001 (GID 10001): permission denied" in said, said
+    assert "bundle.json" not in said and "Traceback" not in said, said

@@ -9,15 +9,19 @@ from __future__ import annotations
 import io
 import ipaddress
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import colour_image, image_bytes
+from doc_blocks import doc_block
 from helpers import make_photos, read_rows
 
 from food_classifier.ray_env import LOCAL_ENV
@@ -96,6 +100,78 @@ def test_serve_engine_ray_from_the_cli_listens_on_loopback_only_and_drains_on_si
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def _stop_ray_started_in(temp_dir: str) -> None:
+    """`ray start` daemonizes: end the processes of this Ray (their command lines name its temp dir), never
+    `ray stop`, which stops every Ray of the machine."""
+    def ours() -> list[int]:
+        found = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if temp_dir.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                continue
+        return found
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def test_one_machine_cluster_recipe_joins_and_a_client_without_the_variable_fails_fast(tmp_path, colour_bundle):
+    """docs/SCALING.md's one-machine block, as written: its variables for `ray start` and the client join
+    (`--ray-address auto`, with Ray 2.60's default token authentication). A client without
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (before: retried a non-loopback GCS address forever, deaf to
+    SIGTERM) exits 1 within the join timeout naming the variable; one joining by explicit address without
+    the token gets one line naming RAY_AUTH_MODE=token (before: a traceback)."""
+    lines = doc_block(ROOT / "docs" / "SCALING.md", "ray-one-machine").splitlines()
+    export = shlex.split(lines[0], comments=True)
+    assert export[0] == "export" and dict(kv.split("=", 1) for kv in export[1:]) == LOCAL_ENV, lines[0]
+    start = shlex.split(next(line for line in lines if line.startswith("ray start")), comments=True)
+    predict = shlex.split(next(line for line in lines if line.startswith("food-classifier predict-dir")),
+                          comments=True)
+    assert start[:4] == ["ray", "start", "--head", "--port"] and predict[-2:] == ["--ray-address", "auto"]
+    port, temp = free_port(), tempfile.mkdtemp(prefix="fcray", dir="/tmp")  # Ray's socket paths must stay short
+    # This Ray's own temp dir (where `auto` finds it, not another test's Ray) and home (its auth token)
+    plain = {**{k: v for k, v in os.environ.items() if k not in LOCAL_ENV and not k.startswith("RAY_")},
+             "RAY_TMPDIR": temp, "HOME": temp}
+    recipe = {**plain, **LOCAL_ENV}
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    photos = make_photos(tmp_path / "photos", per_class=2)
+
+    def predict_dir(env: dict, out: str, address: str = "auto") -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "food_classifier.cli", *predict[1:-1], address]
+        args[args.index("photos/")], args[args.index("models/food")] = str(photos), str(colour_bundle)
+        args[args.index("run.parquet")] = str(tmp_path / out)
+        return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=150)
+
+    try:
+        subprocess.run([ray_cli, "get-auth-token", "--generate"], env=recipe, check=True, capture_output=True,
+                       timeout=60)  # as on a machine where a local Ray ran once: `ray start` then enables tokens
+        subprocess.run([ray_cli, *start[1:4], str(port), "--num-cpus", "1", "--include-dashboard", "false"],
+                       env=recipe, check=True, capture_output=True, timeout=180)
+        joined = predict_dir(recipe, "run.parquet")
+        assert joined.returncode == 0 and "6 scored" in joined.stdout, joined.stdout + joined.stderr
+        t = time.monotonic()
+        lost = predict_dir(plain, "lost.parquet")
+        took = time.monotonic() - t
+        tokenless = predict_dir(recipe, "tokenless.parquet", f"127.0.0.1:{port}")
+    finally:
+        _stop_ray_started_in(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert lost.returncode == 1 and took < 60, (took, lost.stdout, lost.stderr)
+    assert "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in lost.stderr and "Traceback" not in lost.stderr, lost.stderr
+    assert tokenless.returncode == 1 and "export RAY_AUTH_MODE=token" in tokenless.stderr, tokenless.stderr
+    assert "Traceback" not in tokenless.stderr
+    assert not (tmp_path / "lost.parquet").exists() and not (tmp_path / "tokenless.parquet").exists()
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def predict_dir_cmd(
     Every image of a folder, manifest or path list becomes one row of a Parquet or JSONL file."""
     from food_classifier.batch.job import BatchError, local_engine, predict_dir
     from food_classifier.bundle import BundleError
-    from food_classifier.ray_env import MissingExtra
+    from food_classifier.ray_env import RayError
 
     if engine == "ray":
         from food_classifier.batch.ray_engine import RayEngine
@@ -106,7 +106,7 @@ def predict_dir_cmd(
         runner = local_engine(threads or None, variant=variant)
     try:
         summary = predict_dir(source, model, out, fmt, batch_size, runner)
-    except (BatchError, BundleError, MissingExtra) as e:  # here, not in main(): its check imports torch
+    except (BatchError, BundleError, RayError) as e:  # here, not in main(): its check imports torch
         fail(str(e))
     if summary.accuracy:
         typer.echo(summary.accuracy)

@@ -152,14 +152,14 @@ def run_server(settings: Any) -> None:
 def _run_ray(settings: Any) -> typing.NoReturn:
     """`--engine ray`: the same app in Ray Serve replicas (serving/ray_serve.py); exits with its status."""
     from food_classifier.bundle import BundleError, model_sources
-    from food_classifier.ray_env import MissingExtra
+    from food_classifier.ray_env import RayError
     from food_classifier.serving.ray_serve import run
 
     try:
         model_sources(settings.bundles)  # a wrong path fails here, not in every replica
         code = run(settings.model_copy(update={"bundles": [p.absolute() for p in settings.bundles],
                                                "allow_path_root": [p.absolute() for p in settings.allow_path_root]}))
-    except (BundleError, MissingExtra) as e:
+    except (BundleError, RayError) as e:
         _fail(str(e))
     raise typer.Exit(code)
 

@@ -22,8 +22,9 @@ class KafkaTransport:
         try:
             import confluent_kafka as ck
         except ImportError:
-            raise WorkerError("the Kafka worker needs the 'kafka' extra: "
-                              "pip install 'food-classifier[kafka]'") from None
+            from food_classifier.extras import missing_extra
+
+            raise WorkerError(missing_extra("the Kafka worker", "kafka")) from None
         self.ck, self.metrics = ck, metrics
         self.in_topic, self.out_topic, self.dlq_topic = in_topic, out_topic, dlq_topic
         self.flush_timeout_s = flush_timeout_s

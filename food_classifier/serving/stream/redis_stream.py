@@ -28,7 +28,9 @@ class RedisStreamTransport:
         try:
             import redis
         except ImportError:
-            raise WorkerError("--redis-stream needs the 'cache' extra: pip install 'food-classifier[cache]'") from None
+            from food_classifier.extras import missing_extra
+
+            raise WorkerError(missing_extra("--redis-stream", "cache")) from None
         self.redis_error = redis.RedisError
         try:
             self.r = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
