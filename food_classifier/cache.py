@@ -63,13 +63,14 @@ class CacheableModel(Protocol):
 
 @dataclass
 class Lookup:
-    """One image's way through the cache: a known model row (`row`: `Classifier.infer`'s probabilities, stage and
-    not-food flag), or the array to run and where to store its row."""
+    """One image's way through the cache: a known `row` (`Classifier.infer`'s), or the array to run and where to
+    store its row; `sha256` of the upload when the server's monitor wants it (hashed off the event loop)."""
     outcome: str
     row: np.ndarray | None = None
     array: np.ndarray | None = None
     preprocess_ms: float = 0.0
     keys: dict[str, bytes] = field(default_factory=dict)  # key -> value prefix (fingerprint or its id, or b"")
+    sha256: str | None = None
 
 
 class Breaker:

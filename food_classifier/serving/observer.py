@@ -91,7 +91,7 @@ class ServingMonitor:
             self.keep.close()
 
     # --- predictions ---------------------------------------------------------------------------------
-    def observe(self, model: Served, answer: Answer, data: bytes) -> None:
+    def observe(self, model: Served, answer: Answer, data: bytes, sha256: str | None = None) -> None:
         """One answered image (its `Answer` carries the whole probability row, the request id, cache, timings)."""
         cache, probs = answer.cache, answer.probabilities
         state = self._state(model)
@@ -104,7 +104,7 @@ class ServingMonitor:
             if keep:
                 self.keep.offer(answer, data, model.labels)  # hashed on the writer thread, if kept
             return
-        sha = hashlib.sha256(data).hexdigest()
+        sha = sha256 or hashlib.sha256(data).hexdigest()
         if keep:
             self.keep.offer(answer, data, model.labels, sha)
         rid = answer.request_id or ""
