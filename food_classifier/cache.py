@@ -40,7 +40,6 @@ from food_classifier.preprocessing import PIPELINE_VERSION, ImageInput, Preproce
 log = logging.getLogger("food_classifier.cache")
 
 HIT_BYTES, HIT_PIXELS, MISS, OFF = "hit-bytes", "hit-pixels", "miss", "off"
-DEFAULT_MEMORY_BYTES, DEFAULT_TTL_S = CACHE_MEMORY_BYTES, CACHE_TTL_S
 CACHE_FORMAT = 2  # bump when keys or values change meaning: older entries are then never read
 
 
@@ -237,8 +236,8 @@ class RedisBackend:
 class PredictionCache:
     """Both levels over both backends. `memory_bytes=0` and no `url` turn it off (outcome "off")."""
 
-    def __init__(self, memory_bytes: int = DEFAULT_MEMORY_BYTES, url: str | None = None,
-                 ttl_s: float = DEFAULT_TTL_S, timeout_s: float = 0.1, breaker_s: float = 5.0):
+    def __init__(self, memory_bytes: int = CACHE_MEMORY_BYTES, url: str | None = None,
+                 ttl_s: float = CACHE_TTL_S, timeout_s: float = 0.1, breaker_s: float = 5.0):
         self.stats = Stats()
         self.ttl_s = ttl_s
         self.memory = MemoryLRU(memory_bytes) if memory_bytes > 0 else None
