@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import inspect
 import shlex
 import time
+import typing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,42 +16,30 @@ import typer
 from food_classifier.cli.common import fail, need_training_extras
 from food_classifier.defaults import MODEL_NAME, MODELS_DIR
 from food_classifier.training.config import DEVICES, QUALITIES, TrainConfig, abstention_check
-from food_classifier.training.config import option as config_option
+from food_classifier.training.config import options as config_options
 
 
-def _train_option(field: str, *decls: str, **kw) -> Any:
-    """A `train` option whose default and help come from TrainConfig (declared there, once)."""
-    default, help_text = config_option(field)
-    return typer.Option(default, *decls, help=help_text, **kw)
+def _config_params() -> list[inspect.Parameter]:
+    """Every TrainConfig field that is a `train` option, as a keyword parameter: its default, help and flag come
+    from the field (training/config.py), so adding a field there adds the option here."""
+    hints = typing.get_type_hints(TrainConfig)
+    params = []
+    for name, default, help_text, cli in config_options():
+        flag = cli.pop("flag", None)
+        info = typer.Option(default, *([flag] if flag else []), help=help_text, **cli)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info,
+                                        annotation=hints[name]))
+    return params
 
 
 def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
                                           help="Your photos (one folder per class, or train/ and test/): split "
                                                "them into --manifest first, as `data split` does."),
           manifest: Path = typer.Option(Path("data/manifest.csv"), help="From `data split` (written by --data)."),
-          quality: str = _train_option("quality", metavar="fast|best"),
-          time_budget: float = _train_option("time_budget", min=0.0, metavar="SECONDS"),
-          device: str = _train_option("device", metavar="auto|cpu|cuda"),
-          arch: str = _train_option("arch"),
-          weights: Path | None = _train_option("weights"),
-          epochs: int = _train_option("epochs"),
-          lr: float = _train_option("lr"),
-          batch_size: int = _train_option("batch_size"),
-          fine_tune: bool = _train_option("fine_tune", "--fine-tune"),
-          aug_views: int = _train_option("aug_views"),
-          image_size: int = _train_option("image_size"),
-          refit: bool = _train_option("refit", "--refit/--no-refit"),
-          label_smoothing: float = _train_option("label_smoothing"),
-          patience: int = _train_option("patience"),
-          seed: int = _train_option("seed"),
           runs_dir: Path = typer.Option(Path("runs")),
           models_dir: Path = typer.Option(MODELS_DIR, help="Bundles are published to MODELS_DIR/NAME/VERSION."),
           name: str = typer.Option(MODEL_NAME, help="Model name in the bundle and the server."),
           resume: Path | None = typer.Option(None, help="Continue an interrupted run dir."),
-          target_precision: float | None = _train_option("target_precision", "--target-precision", metavar="P",
-                                                         min=0.0, max=1.0, show_default="auto"),
-          target_coverage: float | None = _train_option("target_coverage", "--target-coverage", metavar="C",
-                                                        min=0.0, max=1.0),
           cv: int = typer.Option(0, "--cv", min=0, metavar="K",
                                  help="Also retrain on K folds of train+validation (test untouched) and report "
                                       "accuracy / macro-F1 mean ± std; writes RUN/cv.json."),
@@ -59,11 +49,14 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
                                                 "yes, unless the bundle is a cascade (served instead)."),
           cascade: bool = typer.Option(True, "--cascade/--no-cascade",
                                        help="An ensemble also becomes a cascade (served by default): its first "
-                                            "backbone answers the photos it is sure of, the rest go on.")) -> None:
+                                            "backbone answers the photos it is sure of, the rest go on."),
+          **options: Any) -> None:
     """Train a model and publish its bundle. Fits, exports the ONNX bundle, evaluates it per tier,
     calibrates it and publishes it to MODELS_DIR/NAME/VERSION; ends with the time per stage and the
     command that serves it."""
     started = time.monotonic()
+    quality, device = options["quality"], options["device"]
+    target_precision, target_coverage = options["target_precision"], options["target_coverage"]
     need_training_extras()
     if cv == 1:
         fail("--cv needs K >= 2 folds (0 = off)")
@@ -99,12 +92,7 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
         if target_precision is not None or target_coverage is not None:  # a post-fit choice: may change on resume
             config = replace(config, target_precision=target_precision, target_coverage=target_coverage)
     else:
-        config = TrainConfig(arch=arch, weights=str(weights) if weights else None, epochs=epochs, lr=lr,
-                             batch_size=batch_size, fine_tune=fine_tune, aug_views=aug_views, refit=refit,
-                             label_smoothing=label_smoothing, patience=patience, seed=seed,
-                             image_size=image_size, target_precision=target_precision,
-                             target_coverage=target_coverage, quality=quality, time_budget=time_budget,
-                             device=device)
+        config = TrainConfig(**options)
     run, bundle, metrics = train_and_publish(manifest, config, runs_dir, models_dir, name, resume=resume,
                                              int8=int8, seconds=seconds, cascade=cascade)
     typer.echo(format_table(metrics))
@@ -148,3 +136,7 @@ def next_steps(run: Path, bundle: Path, model_dir: Path) -> str:
         lines.append(f"serve it:  food-classifier serve {shlex.quote(str(model_dir))}   (then open "
                      "http://localhost:8383/)")
     return "\n".join(lines)
+
+
+_own = [p for p in inspect.signature(train).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+train.__signature__ = inspect.Signature(_own + _config_params(), return_annotation=None)  # type: ignore[attr-defined]

@@ -18,20 +18,22 @@ QUALITIES = ("fast", "best")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _opt(default: Any, help: str = "") -> Any:
-    return field(default=default, metadata={"help": help})
+def _opt(default: Any, help: str = "", **cli: Any) -> Any:
+    """A field that is also a `train` option: its help, and how the flag is spelled (`flag`, `metavar`, `min`...)."""
+    return field(default=default, metadata={"help": help, "cli": cli})
 
 
 @dataclass
 class TrainConfig:
-    quality: str = _opt("fast", "fast: linear heads on frozen features of each backbone (minutes); best: also "
-                                "fine-tune the last stages of each backbone (docs/BENCHMARKS.md, 'Quality on "
-                                "ten classes').")
-    time_budget: float = _opt(600.0, "--quality best: seconds the fit may take (trunk activations + fine-tuning); "
-                                      "it stops between epochs, keeping the best weights so far, when the next "
-                                      "epoch would pass it; 0 = no limit.")
-    device: str = _opt("auto", "--quality best: where fine-tuning runs: auto = a CUDA GPU when PyTorch sees one "
-                               "(mixed precision), else the CPU.")
+    quality: str = _opt("fast", metavar="fast|best", help=(
+        "fast: linear heads on frozen features of each backbone (minutes); best: also fine-tune the last stages of "
+        "each backbone (docs/BENCHMARKS.md, 'Quality on ten classes')."))
+    time_budget: float = _opt(600.0, min=0.0, metavar="SECONDS", help=(
+        "--quality best: seconds the fit may take (trunk activations + fine-tuning); it stops between epochs, "
+        "keeping the best weights so far, when the next epoch would pass it; 0 = no limit."))
+    device: str = _opt("auto", metavar="auto|cpu|cuda", help=(
+        "--quality best: where fine-tuning runs: auto = a CUDA GPU when PyTorch sees one (mixed precision), else "
+        "the CPU."))
     arch: str = _opt(DEFAULT_ARCH, "Registered name, any timm architecture, or an ensemble a+b.")
     weights: str | None = _opt(None, "Local checkpoint for a timm architecture.")
     epochs: int = _opt(0, "0 = default for the chosen path.")  # head 40, end-to-end 30, fine-tune 6
@@ -43,19 +45,22 @@ class TrainConfig:
     aug_views: int = _opt(2, "Extra views per training image beyond the plain one: its mirror image, "
                              "then random augmentations.")
     aug_strength: float = 1.0
-    refit: bool = _opt(True, "Head path: fit the final head on train+validation (held-out numbers then come "
-                             "from out-of-fold logits and the test tier).")  # not with fine_tune
-    fine_tune: bool = _opt(False, "Also unfreeze the last blocks.")
+    refit: bool = _opt(True, flag="--refit/--no-refit", help=(  # not with fine_tune
+        "Head path: fit the final head on train+validation (held-out numbers then come from out-of-fold logits and "
+        "the test tier)."))
+    fine_tune: bool = _opt(False, "Also unfreeze the last blocks.", flag="--fine-tune")
     fine_tune_blocks: int = 2
     image_size: int = _opt(0, "Input crop in px; 0 = the model's default (288 for Lite0).")
     seed: int = _opt(42)
     target_precision: float | None = _opt(
-        None, "Abstention: answer only as many photos as keep this precision on held-out photos (the most "
-              "confident first); excludes --target-coverage. Default: chosen for the task, precision >= "
-              f"min({ABSTAIN_MAX_PRECISION:g}, the model's out-of-fold accuracy + {ABSTAIN_MARGIN:g}).")
+        None, flag="--target-precision", metavar="P", min=0.0, max=1.0, show_default="auto", help=(
+            "Abstention: answer only as many photos as keep this precision on held-out photos (the most confident "
+            "first); excludes --target-coverage. Default: chosen for the task, precision >= "
+            f"min({ABSTAIN_MAX_PRECISION:g}, the model's out-of-fold accuracy + {ABSTAIN_MARGIN:g})."))
     target_coverage: float | None = _opt(
-        None, "Abstention: answer this share of photos (the most confident), 'unsure' on the rest, whatever "
-              "the precision; excludes --target-precision.")
+        None, flag="--target-coverage", metavar="C", min=0.0, max=1.0, help=(
+            "Abstention: answer this share of photos (the most confident), 'unsure' on the rest, whatever the "
+            "precision; excludes --target-precision."))
     threads: int = 0               # 0 = all cores
 
 
@@ -70,8 +75,11 @@ def abstention_check(target_precision: float | None, target_coverage: float | No
     return None
 
 
-def option(name: str) -> tuple[Any, str | None]:
-    """(default, help) of a TrainConfig field, for the CLI option of the same name."""
-    f = next(f for f in fields(TrainConfig) if f.name == name)
-    assert f.default is not MISSING
-    return f.default, f.metadata.get("help") or None
+def options() -> list[tuple[str, Any, str | None, dict[str, Any]]]:
+    """(name, default, help, flag spelling) of every TrainConfig field that is a `train` option, in order."""
+    out = []
+    for f in fields(TrainConfig):
+        if "help" in f.metadata:
+            assert f.default is not MISSING
+            out.append((f.name, f.default, f.metadata["help"] or None, dict(f.metadata["cli"])))
+    return out
