@@ -43,13 +43,18 @@ def data_fetch(source: str = typer.Argument(DEFAULT_SOURCE, help="A name from `d
 def data_split(root: Path = typer.Argument(..., help="ImageFolder (one folder per class) or train/test layout."),
                manifest: Path = typer.Option(Path("data/manifest.csv"), help="Manifest CSV to write."),
                ratios: str = typer.Option("0.7,0.15,0.15", help="train,validation,test fractions."),
-               seed: int = typer.Option(42)) -> None:
+               seed: int = typer.Option(42),
+               fresh: bool = typer.Option(False, "--fresh",
+                                          help="Ignore the manifest being replaced: re-split every photo (by "
+                                               "default photos already in it keep their tier).")) -> None:
     """Split a photo folder into train/validation/test. Validates images, groups duplicates, writes the
-    manifest, prints what it skipped, grouped and moved."""
-    split_and_report(root, manifest, ratios, seed)
+    manifest, prints what it skipped, grouped and moved. Re-splitting a grown folder onto the same
+    manifest keeps every known photo in its tier (a test photo stays in test)."""
+    split_and_report(root, manifest, ratios, seed, keep_tiers=not fresh)
 
 
-def split_and_report(root: Path, manifest: Path, ratios: str = "0.7,0.15,0.15", seed: int = 42) -> list:
+def split_and_report(root: Path, manifest: Path, ratios: str = "0.7,0.15,0.15", seed: int = 42,
+                     keep_tiers: bool = True) -> list:
     """`data split`, also for `data prepare` and `train --data`: the counts per class and tier, then the
     first rejected files, duplicate groups and moved photos with their reasons (all in the report)."""
     from food_classifier.training.data import count_table, find_image_root, format_report, report_path, split
@@ -60,12 +65,16 @@ def split_and_report(root: Path, manifest: Path, ratios: str = "0.7,0.15,0.15", 
     except ValueError:
         raise DataError(f"--ratios must be three numbers like 0.7,0.15,0.15, got '{ratios}'") from None
     image_root = find_image_root(root)
-    rows = split(image_root, manifest, ratios=r, seed=seed)
+    rows = split(image_root, manifest, ratios=r, seed=seed, keep_tiers=keep_tiers)
     report = json.loads(report_path(manifest).read_text())
     typer.echo(count_table(rows))
     details = format_report(report, image_root)
     if details:
         typer.echo(details)
+    kept = report.get("previous_manifest") or {}
+    if kept.get("kept_tier"):
+        typer.echo(f"previous manifest: {kept['kept_tier']:,} photos kept their tier, {kept['new']:,} new "
+                   "(test photos stay in test across retrains; `data split --fresh` re-splits)")
     typer.echo(f"manifest: {manifest} ({len(rows)} images; {len(report['rejected'])} rejected, "
                f"{len(report['duplicate_groups'])} duplicate groups, {len(report['moved'])} moved — "
                f"details in {report_path(manifest)})")

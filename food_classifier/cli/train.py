@@ -76,6 +76,7 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
     from food_classifier.training import runs
     from food_classifier.training.calibrate import format_calibration
     from food_classifier.training.evaluate import format_table
+    from food_classifier.training.features import STATS
     from food_classifier.training.pipeline import format_timings, stage, train_and_publish
 
     seconds: dict[str, float] = {}
@@ -93,8 +94,11 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
             config = replace(config, target_precision=target_precision, target_coverage=target_coverage)
     else:
         config = TrainConfig(**options)
+    STATS.reset()
     run, bundle, metrics = train_and_publish(manifest, config, runs_dir, models_dir, name, resume=resume,
                                              int8=int8, seconds=seconds, cascade=cascade)
+    if STATS.summary():  # what an incremental retrain reused (photos are cached by sha256)
+        typer.echo(STATS.summary())
     typer.echo(format_table(metrics))
     typer.echo(format_calibration(run))
     if cascade and "+" in config.arch:

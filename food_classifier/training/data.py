@@ -206,34 +206,52 @@ class Row:
 
 
 def _assign(groups: list[list[int]], tiers: tuple[str, ...], ratios: tuple[float, ...],
-            rng: random.Random) -> dict[str, list[list[int]]]:
+            rng: random.Random, fixed: dict[str, list[list[int]]] | None = None) -> dict[str, list[list[int]]]:
     """Shuffle the groups and fill the smaller tiers up to their target image count; rest goes to tiers[0].
 
     Groups that do not fit go on, so big groups end in the first tier; an empty tier afterwards
-    borrows the smallest group of the first tier.
+    borrows the smallest new group of the first tier. `fixed`: groups already placed (their tier from
+    the previous manifest): they count towards the targets and never move.
     """
     groups = sorted(groups)
     rng.shuffle(groups)
-    n = sum(len(g) for g in groups)
+    out: dict[str, list[list[int]]] = {t: list((fixed or {}).get(t, [])) for t in tiers}
+    n = sum(len(g) for g in groups) + sum(len(g) for gs in out.values() for g in gs)
     total = sum(ratios)
     target = {t: max(1, round(n * r / total)) for t, r in zip(tiers, ratios, strict=True)}
-    out: dict[str, list[list[int]]] = {t: [] for t in tiers}
-    count = dict.fromkeys(tiers, 0)
+    count = {t: sum(len(g) for g in out[t]) for t in tiers}
+    new = []
     for g in groups:
         tier = next((t for t in tiers[1:] if count[t] + len(g) <= target[t]), tiers[0])
         out[tier].append(g)
         count[tier] += len(g)
-    first = out[tiers[0]]
+        if tier == tiers[0]:
+            new.append(g)
     for t in tiers[1:]:
-        if not out[t] and len(first) > 1:
-            first.sort(key=len)
-            out[t].append(first.pop(0))
+        if not out[t] and len(out[tiers[0]]) > 1 and new:
+            g = min(new, key=len)
+            new.remove(g)
+            out[tiers[0]].remove(g)
+            out[t].append(g)
     return out
 
 
+def previous_tiers(manifest_path: str | Path) -> dict[str, str]:
+    """sha256 -> tier of the manifest about to be replaced ({} if none or unreadable): a re-split of a
+    grown folder keeps every known photo in its tier, so a photo once in test stays in test and two model
+    versions are compared on the same photos."""
+    try:
+        return {r.sha256: r.tier for r in read_manifest(manifest_path)}
+    except (DataError, OSError, csv.Error, KeyError, UnicodeDecodeError):
+        return {}
+
+
 def split(root: str | Path, manifest_path: str | Path, ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
-          seed: int = 42, near_dup_distance: int = 6, progress: bool = True) -> list[Row]:
+          seed: int = 42, near_dup_distance: int = 6, progress: bool = True, keep_tiers: bool = True) -> list[Row]:
     """Scan, group duplicates, split the groups per class (stratified, seeded), write the manifest.
+
+    With `keep_tiers`, photos already in the manifest being replaced keep their tier (by sha256; a
+    duplicate group takes its strictest known tier) and only new photos are assigned, toward the ratios.
 
     A given test/ (and valid/) tier is kept; validation is carved out of a given train/. A duplicate
     group never straddles tiers: a group touching a given tier goes wholly to the strictest one.
@@ -249,6 +267,12 @@ def split(root: str | Path, manifest_path: str | Path, ratios: tuple[float, floa
                         f"{', '.join(labels) or 'none'}.")
     groups = duplicate_groups(items, near_dup_distance)
     rank = {"test": 0, "validation": 1, "train": 2}
+    before = previous_tiers(manifest_path) if keep_tiers else {}
+    pinned: dict[int, str] = {}  # group head -> strictest tier its photos had in the previous manifest
+    for g in groups:
+        known = [before[items[i].sha256] for i in g if items[i].sha256 in before]
+        if known:
+            pinned[g[0]] = min(known, key=rank.__getitem__)
     by_label: dict[str, list[list[int]]] = defaultdict(list)
     layout = any(it.tier for it in items)  # train/test layout rather than a plain ImageFolder
     tier_of: dict[int, str] = {}  # group head -> strictest given tier of its members
@@ -268,11 +292,16 @@ def split(root: str | Path, manifest_path: str | Path, ratios: tuple[float, floa
             if len(gs) < 3:
                 raise DataError(f"Class '{label}' has only {n} usable image(s) ({len(gs)} after merging duplicates);"
                                 " it needs at least 3 to put one in each of train, validation and test.")
-            tier_groups[label] = _assign(gs, ("train", "validation", "test"), ratios, rng)
+            kept = {t: [g for g in gs if pinned.get(g[0]) == t] for t in TIERS}
+            tier_groups[label] = _assign([g for g in gs if g[0] not in pinned], ("train", "validation", "test"),
+                                         ratios, rng, kept)
         else:  # train/test layout: keep given tiers, carve validation from train if absent
             fixed = {t: [g for g in gs if tier_of.get(g[0]) == t] for t in TIERS}
             if not has_given_val:
-                fixed.update(_assign(fixed["train"], ("train", "validation"), ratios[:2], rng))
+                kept = {t: [g for g in fixed["train"] if pinned.get(g[0]) == t] for t in ("train", "validation")}
+                placed = {id(g) for gs_ in kept.values() for g in gs_}
+                fixed.update(_assign([g for g in fixed["train"] if id(g) not in placed], ("train", "validation"),
+                                     ratios[:2], rng, kept))
             tier_groups[label] = fixed
         for t in TIERS:
             if not tier_groups[label][t]:
@@ -287,7 +316,9 @@ def split(root: str | Path, manifest_path: str | Path, ratios: tuple[float, floa
              for g in groups if g[0] in tier_of for i in g if items[i].tier and items[i].tier != tier_of[g[0]]]
     manifest_path = Path(manifest_path)
     write_manifest(rows, manifest_path)
-    write_report(result, report_path(manifest_path), groups=groups, moved=moved)
+    kept_tiers = sum(1 for r in rows if r.sha256 in before and before[r.sha256] == r.tier)
+    write_report(result, report_path(manifest_path), groups=groups, moved=moved,
+                 kept={"kept_tier": kept_tiers, "new": sum(1 for r in rows if r.sha256 not in before)})
     return rows
 
 
@@ -347,7 +378,8 @@ def count_table(rows: list[Row]) -> str:
 
 
 def write_report(scan_result: ScanResult, path: str | Path, near_dup_distance: int = 6,
-                 groups: list[list[int]] | None = None, moved: list[dict] | None = None) -> None:
+                 groups: list[list[int]] | None = None, moved: list[dict] | None = None,
+                 kept: dict[str, int] | None = None) -> None:
     """JSON of rejected files, duplicate groups (size > 1) and photos moved to a stricter tier with
     their near-copies, for the user to inspect or clean up (`format_report` prints its summary)."""
     items = scan_result.items
@@ -362,6 +394,7 @@ def write_report(scan_result: ScanResult, path: str | Path, near_dup_distance: i
             "paths": [str(items[i].path) for i in g],
         } for g in groups if len(g) > 1],
         "moved": moved or [],
+        "previous_manifest": kept or {},  # photos that kept their tier from the replaced manifest, and new ones
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,54 @@
+"""Issue 23 item 3: retraining on a grown folder keeps every known photo in its tier (a photo once in
+test stays in test) and reuses every cached feature, extracting only the new photos."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from conftest import COLOURS, colour_image, make_imagefolder
+
+from food_classifier.training.data import read_manifest, split
+
+
+def grow(root: Path, per_class: int, start: int = 1000) -> None:
+    """Add `per_class` new, distinct photos to every class (as labelling would)."""
+    for c, name in enumerate(COLOURS):
+        for i in range(start, start + per_class):
+            colour_image(name, size=(130 + 3 * (i - start), 96), noise=60, seed=7000 + 100 * c + i).save(
+                root / name / f"new_{i}.jpg", quality=90)
+
+
+def tiers(manifest: Path) -> dict[str, str]:
+    return {r.sha256: r.tier for r in read_manifest(manifest)}
+
+
+def test_resplit_of_a_grown_folder_keeps_every_known_photo_in_its_tier(tmp_path):
+    photos = make_imagefolder(tmp_path / "photos", per_class=12)
+    split(photos, tmp_path / "m.csv", progress=False)
+    before = tiers(tmp_path / "m.csv")
+    grow(photos, 10)
+    shutil.copy(tmp_path / "m.csv", tmp_path / "fresh.csv")
+    rows = split(photos, tmp_path / "m.csv", progress=False)
+    after = {r.sha256: r.tier for r in rows}
+    assert {h: after[h] for h in before} == before  # nothing known moved
+    new = [r for r in rows if r.sha256 not in before]
+    assert len(new) == 30 and {r.tier for r in new} == {"train", "validation", "test"}
+    for label in COLOURS:  # the new photos filled the tiers toward the ratios (22 photos: ~3 test)
+        n_test = sum(r.tier == "test" for r in rows if r.label == label)
+        assert 2 <= n_test <= 5, (label, n_test)
+    # without the previous manifest (what split did before), known photos do move: the test above has teeth
+    moved = {h for h, t in tiers_of(split(photos, tmp_path / "fresh.csv", progress=False, keep_tiers=False)).items()
+             if h in before and before[h] != t}
+    assert moved
+
+
+def tiers_of(rows: list) -> dict[str, str]:
+    return {r.sha256: r.tier for r in rows}
+
+
+def test_resplit_ignores_an_unreadable_previous_manifest(tmp_path):
+    photos = make_imagefolder(tmp_path / "photos", per_class=6)
+    (tmp_path / "m.csv").write_text("not,a,manifest\n")
+    rows = split(photos, tmp_path / "m.csv", progress=False)
+    assert len(rows) == 18 and read_manifest(tmp_path / "m.csv") == rows
