@@ -64,14 +64,53 @@ def list_cmd(models_dir: Path = MODELS_DIR) -> None:
             typer.echo("      " + " · ".join(facts))
 
 
+DATA_OPTION = typer.Option(None, "--data", metavar="DIR",
+                           help="Also score labelled photos in DIR/<class>/ (the label page's folder); photos "
+                                "the manifest puts in train or validation are left out.")
+MARGIN_OPTION = typer.Option(0.02, "--margin", min=0.0, max=1.0,
+                             help="Largest accuracy drop (a fraction) tolerated when it is not significant.")
+
+
+@models_app.command("compare")
+def compare_cmd(name: str = typer.Argument(..., help="Model name (a dir in --models-dir)."),
+                a: str | None = typer.Argument(None, help="Champion version (default: the one served now)."),
+                b: str | None = typer.Argument(None, help="Challenger version (default: the newest)."),
+                data: Path | None = DATA_OPTION, margin: float = MARGIN_OPTION,
+                models_dir: Path = MODELS_DIR) -> None:
+    """Score two versions on the same labelled photos: the test tier of the manifest the newer one was trained
+    on, plus --data. Prints each one's accuracy, the paired difference with a bootstrap 95 % interval,
+    McNemar's exact p-value, per-class deltas, and coverage/accuracy at each one's threshold."""
+    from food_classifier.compare import compare_versions, format_comparison, verdict
+
+    c = compare_versions(models_dir, name, a, b, data)
+    typer.echo(format_comparison(c))
+    typer.echo("\n" + verdict(c, margin)[1])
+
+
 @models_app.command("promote")
 def promote_cmd(name: str = typer.Argument(..., help="Model name (a dir in --models-dir)."),
                 version: str = typer.Argument(..., help="Version dir name, from `models list`."),
+                if_better: bool = typer.Option(False, "--if-better",
+                                               help="Promote only if VERSION is not worse than the version served "
+                                                    "now on the same labelled photos (`models compare`)."),
+                data: Path | None = DATA_OPTION, margin: float = MARGIN_OPTION,
                 models_dir: Path = MODELS_DIR) -> None:
     """Serve VERSION of NAME from now on, over newer versions. New servers, reloads and `Classifier`
     load it until another is promoted or `models unpromote` clears it."""
-    from food_classifier.versions import promote
+    from food_classifier.versions import model_dir, promote, served_version
 
+    if if_better:
+        from food_classifier.compare import compare_versions, format_comparison, verdict
+
+        champion = served_version(model_dir(models_dir, name))
+        if champion is not None and champion != version:
+            c = compare_versions(models_dir, name, champion, version, data)
+            typer.echo(format_comparison(c) + "\n")
+            ok, why = verdict(c, margin)
+            if not ok:
+                typer.secho(f"not promoted: {why}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(1)
+            typer.echo(why)
     path = promote(models_dir, name, version)
     typer.echo(f"promoted {name} {version} ({path}); a running server takes it on reload (SIGHUP, or "
                f"`POST /v1/models/{name}/reload` with the admin key) or restart")

@@ -135,10 +135,16 @@ class KeptPhotos:
             self.bytes += size
 
     # --- the event loop's side: decide, enqueue -------------------------------------------------------------
-    def offer(self, answer: Answer, data: bytes, labels: list[str], sha256: str | None = None) -> bool:
-        """Queue `data` for keeping when it is informative or drawn in the random sample. Never raises, never
-        blocks: returns whether the photo was queued."""
-        score, why = why_keep(answer, self.margin)
+    def offer(self, answer: Answer, data: bytes, labels: list[str], sha256: str | None = None,
+              why: str | None = None, note: dict[str, Any] | None = None) -> bool:
+        """Queue `data` for keeping when it is informative or drawn in the random sample (or always, with a `why`:
+        e.g. "shadow_disagrees", whose `note` goes into the record). Never raises, never blocks: returns whether
+        the photo was queued."""
+        score, reason = why_keep(answer, self.margin)
+        if why is not None:  # a reason from outside (the shadow disagreed): as informative as it gets
+            score = 1.0
+        else:
+            why = reason
         if why is None:
             if not (self.sample > 0 and self._random.random() < self.sample):
                 return False
@@ -146,7 +152,7 @@ class KeptPhotos:
         if sha256 is not None and sha256 in self._index:
             self.duplicates += 1
             return False
-        job = (data, sha256, answer, labels, score, why, time.time())  # the record is built on the writer
+        job = (data, sha256, answer, labels, score, why, time.time(), note)  # the record is built on the writer
         with self._qlock:
             if self._queued_bytes + len(data) > QUEUE_BYTES:
                 self.dropped += 1
@@ -205,7 +211,7 @@ class KeptPhotos:
         self._queue.task_done()
 
     def _keep(self, data: bytes, sha256: str | None, answer: Answer, labels: list[str], score: float, why: str,
-              kept_at: float) -> None:
+              kept_at: float, note: dict[str, Any] | None = None) -> None:
         sha = sha256 or hashlib.sha256(data).hexdigest()
         if sha in self._index:
             self.duplicates += 1
@@ -218,6 +224,8 @@ class KeptPhotos:
                   "labels": labels,
                   "probabilities": ([round(float(p), 6) for p in answer.probabilities]
                                     if answer.probabilities is not None else None)}
+        if note:
+            record["shadow"] = note
         ext = image_ext(data)
         body = json.dumps({"sha256": sha, "ext": ext, **record}, ensure_ascii=False).encode("utf-8")
         photo, meta = self.photos / f"{sha}.{ext}", self.photos / f"{sha}.json"

@@ -17,6 +17,7 @@ from food_classifier.cache import PredictionCache
 
 if TYPE_CHECKING:
     from food_classifier.serving.observer import ServingMonitor
+    from food_classifier.serving.shadow import Shadow
 
 LATENCY_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -54,6 +55,10 @@ class ServingMetrics:
     def watch_monitor(self, monitor: ServingMonitor) -> None:
         """Export the monitor's drift, abstention and accuracy figures (computed when scraped)."""
         self.registry.register(MonitorCollector(monitor))
+
+    def watch_shadow(self, shadow: Shadow) -> None:
+        """Export shadow mode's agreement and per-class disagreement (serving/shadow.py)."""
+        self.registry.register(ShadowCollector(shadow))
 
     def observe_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:
         s = str(status)
@@ -196,3 +201,39 @@ class MonitorCollector(Collector):
                 yield CounterMetricFamily(f"food_classifier_kept_photos_{name}", doc, value=value)
             yield GaugeMetricFamily("food_classifier_kept_photos_bytes", "Bytes of kept photos on disk.",
                                     value=keep.bytes)
+
+
+class ShadowCollector(Collector):
+    """Shadow mode's counts, read when scraped. Label values are the two models' class names (bounded)."""
+
+    def __init__(self, shadow: Shadow):
+        self.shadow = shadow
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self.shadow
+        labels = [s.name, s.version]
+        compared = CounterMetricFamily("food_classifier_shadow_compared", "Live photos the shadow version also "
+                                       "answered, by whether its best class agreed.", labels=["model", "shadow_version",
+                                                                                             "outcome"])
+        compared.add_metric([*labels, "agree"], s.agree)
+        compared.add_metric([*labels, "disagree"], s.disagree)
+        n = s.agree + s.disagree
+        agreement = GaugeMetricFamily("food_classifier_shadow_agreement", "Share of compared photos where the "
+                                      "shadow's best class is the served one (NaN before the first).",
+                                      labels=["model", "shadow_version"])
+        agreement.add_metric(labels, s.agree / n if n else float("nan"))
+        by_class = CounterMetricFamily("food_classifier_shadow_disagreements", "Disagreements by the served class "
+                                       "and the shadow's class.", labels=["model", "shadow_version", "served",
+                                                                          "shadow"])
+        for (served, theirs), count in sorted(s.by_class.items()):
+            by_class.add_metric([*labels, served, theirs], count)
+        yield from (compared, agreement, by_class)
+        for name, value, doc in (("dropped", s.dropped, "Photos the shadow skipped because it was behind."),
+                                 ("errors", s.errors, "Shadow runs that failed (never seen by clients).")):
+            yield _counter(f"food_classifier_shadow_{name}", doc, labels, value)
+
+
+def _counter(name: str, doc: str, labels: list[str], value: float) -> CounterMetricFamily:
+    c = CounterMetricFamily(name, doc, labels=["model", "shadow_version"])
+    c.add_metric(labels, value)
+    return c

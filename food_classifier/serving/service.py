@@ -34,6 +34,7 @@ from food_classifier.serving.settings import ServeSettings
 if TYPE_CHECKING:
     from food_classifier.inference import Classifier
     from food_classifier.serving.observer import ServingMonitor
+    from food_classifier.serving.shadow import Shadow
 
 log = logging.getLogger("food_classifier.serving")
 
@@ -89,7 +90,14 @@ def build_service(settings: ServeSettings) -> PredictionService:
     registry = ModelRegistry(model_sources(settings.bundles), settings, metrics)
     monitor = ServingMonitor(settings)  # drift windows, feedback and the prediction log see every transport
     metrics.watch_monitor(monitor)
-    return PredictionService(registry, settings, metrics, monitor=monitor)
+    shadow = None
+    if settings.shadow:  # a second version on a sample of live photos, never on the answer's path (shadow.py)
+        from food_classifier.serving.shadow import Shadow, resolve
+
+        shadow = Shadow(resolve(settings.shadow, model_sources(settings.bundles)), settings.shadow_sample,
+                        keep=monitor.keep, threads=settings.ort_threads)
+        metrics.watch_shadow(shadow)
+    return PredictionService(registry, settings, metrics, monitor=monitor, shadow=shadow)
 
 
 def cache_from_settings(s: ServeSettings) -> PredictionCache:
@@ -99,7 +107,8 @@ def cache_from_settings(s: ServeSettings) -> PredictionCache:
 
 class PredictionService:
     def __init__(self, registry: ModelRegistry, settings: ServeSettings, metrics: ServingMetrics | None = None,
-                 cache: PredictionCache | None = None, monitor: ServingMonitor | None = None):
+                 cache: PredictionCache | None = None, monitor: ServingMonitor | None = None,
+                 shadow: Shadow | None = None):
         self.registry = registry
         self.cache = cache if cache is not None else cache_from_settings(settings)
         self._no_cache = PredictionCache(memory_bytes=0)  # for warm-up: no entries, no counts
@@ -108,6 +117,7 @@ class PredictionService:
         if metrics:
             metrics.watch_cache(self.cache)
         self.monitor = monitor  # sees every answered image (drift windows, feedback, prediction log)
+        self.shadow = shadow  # a second version answering a sample of photos in its own thread (shadow.py)
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="fc-decode")
         # Backpressure: at most this many images decoded or decoding but not yet through the model. Without
         # it, decoding runs ahead of inference and a few big batch requests queue ~1 MB of floats per image.
@@ -125,6 +135,8 @@ class PredictionService:
         self.registry.close()
         if self.monitor is not None:
             self.monitor.close()
+        if self.shadow is not None:
+            self.shadow.close()
 
     async def warm_up(self, models: list[LoadedModel]) -> None:
         """Start every decode thread and run a JPEG through each model's decode + batcher path once, so
@@ -234,6 +246,8 @@ class PredictionService:
             self.metrics.stages.labels(model.name, str(answer.stage)).inc()
         if self.monitor is not None:
             self.monitor.observe(model, answer, data.tobytes() if isinstance(data, np.ndarray) else data, look.sha256)
+        if self.shadow is not None and isinstance(data, bytes):  # a queue put: the answer never waits for it
+            self.shadow.submit(model.name, answer, data, model.labels)
         return answer
 
     async def _store(self, look: Lookup, probs: np.ndarray) -> None:

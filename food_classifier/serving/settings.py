@@ -180,6 +180,13 @@ class ServeSettings(BaseSettings):
                                                      "<label>/<sha256>.jpg, as the label page does (default: "
                                                      "KEEP_PHOTOS/labelled).")
 
+    # Shadow mode (serving/shadow.py, docs/MONITORING.md "Champion and challenger"): a second version, never served.
+    shadow: str | None = Field(None, description="Also run this version (a version dir of a served model, or a bundle "
+                                                 "dir) on a sample of live photos, off the hot path; agreement goes "
+                                                 "to /metrics, disagreements to --keep-photos (off when not given).")
+    shadow_sample: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of live photos the shadow version "
+                                                                  "also answers.")
+
     _split_lists = field_validator("bundles", "variant", "allow_path_root", mode="before")(
         classmethod(lambda cls, v: _split(v)))
     _lower = field_validator("log_level", mode="before")(classmethod(lambda cls, v: v.lower()
