@@ -228,22 +228,39 @@ def manifest_of(clf: Classifier) -> Path | None:
     return path if path is not None and path.is_file() and os.access(path, os.R_OK) else None
 
 
+def champion(model: Path, challenger: str) -> str | None:
+    """The version `challenger` would replace: the promoted one, else the newest valid version other than it
+    (what was served before the challenger was published)."""
+    from food_classifier.bundle import load_bundle, promoted_version, published_versions
+
+    pinned = promoted_version(model)
+    if pinned and pinned != challenger:
+        return pinned
+    for p in published_versions(model):
+        if p.name != challenger:
+            try:
+                load_bundle(p)
+                return p.name
+            except BundleError:
+                continue
+    return None
+
+
 def compare_versions(models_dir: str | Path, name: str, a: str | None = None, b: str | None = None,
                      data: Path | None = None, threads: int | None = None) -> Comparison:
-    """`models compare`: A defaults to the version served now (the champion), B to the newest published one
-    (the challenger). The photos come from the manifest the newer of the two was trained on, plus `data`."""
+    """`models compare`: B defaults to the newest published version (the challenger), A to the version it would
+    replace (`champion`). The photos come from the manifest the newer of the two was trained on, plus `data`."""
     from food_classifier.bundle import published_versions
-    from food_classifier.versions import model_dir, served_version
+    from food_classifier.versions import model_dir
 
     d = model_dir(models_dir, name)
     newest = published_versions(d)
-    a = a or served_version(d)
     b = b or (newest[0].name if newest else None)
+    a = a or (champion(d, b) if b else None)
     if a is None or b is None:
-        raise BundleError(f"{name}: no version loads, nothing to compare")
+        raise BundleError(f"{name}: needs two versions to compare, has {', '.join(p.name for p in newest) or 'none'}")
     if a == b:
-        raise BundleError(f"{name}: A and B are both {a}; name two versions (`models list` shows them), e.g. "
-                          f"`models compare {name} {a} OTHER`")
+        raise BundleError(f"{name}: A and B are both {a}; name two versions (`models list` shows them)")
     for v in (a, b):
         if v.startswith(".") or "/" in v or not (d / v).is_dir():
             raise BundleError(f"{name} has no version {v!r} (versions: {', '.join(p.name for p in newest)})")

@@ -90,7 +90,10 @@ def test_compare_prints_accuracies_paired_difference_mcnemar_per_class_and_cover
 
 
 def test_defaults_are_the_served_champion_and_the_newest_challenger(models, labelled):
-    out = run("models", "compare", "colour", "--models-dir", str(models))  # nothing promoted: newest is served
+    out = run("models", "compare", "colour", "--data", str(labelled), "--models-dir", str(models))
+    assert out.returncode == 0, out.stderr  # nothing promoted: the newest against the one before it
+    assert f"A (champion):   {SOFT}" in out.stdout and f"B (challenger): {WRONG}" in out.stdout
+    out = run("models", "compare", "colour", WRONG, WRONG, "--models-dir", str(models))
     assert out.returncode == 1 and f"A and B are both {WRONG}" in out.stderr and "Traceback" not in out.stderr
     assert run("models", "promote", "colour", GOOD, "--models-dir", str(models)).returncode == 0
     out = run("models", "compare", "colour", "--data", str(labelled), "--models-dir", str(models))
@@ -109,6 +112,8 @@ def test_promote_if_better_refuses_a_worse_challenger_and_takes_an_equal_one(mod
     assert out.returncode == 0, out.stderr
     assert f"{SOFT} is not worse: +0.0% on 18 photos" in out.stdout
     assert promoted_version(models / "colour") == SOFT
+    out = run("models", "promote", "colour", SOFT, "--if-better", *d)
+    assert out.returncode == 0 and "promoted already" in out.stdout
 
 
 def test_no_labelled_photos_is_a_clear_error(models, tmp_path):

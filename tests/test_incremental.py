@@ -52,3 +52,44 @@ def test_resplit_ignores_an_unreadable_previous_manifest(tmp_path):
     (tmp_path / "m.csv").write_text("not,a,manifest\n")
     rows = split(photos, tmp_path / "m.csv", progress=False)
     assert len(rows) == 18 and read_manifest(tmp_path / "m.csv") == rows
+
+
+class _TinyBackbone:
+    """A real (tiny) torch backbone: `forward_features` is what features.extract exports and runs."""
+
+    @staticmethod
+    def make():
+        import torch
+
+        class Tiny(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = torch.nn.Conv2d(3, 4, 3)
+
+            def forward_features(self, x):
+                return self.conv(x).mean(dim=(2, 3))
+
+        torch.manual_seed(0)
+        return Tiny().eval()
+
+
+def test_extract_reuses_cached_features_and_computes_only_new_photos(tmp_path, monkeypatch):
+    from food_classifier.preprocessing import PreprocessSpec
+    from food_classifier.training import features as F
+
+    monkeypatch.setenv("FOOD_CLASSIFIER_CACHE", str(tmp_path / "cache"))
+    photos = make_imagefolder(tmp_path / "photos", per_class=4)
+    rows = split(photos, tmp_path / "m.csv", progress=False)
+    model, spec = _TinyBackbone.make(), PreprocessSpec(resize=36, crop=32)
+    F.STATS.reset()
+    first = F.extract(rows, model, "tiny-test", spec)
+    assert F.STATS.summary().startswith("features: 0 cached, 12 new (extracted in ")
+    grow(photos, 2)
+    rows2 = split(photos, tmp_path / "m.csv", progress=False)
+    F.STATS.reset()
+    second = F.extract(rows2, model, "tiny-test", spec)
+    assert F.STATS.summary().startswith("features: 12 cached, 6 new (extracted in ")
+    old = {r.sha256: i for i, r in enumerate(rows)}
+    for j, r in enumerate(rows2):  # the cached vectors are the ones computed the first time
+        if r.sha256 in old:
+            assert (second[j] == first[old[r.sha256]]).all()

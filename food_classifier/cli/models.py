@@ -73,7 +73,8 @@ MARGIN_OPTION = typer.Option(0.02, "--margin", min=0.0, max=1.0,
 
 @models_app.command("compare")
 def compare_cmd(name: str = typer.Argument(..., help="Model name (a dir in --models-dir)."),
-                a: str | None = typer.Argument(None, help="Champion version (default: the one served now)."),
+                a: str | None = typer.Argument(None, help="Champion version (default: the promoted one, else the "
+                                                          "newest before B)."),
                 b: str | None = typer.Argument(None, help="Challenger version (default: the newest)."),
                 data: Path | None = DATA_OPTION, margin: float = MARGIN_OPTION,
                 models_dir: Path = MODELS_DIR) -> None:
@@ -91,20 +92,27 @@ def compare_cmd(name: str = typer.Argument(..., help="Model name (a dir in --mod
 def promote_cmd(name: str = typer.Argument(..., help="Model name (a dir in --models-dir)."),
                 version: str = typer.Argument(..., help="Version dir name, from `models list`."),
                 if_better: bool = typer.Option(False, "--if-better",
-                                               help="Promote only if VERSION is not worse than the version served "
-                                                    "now on the same labelled photos (`models compare`)."),
+                                               help="Promote only if VERSION is not worse than the version it "
+                                                    "replaces (the promoted one, else the newest before it) on the "
+                                                    "same labelled photos (`models compare`)."),
                 data: Path | None = DATA_OPTION, margin: float = MARGIN_OPTION,
                 models_dir: Path = MODELS_DIR) -> None:
     """Serve VERSION of NAME from now on, over newer versions. New servers, reloads and `Classifier`
     load it until another is promoted or `models unpromote` clears it."""
-    from food_classifier.versions import model_dir, promote, served_version
+    from food_classifier.versions import model_dir, promote
 
     if if_better:
-        from food_classifier.compare import compare_versions, format_comparison, verdict
+        from food_classifier.bundle import promoted_version
+        from food_classifier.compare import champion, compare_versions, format_comparison, verdict
 
-        champion = served_version(model_dir(models_dir, name))
-        if champion is not None and champion != version:
-            c = compare_versions(models_dir, name, champion, version, data)
+        current = champion(model_dir(models_dir, name), version)
+        if promoted_version(model_dir(models_dir, name)) == version:
+            typer.echo(f"{name} {version} is promoted already")
+            return
+        if current is None:
+            typer.echo(f"{name} has no other version: nothing to compare {version} with")
+        else:
+            c = compare_versions(models_dir, name, current, version, data)
             typer.echo(format_comparison(c) + "\n")
             ok, why = verdict(c, margin)
             if not ok:
