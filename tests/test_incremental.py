@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from conftest import COLOURS, colour_image, make_imagefolder
 
 from food_classifier.training.data import read_manifest, split
@@ -93,3 +94,64 @@ def test_extract_reuses_cached_features_and_computes_only_new_photos(tmp_path, m
     for j, r in enumerate(rows2):  # the cached vectors are the ones computed the first time
         if r.sha256 in old:
             assert (second[j] == first[old[r.sha256]]).all()
+
+
+def _cli(*args: str, env: dict[str, str], timeout: float = 900) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "food_classifier.cli", *args], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    assert out.returncode == 0, (args, out.stdout[-2000:], out.stderr[-3000:])
+    return out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.live
+def test_the_loop_end_to_end_train_grow_retrain_compare_promote_reload(tmp_path):
+    """train --data -> more labelled photos -> train --data (cached features, same test photos) -> models compare
+    -> promote --if-better -> the running server reloads (SIGHUP) and serves the promoted version."""
+    import os
+    import re
+    import signal
+    import time
+
+    import httpx
+
+    from food_classifier.testing import ServerProcess
+
+    env = {k: v for k, v in os.environ.items() if k != "FOOD_CLASSIFIER_PROGRESS"}
+    env["FOOD_CLASSIFIER_CACHE"] = str(tmp_path / "cache")
+    photos = make_imagefolder(tmp_path / "data", per_class=10)
+    models, manifest = tmp_path / "models", tmp_path / "m.csv"
+    train = ["train", "--data", str(photos), "--manifest", str(manifest), "--arch", "efficientnet_lite0",
+             "--image-size", "64", "--aug-views", "1", "--no-int8", "--runs-dir", str(tmp_path / "runs"),
+             "--models-dir", str(models), "--name", "food"]
+    first = _cli(*train, env=env)
+    assert re.search(r"^features: 0 cached, 24 new \(extracted in [\d.]+ s\)$", first, re.M), first
+    (v1,) = [p.name for p in (models / "food").iterdir() if not p.name.startswith(".")]
+    _cli("models", "promote", "food", v1, "--models-dir", str(models), env=env)
+    test_before = {h for h, t in tiers(manifest).items() if t == "test"}
+
+    with ServerProcess([models / "food"], args=["--ort-threads", "1"], env=env) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.get("/v1/models/food").json()["version"] == v1
+        grow(photos, 4)  # the label page would have written these
+        second = _cli(*train, env=env)
+        assert "previous manifest: 30 photos kept their tier, 12 new" in second
+        assert re.search(r"^features: 24 cached, \d+ new \(extracted in [\d.]+ s\)$", second, re.M), second
+        assert test_before <= {h for h, t in tiers(manifest).items() if t == "test"}
+        (v2,) = [p.name for p in (models / "food").iterdir() if p.name not in (v1,) and not p.name.startswith(".")]
+        compared = _cli("models", "compare", "food", "--data", str(photos), "--models-dir", str(models), env=env)
+        assert f"A (champion):   {v1}" in compared and f"B (challenger): {v2}" in compared
+        assert re.search(r"^photos: \d+ labelled; skipped \d+ \(labelled photo in the manifest's train", compared,
+                         re.M), compared
+        promoted = _cli("models", "promote", "food", v2, "--if-better", "--data", str(photos), "--models-dir",
+                        str(models), env=env)
+        assert f"{v2} is not worse" in promoted and f"promoted food {v2}" in promoted
+        assert c.get("/v1/models/food").json()["version"] == v1  # until it reloads
+        srv.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while c.get("/v1/models/food").json()["version"] != v2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert c.get("/v1/models/food").json()["version"] == v2
