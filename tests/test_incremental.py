@@ -129,7 +129,9 @@ def test_the_loop_end_to_end_train_grow_retrain_compare_promote_reload(tmp_path)
              "--models-dir", str(models), "--name", "food"]
     first = _cli(*train, env=env)
     assert re.search(r"^features: 0 cached, 24 new \(extracted in [\d.]+ s\)$", first, re.M), first
-    (v1,) = [p.name for p in (models / "food").iterdir() if not p.name.startswith(".")]
+    from food_classifier.bundle import published_versions
+
+    (v1,) = [p.name for p in published_versions(models / "food")]
     _cli("models", "promote", "food", v1, "--models-dir", str(models), env=env)
     test_before = {h for h, t in tiers(manifest).items() if t == "test"}
 
@@ -141,7 +143,7 @@ def test_the_loop_end_to_end_train_grow_retrain_compare_promote_reload(tmp_path)
         assert "previous manifest: 30 photos kept their tier, 12 new" in second
         assert re.search(r"^features: 24 cached, \d+ new \(extracted in [\d.]+ s\)$", second, re.M), second
         assert test_before <= {h for h, t in tiers(manifest).items() if t == "test"}
-        (v2,) = [p.name for p in (models / "food").iterdir() if p.name not in (v1,) and not p.name.startswith(".")]
+        (v2,) = [p.name for p in published_versions(models / "food") if p.name != v1]
         compared = _cli("models", "compare", "food", "--data", str(photos), "--models-dir", str(models), env=env)
         assert f"A (champion):   {v1}" in compared and f"B (challenger): {v2}" in compared
         assert re.search(r"^photos: \d+ labelled; skipped \d+ \(labelled photo in the manifest's train", compared,
