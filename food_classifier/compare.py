@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from food_classifier.answer import Options
+from food_classifier.answer import Answer, Options
 from food_classifier.bundle import BundleError
 from food_classifier.inference import Classifier
+from food_classifier.preprocessing import ImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 DEFAULT_MARGIN = 0.02  # largest accuracy drop `--if-better` tolerates when it is not significant
@@ -96,16 +97,29 @@ class Scored:
     answered: np.ndarray       # bool: at or above the version's abstention threshold
     threshold: float | None
 
+    def take(self, keep: list[int]) -> Scored:
+        return Scored(self.version, [self.predicted[i] for i in keep], self.answered[keep], self.threshold)
 
-def score(clf: Classifier, photos: list[Photo], batch_size: int = 32) -> Scored:
+
+def score(clf: Classifier, photos: list[Photo], batch_size: int = 32) -> tuple[Scored, set[int]]:
     """Each photo's best class and whether the version would answer it (its own threshold; the not-food rule is
-    off: these photos are labelled food)."""
-    answers = []
+    off: these photos are labelled food), and the indices of photos that could not be read."""
+    answers: list[Answer | None] = []
     opts = Options(reject_not_food=False)
     for i in range(0, len(photos), batch_size):
-        answers += clf.predict_batch([p.path for p in photos[i:i + batch_size]], opts)
-    return Scored(clf.version, [clf.labels[a.label_idx] for a in answers],
-                  np.array([not a.abstained for a in answers], dtype=bool), clf.abstain_threshold)
+        chunk = [p.path for p in photos[i:i + batch_size]]
+        try:
+            answers += clf.predict_batch(chunk, opts)
+        except (ImageError, OSError):  # one bad file: score this chunk photo by photo
+            for path in chunk:
+                try:
+                    answers.append(clf.predict(path, opts))
+                except (ImageError, OSError):
+                    answers.append(None)
+    bad = {i for i, a in enumerate(answers) if a is None}
+    return Scored(clf.version, [clf.labels[a.label_idx] if a else "" for a in answers],
+                  np.array([a is not None and not a.abstained for a in answers], dtype=bool),
+                  clf.abstain_threshold), bad
 
 
 def mcnemar_exact(a_only: int, b_only: int) -> float:
@@ -172,12 +186,19 @@ def compare(a: Classifier, b: Classifier, photos: PhotoSet, n_boot: int = 2000, 
     if not photos.photos:
         raise BundleError("no labelled photos to compare on: the manifest's test tier is missing and --data has "
                           "no labelled photos (DATA/<class>/...)")
-    sa, sb = score(a, photos.photos), score(b, photos.photos)
-    labels = [p.label for p in photos.photos]
+    (sa, bad_a), (sb, bad_b) = score(a, photos.photos), score(b, photos.photos)
+    keep = [i for i in range(len(photos.photos)) if i not in bad_a | bad_b]  # both score the same photos
+    skipped = dict(photos.skipped)
+    if len(keep) < len(photos.photos):
+        skipped["unreadable photo"] = len(photos.photos) - len(keep)
+    if not keep:
+        raise BundleError("none of the labelled photos could be read")
+    sa, sb = sa.take(keep), sb.take(keep)
+    labels = [photos.photos[i].label for i in keep]
     ca = np.array([p == y for p, y in zip(sa.predicted, labels, strict=True)])
     cb = np.array([p == y for p, y in zip(sb.predicted, labels, strict=True)])
     only_a, only_b = int((ca & ~cb).sum()), int((cb & ~ca).sum())
-    return Comparison(sa, sb, labels, photos.skipped, only_a, only_b, mcnemar_exact(only_a, only_b),
+    return Comparison(sa, sb, labels, skipped, only_a, only_b, mcnemar_exact(only_a, only_b),
                       bootstrap_ci(cb.astype(float) - ca.astype(float), n_boot, seed))
 
 

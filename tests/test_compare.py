@@ -116,6 +116,17 @@ def test_promote_if_better_refuses_a_worse_challenger_and_takes_an_equal_one(mod
     assert out.returncode == 0 and "promoted already" in out.stdout
 
 
+def test_an_unreadable_photo_is_left_out_for_both_and_counted(models, labelled, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(labelled, data)
+    (data / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    out = run("models", "compare", "colour", GOOD, SOFT, "--data", str(data), "--models-dir", str(models))
+    assert out.returncode == 0, out.stderr
+    assert "photos: 18 labelled; skipped 1 (unreadable photo)" in out.stdout
+
+
 def test_no_labelled_photos_is_a_clear_error(models, tmp_path):
     (tmp_path / "empty").mkdir()
     out = run("models", "compare", "colour", GOOD, SOFT, "--data", str(tmp_path / "empty"), "--models-dir",
