@@ -19,6 +19,7 @@ from food_classifier.testing import ServerProcess
 SERVED = "20260101T000000-colour"
 AGREES = "20251201T000000-agrees"  # older: the server serves SERVED, the shadow is named
 DISAGREES = "20251101T000000-argmin"
+BROKEN = "20251001T000000-broken"  # its graph refuses the crop its preprocessing makes: every shadow run fails
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,10 @@ def model_dir(tmp_path_factory) -> Path:
     make_colour_bundle(root / SERVED)
     make_colour_bundle(root / AGREES, version=AGREES, created_at="2025-12-01T00:00:00+00:00", scale=2.0)
     make_colour_bundle(root / DISAGREES, version=DISAGREES, created_at="2025-11-01T00:00:00+00:00", scale=-4.0)
+    make_colour_bundle(root / BROKEN, version=BROKEN, created_at="2025-10-01T00:00:00+00:00")
+    meta = json.loads((root / BROKEN / "bundle.json").read_text())
+    meta["preprocessing"].update(crop=48, resize=54)  # the graph's input stays [N, 3, 32, 32]
+    (root / BROKEN / "bundle.json").write_text(json.dumps(meta))
     return root
 
 
@@ -101,6 +106,19 @@ def test_sampling_zero_compares_nothing(model_dir):
         send(c, ["red", "blue"])
         time.sleep(0.3)
         assert value(scrape(c), "food_classifier_shadow_compared_total") == 0
+
+
+@pytest.mark.live
+def test_a_failing_shadow_never_fails_an_answer_and_is_counted(model_dir):
+    args = ["--shadow", BROKEN, "--shadow-sample", "1", "--ort-threads", "1"]
+    with ServerProcess([model_dir], args=args) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        answers = send(c, ["red", "green", "blue"])
+        assert [a["label"] for a in answers] == ["red", "green", "blue"]
+        deadline = time.monotonic() + 20
+        while value(m := scrape(c), "food_classifier_shadow_errors_total") < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert value(m, "food_classifier_shadow_errors_total") == 3
+        assert value(m, "food_classifier_shadow_compared_total") == 0
 
 
 def test_an_unknown_shadow_version_is_a_clear_error(model_dir):
