@@ -74,6 +74,7 @@ class _TinyBackbone:
         return Tiny().eval()
 
 
+@pytest.mark.slow
 def test_extract_reuses_cached_features_and_computes_only_new_photos(tmp_path, monkeypatch):
     from food_classifier.preprocessing import PreprocessSpec
     from food_classifier.training import features as F
