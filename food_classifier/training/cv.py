@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from food_classifier.training import runs
-from food_classifier.training.data import Row, UnionFind, read_manifest, write_manifest
+from food_classifier.training.data import Row, read_manifest, write_manifest
+from food_classifier.training.duplicates import UnionFind
 
 if TYPE_CHECKING:
     from food_classifier.training.train import Fitted
