@@ -63,7 +63,9 @@ def test_served_predictions_match_the_evaluation(default_run):
     assert np.mean([p.top_k[0].label == r.label for p, r in zip(preds, test, strict=True)]) >= 0.9
     kept = [p.label == r.label for p, r in zip(preds, test, strict=True) if not p.abstained]
     assert len(kept) >= 0.8 * len(test) and np.mean(kept) >= 0.9
-    assert all(p.label == "unsure" for p in preds if p.abstained)
+    # the default variant is the cascade with its not-food rule: an abstained answer says why, as its label
+    assert all(p.label == p.reason and p.reason in ("unsure", "not_food") for p in preds if p.abstained)
+    assert all(p.reason is None for p in preds if not p.abstained)
     single = clf.predict(test[0].path)
     assert single.label == preds[0].label and single.confidence == pytest.approx(preds[0].confidence, abs=1e-5)
 
