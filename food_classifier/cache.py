@@ -63,7 +63,7 @@ class CacheableModel(Protocol):
 @dataclass
 class Lookup:
     """One image's way through the cache: a known `row` (`Classifier.infer`'s), or the array to run and where to
-    store its row; `sha256` of the upload when the server's monitor wants it (hashed off the event loop)."""
+    store its row; `sha256` of the upload when it was hashed (the bytes key; reused by the server's monitor)."""
     outcome: str
     row: np.ndarray | None = None
     array: np.ndarray | None = None
@@ -260,12 +260,13 @@ class PredictionCache:
         ns = namespace(model)
         data = _as_bytes(image)
         keys: dict[str, bytes] = {}
-        if data is not None:
-            bkey = f"{ns}b:{hashlib.sha256(data).hexdigest()}"
+        sha = hashlib.sha256(data).hexdigest() if data is not None else None
+        if sha is not None:
+            bkey = f"{ns}b:{sha}"
             row = _row(self._get([bkey])[0], model.row_width)
             self.stats.lookup(model.name, "bytes", row is not None)
             if row is not None:
-                return Lookup(HIT_BYTES, row=row)
+                return Lookup(HIT_BYTES, row=row, sha256=sha)
             keys[bkey] = b""
         array, ms = decode(data if data is not None else image)
         view = pixel_view(array, model.spec)
@@ -274,13 +275,12 @@ class PredictionCache:
             fid = fingerprint_id(fingerprint)
             row = self._verified_pixel_hit(ns, pkeys, fingerprint, model.row_width, array.shape[-1])
             self.stats.lookup(model.name, "pixels", row is not None)
-            if row is not None:  # verified: the same photo, so its answer may also go under these bytes
-                if data is not None:
-                    self._set({k: row.tobytes() for k in keys})
-                return Lookup(HIT_PIXELS, row=row, preprocess_ms=ms)
+            if row is not None:  # verified: the same photo, so its answer may also go under its bytes key (if any)
+                self._set({k: row.tobytes() for k in keys})
+                return Lookup(HIT_PIXELS, row=row, preprocess_ms=ms, sha256=sha)
             keys.update({f"{ns}{k}": fid for k in pkeys})
             keys[f"{ns}f:{fid.hex()}"] = fingerprint
-        return Lookup(MISS, array=array, preprocess_ms=ms, keys=keys)
+        return Lookup(MISS, array=array, preprocess_ms=ms, keys=keys, sha256=sha)
 
     def _verified_pixel_hit(self, ns: str, pkeys: list[str], fingerprint: bytes, n: int,
                             side: int) -> np.ndarray | None:

@@ -322,10 +322,10 @@ class BatchAnswer:
 
 
 def _lookup(cache: PredictionCache, clf: Any, data: bytes | np.ndarray, decode: Any, hash_bytes: bool) -> Lookup:
-    """The cache's lookup, plus the upload's sha256 for the monitor: hashed here, in a decode thread (hashlib
-    releases the GIL), not on the event loop, which measured ~7 % of its time hashing uploads."""
+    """The cache's lookup, plus the upload's sha256 for the monitor: the bytes key's hash when the cache made one,
+    else hashed here, in a decode thread (hashlib releases the GIL), not on the event loop (~7 % of its time)."""
     look = cache.lookup(clf, data, decode=decode)
-    if hash_bytes and isinstance(data, bytes):
+    if hash_bytes and look.sha256 is None and isinstance(data, bytes):
         look.sha256 = hashlib.sha256(data).hexdigest()
     return look
 
