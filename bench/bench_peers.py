@@ -404,6 +404,8 @@ def main() -> None:
     config.write_text(json.dumps({"model": str(b.model_file("fp32")), "spec": b.preprocessing.to_dict(),
                                   "labels": b.labels, "temperature": b.temperature, "threads": args.threads}))
     photos = [(data, clf.predict(data).label) for _, data in load_images(args.photos, args.images)]
+    if not photos:
+        raise SystemExit(f"no photos found under {args.photos} (an ImageFolder of JPEGs; see --photos)")
     print(f"bundle {b.name} {b.version} ({b.meta.arch}, {b.preprocessing.crop} px), {len(photos)} photos; "
           f"CPU: {cpus} cores", flush=True)
     notes: list[str] = []

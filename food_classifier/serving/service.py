@@ -25,7 +25,7 @@ import numpy as np
 from food_classifier.answer import DEFAULT_OPTIONS, Answer, Options, OptionsError, Timings
 from food_classifier.cache import Lookup, PredictionCache
 from food_classifier.serving.admission import DecodeBudget, LargeImage, decode_large, decode_small
-from food_classifier.serving.batching import BatchResult
+from food_classifier.serving.batching import BatchResult, MicroBatcher
 from food_classifier.serving.errors import InvalidInput, MissingImage, ServiceError, image_error
 from food_classifier.serving.metrics import ServingMetrics
 from food_classifier.serving.registry import LoadedModel, ModelRegistry
@@ -163,18 +163,16 @@ class PredictionService:
                        cache: PredictionCache | None = None) -> Lookup:
         """The cache lookup in a decode thread, decoding with `decode(classifier, image) -> (array, ms)` on a
         miss; a preprocessed crop (np.ndarray, tensor protocols) is only checked (`_Crop`)."""
-        loop = asyncio.get_running_loop()
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool,
+                                                                self._lookup_step(model, data, decode, cache))
+
+    def _lookup_step(self, model: LoadedModel, data: bytes | np.ndarray, decode: Any,
+                     cache: PredictionCache | None = None) -> partial[Lookup]:
         if isinstance(data, np.ndarray):
             clf, step_decode = _Crop(model.classifier), None
         else:
             clf, step_decode = model.classifier, partial(decode, model.classifier)
-        step = partial(_lookup, cache or self.cache, clf, data, step_decode, self.monitor is not None)
-        try:
-            return await loop.run_in_executor(self.decode_pool, step)
-        except (ServiceError, LargeImage):
-            raise
-        except Exception as exc:  # any decoder failure is the input's fault: never a 500
-            raise image_error(exc) from None
+        return partial(_lookup, cache or self.cache, clf, data, step_decode, self.monitor is not None)
 
     async def _infer(self, model: LoadedModel, data: bytes | np.ndarray) -> tuple[Lookup, BatchResult | None, float]:
         """Cache, decode, then the model: (lookup, model result or None on a cache hit, seconds waited for a
@@ -200,10 +198,15 @@ class PredictionService:
             except _Answered:
                 return None
 
+        small = partial(decode_small, small=self.budget.small)
         try:
             async with self._pending:
                 waited = time.perf_counter() - start
-                res = await run(partial(decode_small, small=self.budget.small))
+                if model.batcher.max_size > 1:
+                    res = await run(small)
+                else:  # batching off: the decode thread also makes the model call (one thread hop per image)
+                    step = partial(_lookup_and_run, self._lookup_step(model, data, small), model.batcher)
+                    look, res = await asyncio.get_running_loop().run_in_executor(self.decode_pool, step)
             return look, res, waited
         except LargeImage as big:
             large = big
@@ -324,10 +327,21 @@ class BatchAnswer:
 def _lookup(cache: PredictionCache, clf: Any, data: bytes | np.ndarray, decode: Any, hash_bytes: bool) -> Lookup:
     """The cache's lookup, plus the upload's sha256 for the monitor: the bytes key's hash when the cache made one,
     else hashed here, in a decode thread (hashlib releases the GIL), not on the event loop (~7 % of its time)."""
-    look = cache.lookup(clf, data, decode=decode)
+    try:
+        look = cache.lookup(clf, data, decode=decode)
+    except (ServiceError, LargeImage):
+        raise
+    except Exception as exc:  # any decoder failure is the input's fault: never a 500
+        raise image_error(exc) from None
     if hash_bytes and look.sha256 is None and isinstance(data, bytes):
         look.sha256 = hashlib.sha256(data).hexdigest()
     return look
+
+
+def _lookup_and_run(lookup: partial[Lookup], batcher: MicroBatcher) -> tuple[Lookup, BatchResult | None]:
+    """The lookup, then on a miss the model on this thread (a model failure stays a 500, not the input's fault)."""
+    look = lookup()
+    return look, None if look.row is not None else batcher.run_one(look.array)
 
 
 def _warmup_jpeg(side: int) -> bytes:

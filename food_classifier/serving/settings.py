@@ -105,12 +105,16 @@ class ServeSettings(BaseSettings):
     # 20 ms CPU per 288 px image, two threads per call 30-38 ms (the idle thread spins); with one thread
     # a batch of 8 costs the same per image as a batch of 1, while ORT's arena grows ~17 MB per batched
     # image. So: no batching by default on this CPU; raise batch_max_size where a call has overhead
-    # to amortize (small models, --ort-threads 2).
+    # to amortize (small models, --ort-threads 2). With batching off each decode thread makes its own image's
+    # model call (one thread hop per image); one thread more than CPUs keeps both cores busy while a thread
+    # hands its answer back: 1.73 -> 1.87 cores used and +12 % img/s at concurrency 8 (docs/BENCHMARKS.md).
     ort_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per model call.")
     inference_workers: int = Field(default_factory=usable_cpus, ge=1,
-                                   description="Model calls that may run at the same time (default: one per CPU).")
-    decode_threads: int = Field(default_factory=usable_cpus, ge=1,
-                                description="Threads that decode and preprocess images (default: one per CPU).")
+                                   description="Batched model calls that may run at the same time, with "
+                                               "--batch-max-size > 1 (default: one per CPU).")
+    decode_threads: int = Field(default_factory=lambda: usable_cpus() + 1, ge=1,
+                                description="Threads that decode and preprocess images and, with batching off, "
+                                            "make each image's model call (default: one per CPU, plus one).")
     batch_max_size: int = Field(1, ge=1, description="Micro-batch size limit (1 = no batching).")
     batch_max_wait_ms: float = Field(2.0, ge=0, description="Longest wait in ms for images still decoding, when "
                                                             "batching (0 = never wait).")
