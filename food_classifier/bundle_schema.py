@@ -72,6 +72,7 @@ class Variant(Section):
     accuracy_delta_points: float | None = None
     n_test: int | None = None
     top1_agreement: dict[str, float] | None = None
+    verdict: dict[str, Any] | None = None  # the rule that decided `recommended`, with its checks (quantize.py)
     ms_per_image_batch1: float | None = None
     ms_per_image_batch32: float | None = None
     fp32_ms_per_image_batch1: float | None = None

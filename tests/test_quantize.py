@@ -161,11 +161,14 @@ def test_add_int8_variant_measures_and_records_everything(bundle, data):
     assert entry["accuracy_tier"] == "test" and entry["n_test"] == 18
     assert entry["fp32_test_accuracy"] == 1.0 and entry["test_accuracy"] == 1.0
     assert entry["accuracy_delta_points"] == 0.0
-    assert entry["top1_agreement"] == {"test": 1.0}
+    assert entry["top1_agreement"] == {"train": 1.0, "validation": 1.0, "test": 1.0}  # judged on every tier
     assert set(entry["speedup"]) == {"batch1", "batch32"}
     assert entry["speedup"]["batch1"] == pytest.approx(
         entry["fp32_ms_per_image_batch1"] / entry["ms_per_image_batch1"], rel=0.01)
-    assert entry["recommended"] == (min(entry["speedup"].values()) >= 1.0)  # accuracy is fine here
+    checks = entry["verdict"]["checks"]  # the cascade's rule: agreement, accuracy, speed-up at batch 32
+    assert checks["top1_agreement"]["ok"] and checks["oof_accuracy_loss_points"]["ok"]  # accuracy is fine here
+    assert entry["recommended"] == (entry["speedup"]["batch32"] >= 1.1) == checks["speedup"]["ok"]
+    assert "every labelled photo" in entry["verdict"]["rule"]
     q = entry["quantization"]
     assert q["calibration"] == {"method": "MinMax", "n_images": 24, "tier": "train"}
     assert q["fp32_nodes"] == ["stem", "dw0", "pw0", "classifier"]
@@ -198,8 +201,8 @@ def test_accuracy_loss_means_not_recommended(bundle, data, monkeypatch):
     monkeypatch.setattr(quantize, "evaluate_int8", worse)
     entry = quantize.add_int8_variant(bundle, data, n_calibration=12, speed_seconds=0.1)
     assert entry["accuracy_delta_points"] == pytest.approx(-100 / 18, abs=1e-2)
-    assert entry["recommended"] is False
-    assert "accuracy points" in entry["not_recommended_because"][0]
+    assert entry["recommended"] is False  # one more mistake of every labelled photo is > 0.2 points here
+    assert entry["not_recommended_because"][0].startswith("labelled-photo accuracy -")
     assert load_bundle(bundle).variants["int8"].recommended is False  # kept, but flagged
 
 

@@ -282,6 +282,8 @@ def _int8_section(meta: BundleMeta | None, bundle: Path | None) -> str:
     speed = v.speedup or {}
     verdict = "recommended: `serve` uses it by default" if v.recommended is not False else (
         "not recommended (" + "; ".join(v.not_recommended_because or []) + "): `serve` uses fp32")
+    if v.verdict and v.verdict.get("rule"):
+        verdict += f"; rule that decided: {v.verdict['rule']}"
     rows = [("accuracy on " + (v.accuracy_tier or "test") + f" (n={v.n_test})",
              f"{v.fp32_test_accuracy:.4f}" if v.fp32_test_accuracy is not None else "-",
              f"{v.test_accuracy:.4f}" if v.test_accuracy is not None else "-",
