@@ -53,11 +53,13 @@ def test_train_refuses_data_with_resume(tmp_path):
     assert out.returncode == 1 and "pass one of them" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_train_refuses_both_abstention_targets_before_any_work(tmp_path):
+def test_train_refuses_bad_recipe_options_before_any_work(tmp_path):
     photos = make_imagefolder(tmp_path / "photos", per_class=2)
     manifest = tmp_path / "m.csv"
     for extra, message in ((["--target-precision", "0.9", "--target-coverage", "0.8"], "exclude each other"),
-                           (["--target-coverage", "0"], "--target-coverage must be in (0, 1]")):
+                           (["--target-coverage", "0"], "--target-coverage must be in (0, 1]"),
+                           (["--unlabeled", str(tmp_path / "nowhere")], "no such folder"),
+                           (["--quality", "best", "--unlabeled", str(tmp_path)], "--unlabeled self-trains")):
         out = subprocess.run([*CLI, "train", "--data", str(photos), "--manifest", str(manifest), *extra],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -71,6 +71,11 @@ def train(data: Path | None = typer.Option(None, "--data", metavar="FOLDER",
             fail("--device cuda: PyTorch sees no CUDA GPU here; use --device auto (a GPU when there is one) or cpu")
     if data and resume:
         fail("--data starts a new run; --resume continues one on its own manifest: pass one of them")
+    if options["unlabeled"] and not Path(options["unlabeled"]).is_dir():
+        fail(f"--unlabeled {options['unlabeled']}: no such folder (a folder of photos without labels, any layout)")
+    if options["unlabeled"] and quality == "best":
+        fail("--unlabeled self-trains the linear heads of --quality fast; --quality best tunes the backbones "
+             "on labelled photos only: pass one of them")
     if problem := abstention_check(target_precision, target_coverage):
         fail(problem)
     from food_classifier.training import runs

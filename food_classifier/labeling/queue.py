@@ -78,12 +78,14 @@ def _dhashes(items: list[Item]) -> list[int]:
     return out
 
 
-def order(items: list[Item], near_dup_distance: int = 6) -> list[Item]:
-    """Near-duplicates collapsed, then classes in turn by informativeness (see the module docstring)."""
+def order(items: list[Item], near_dup_distance: int = 6, hashes: list[int] | None = None) -> list[Item]:
+    """Near-duplicates collapsed, then classes in turn by informativeness (see the module docstring).
+    `hashes`: the items' dHashes when the caller has them (bench/bench_active.py re-orders the same photos
+    every round), else read from the photos."""
     from food_classifier.training.data import Item as DataItem
     from food_classifier.training.duplicates import duplicate_groups
 
-    hashes = _dhashes(items)
+    hashes = _dhashes(items) if hashes is None else hashes
     groups = duplicate_groups([DataItem(it.photo, it.predicted, it.sha256, dhash=h)
                                for it, h in zip(items, hashes, strict=True)], near_dup_distance)
     heads = []

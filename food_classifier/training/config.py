@@ -61,6 +61,10 @@ class TrainConfig:
         None, flag="--target-coverage", metavar="C", min=0.0, max=1.0, help=(
             "Abstention: answer this share of photos (the most confident), 'unsure' on the rest, whatever the "
             "precision; excludes --target-precision."))
+    unlabeled: str | None = _opt(None, metavar="DIR", show_default=False, help=(
+        "Self-training: photos without labels (any layout, e.g. the photos `serve --keep-photos` kept); the heads "
+        "are refitted with the ones they are surest of, pseudo-labelled. Pays with few labels per class "
+        "(docs/BENCHMARKS.md, 'Active learning'). Not with --quality best."))
     threads: int = 0               # 0 = all cores
 
 

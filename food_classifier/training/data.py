@@ -85,7 +85,7 @@ class ScanResult:
     rejected: list[tuple[Path, str]]  # (file, reason)
 
 
-def _check(path: Path) -> tuple[str, int] | str:
+def check_image(path: Path) -> tuple[str, int] | str:
     """(sha256, dhash) for a fully decodable image, else the reason it is rejected."""
     try:
         data = path.read_bytes()
@@ -118,7 +118,7 @@ def scan(root: str | Path, progress: bool = True) -> ScanResult:
     todo = [(f, c.name, tier) for tier, d in tier_dirs for c in _subdirs(d) for f in _files(c)]
     todo.sort(key=lambda t: str(t[0]))
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
-        results = list(progress_bar(pool.map(_check, [f for f, _, _ in todo]), total=len(todo),
+        results = list(progress_bar(pool.map(check_image, [f for f, _, _ in todo]), total=len(todo),
                             desc="scanning images", unit="img", disable=not progress))
     items, rejected = [], []
     for (f, label, tier), res in zip(todo, results, strict=True):

@@ -115,11 +115,22 @@ def fit_head(model: nn.Module, tiers: dict[str, list[Row]], labels: list[str], s
             break
         previous = objective
     bar.close()
+    unlabeled = None
+    if config.unlabeled:  # self-training: refit on the labelled photos + confident pseudo-labels
+        from food_classifier.training.self_train import self_train, unlabeled_rows
+
+        rows = unlabeled_rows(config.unlabeled, {r.sha256 for t in tiers.values() for r in t})
+        if rows:
+            unlabeled = torch.from_numpy(extract_features(rows, model, config, spec, **kw))
+            tuned, added = self_train(head, xs, ys, unlabeled, lambda a, b: solve_head(head, a, b, config))
+            head.load_state_dict(tuned.state_dict())
+            print(f"self-training: {added:,} of {len(rows):,} unlabeled photos pseudo-labelled and fitted with "
+                  f"the {len(ys):,} labelled ones")
     save_checkpoint(run, {"model": model.state_dict(), "epoch": epoch + 1, "stage": "head"})
     with torch.no_grad():  # eval-view logits of the fitted tiers: evaluation need not run the backbones again
         fitted = head(xs[:, 0]).numpy()
     paths = [str(r.path) for t in used for r in tiers[t]]
-    members = out_of_fold_member_logits(head, x_all, y_all, config, epochs=epoch + 1)
+    members = out_of_fold_member_logits(head, x_all, y_all, config, epochs=epoch + 1, unlabeled=unlabeled)
     oof = HeldOut(members.mean(0), y_all.numpy(), members if len(members) > 1 else None)
     return HeadFit(dict(zip(paths, fitted, strict=True)), oof)
 
@@ -147,6 +158,26 @@ def lbfgs_head_step(head: nn.Module, x: torch.Tensor, y: torch.Tensor, config: T
     return lambda: opt.step(closure).detach()
 
 
+def solve_head(template: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
+               epochs: int | None = None, seed: int | None = None) -> nn.Module:
+    """A fresh copy of `template`'s head fitted on x [N, views, D] (every view a row) and y [N]: `epochs`
+    L-BFGS epochs, or until converged (at most 40). For heads fitted again and again on other rows:
+    out-of-fold folds, self-training, the active-learning benchmark."""
+    torch.manual_seed(config.seed if seed is None else seed)
+    head = copy.deepcopy(template)
+    for layer in head.modules():
+        if isinstance(layer, nn.Linear):
+            layer.reset_parameters()
+    step = lbfgs_head_step(head, x.reshape(-1, x.shape[-1]), y.repeat_interleave(x.shape[1]), config)
+    previous = math.inf
+    for _ in range(epochs or config.epochs or 40):
+        objective = step().item()
+        if epochs is None and previous - objective < HEAD_TOLERANCE * abs(objective):
+            break
+        previous = objective
+    return head.eval()
+
+
 def out_of_fold_logits(template: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, epochs: int,
                        folds: int = 5) -> np.ndarray:
     """Logits for every train+validation image from a head that never saw it (stratified K folds,
@@ -159,9 +190,10 @@ def out_of_fold_logits(template: nn.Module, x: torch.Tensor, y: torch.Tensor, co
 
 
 def out_of_fold_member_logits(template: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
-                              epochs: int, folds: int = 5) -> np.ndarray:
+                              epochs: int, folds: int = 5, unlabeled: torch.Tensor | None = None) -> np.ndarray:
     """[M, N, C]: `out_of_fold_logits` per member of an `EnsembleHead` (M = 1 for a plain head); their
-    mean is the ensemble's. The cascade chooses its thresholds on them (training/cascade.py)."""
+    mean is the ensemble's. The cascade chooses its thresholds on them (training/cascade.py). With
+    `unlabeled` features each fold's head self-trains from its own fold, as the final head did."""
     rng = np.random.default_rng(config.seed)
     fold = np.empty(len(y), dtype=int)
     for c in np.unique(y.numpy()):
@@ -171,14 +203,12 @@ def out_of_fold_member_logits(template: nn.Module, x: torch.Tensor, y: torch.Ten
     out = torch.zeros(parts, len(y), int(y.max()) + 1)
     for k in range(folds):
         tr = np.flatnonzero(fold != k)
-        torch.manual_seed(config.seed + k)
-        head = copy.deepcopy(template)
-        for layer in head.modules():
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
-        step = lbfgs_head_step(head, x[tr].reshape(-1, x.shape[-1]), y[tr].repeat_interleave(x.shape[1]), config)
-        for _ in range(epochs):
-            step()
+        head = solve_head(template, x[tr], y[tr], config, epochs=epochs, seed=config.seed + k)
+        if unlabeled is not None:
+            from food_classifier.training.self_train import self_train
+
+            head = self_train(head, x[tr], y[tr], unlabeled, lambda a, b, k=k: solve_head(
+                template, a, b, config, epochs=epochs, seed=config.seed + k))[0]
         with torch.no_grad():
             xk = x[fold == k, 0]
             out[:, fold == k] = torch.stack(head.member_logits(xk) if hasattr(head, "member_logits") else [head(xk)])
