@@ -54,9 +54,19 @@ ROWS: dict[str, dict] = {
               "config": {"arch": L1, "quality": "best", "fine_tune_blocks": 1}},
     "best2": {"desc": "Lite2 288 px, last stage + head conv tuned on cached trunk activations",
               "config": {"arch": L2, "quality": "best", "fine_tune_blocks": 1}},
-    "best01": {"desc": "tuned Lite0 + tuned Lite1, logits averaged (= --quality best, default arch)",
+    "best1s2": {"desc": "Lite1 288 px, last 2 stages tuned on cached trunk activations",
+                "config": {"arch": L1, "quality": "best", "fine_tune_blocks": 2}},
+    "best2s2": {"desc": "Lite2 288 px, last 2 stages tuned on cached trunk activations",
+                "config": {"arch": L2, "quality": "best", "fine_tune_blocks": 2}},
+    "best01": {"desc": "tuned Lite0 + tuned Lite1 (last stage each), logits averaged",
                "combine": ["best0", "best1"]},
-    "best012": {"desc": "tuned Lite0 + Lite1 + Lite2, logits averaged", "combine": ["best0", "best1", "best2"]},
+    "best01s2": {"desc": "tuned Lite0 + tuned Lite1 (last 2 stages each), logits averaged (= --quality best, "
+                         "default arch)", "combine": ["best0s2", "best1s2"]},
+    "best012": {"desc": "tuned Lite0 + Lite1 + Lite2 (last stage each), logits averaged",
+                "combine": ["best0", "best1", "best2"]},
+    "best012s2": {"desc": "tuned Lite0 + Lite1 + Lite2 (last 2 stages each), logits averaged (= --quality best "
+                          "--arch efficientnet_lite0+efficientnet_lite1+efficientnet_lite2)",
+                  "combine": ["best0s2", "best1s2", "best2s2"]},
     "fast+best0": {"desc": "the frozen Lite0+Lite1 ensemble's logits averaged with the tuned Lite0's (does the "
                            "tuned member add anything?)", "combine": ["fast", "best0"]},
 }
