@@ -125,3 +125,30 @@ def test_an_unknown_shadow_version_is_a_clear_error(model_dir):
     assert resolve(DISAGREES, [model_dir]) == model_dir / DISAGREES
     with pytest.raises(BundleError, match="--shadow nope: no such version in .* models list"):
         resolve("nope", [model_dir])
+
+
+@pytest.mark.live
+def test_a_shadow_promoted_and_reloaded_is_not_compared_with_itself(model_dir, tmp_path):
+    import shutil
+    import signal
+
+    from food_classifier.bundle import set_promoted
+
+    root = tmp_path / "colour"
+    shutil.copytree(model_dir, root)
+    args = ["--shadow", AGREES, "--shadow-sample", "1", "--ort-threads", "1"]
+    with ServerProcess([root], args=args) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        send(c, ["red", "green"])
+        wait_compared(c, 2)
+        set_promoted(root, AGREES)  # what `models promote colour AGREES` writes
+        srv.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while c.get("/v1/models/colour").json()["version"] != AGREES and time.monotonic() < deadline:
+            time.sleep(0.2)
+        answers = send(c, ["blue", "red", "green"])
+        assert {a["model_version"] for a in answers} == {AGREES}
+        deadline = time.monotonic() + 10
+        while value(m := scrape(c), "food_classifier_shadow_served_total") < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert value(m, "food_classifier_shadow_served_total") == 3
+        assert value(m, "food_classifier_shadow_compared_total") == 2  # only the photos before the promotion

@@ -229,7 +229,9 @@ class ShadowCollector(Collector):
             by_class.add_metric([*labels, served, theirs], count)
         yield from (compared, agreement, by_class)
         for name, value, doc in (("dropped", s.dropped, "Photos the shadow skipped because it was behind."),
-                                 ("errors", s.errors, "Shadow runs that failed (never seen by clients).")):
+                                 ("errors", s.errors, "Shadow runs that failed (never seen by clients)."),
+                                 ("served", s.served, "Sampled photos not compared: the shadow version is the "
+                                                      "served one (promoted and reloaded).")):
             yield _counter(f"food_classifier_shadow_{name}", doc, labels, value)
 
 

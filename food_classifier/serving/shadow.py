@@ -52,7 +52,7 @@ class Shadow:
         self.sample = sample
         self.keep = keep
         self._random = random.Random(seed)
-        self.agree = self.disagree = self.dropped = self.errors = 0
+        self.agree = self.disagree = self.dropped = self.errors = self.served = 0
         self.by_class: Counter[tuple[str, str]] = Counter()  # (served class, shadow class) -> disagreements
         self._queue: queue.Queue[tuple[Answer, bytes, list[str]] | None] = queue.Queue(QUEUE_SIZE)
         self._thread = threading.Thread(target=self._run, name="shadow", daemon=True)
@@ -61,6 +61,12 @@ class Shadow:
     def submit(self, model: str, answer: Answer, data: bytes, labels: list[str]) -> bool:
         """On the event loop, after the answer: maybe queue the photo for the shadow. Never raises, never blocks."""
         if model != self.name or not data or self._random.random() >= self.sample:
+            return False
+        if answer.model_version == self.version:  # promoted and reloaded: comparing it with itself says nothing
+            self.served += 1
+            if self.served == 1:
+                log.warning("shadow %s is now the served version of %s: its photos are no longer compared; "
+                            "restart with another --shadow VERSION, or without it", self.version, self.name)
             return False
         try:
             self._queue.put_nowait((answer, data, labels))
