@@ -130,8 +130,8 @@ def run_seed(d: dict, hashes: list[int], seed: int, rounds: int) -> dict:
             acc, seconds, head = fit_score(d, labelled)
             point = {"labels": len(labelled), "acc": acc, "fit_seconds": round(seconds, 2)}
             pool = np.setdiff1d(traffic, labelled)
+            probs = probabilities(head, d["x"][pool]) if len(pool) else None  # the current model's answers
             if strategy == "random" and len(pool):  # the no-human row, from the same labelled set
-                probs = probabilities(head, d["x"][pool])
                 idx, pseudo = pseudo_label(probs, y[labelled], len(d["labels"]))
                 extra = (d["x"][pool[idx]], d["y"].new_tensor(pseudo))
                 point |= {"self_train_acc": fit_score(d, labelled, extra)[0], "pseudo": len(idx),
@@ -142,8 +142,7 @@ def run_seed(d: dict, hashes: list[int], seed: int, rounds: int) -> dict:
                      f"{point['pseudo_right']:.1%} right)" if "self_train_acc" in point else ""), flush=True)
             if r == rounds or not len(pool):
                 break
-            labelled = np.concatenate([labelled, choose(strategy, probabilities(head, d["x"][pool]), pool, d,
-                                                        hashes, rng, STEP)])
+            labelled = np.concatenate([labelled, choose(strategy, probs, pool, d, hashes, rng, STEP)])
         out[strategy] = curve
     return out
 

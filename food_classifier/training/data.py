@@ -85,7 +85,7 @@ class ScanResult:
     rejected: list[tuple[Path, str]]  # (file, reason)
 
 
-def check_image(path: Path) -> tuple[str, int] | str:
+def _check(path: Path) -> tuple[str, int] | str:
     """(sha256, dhash) for a fully decodable image, else the reason it is rejected."""
     try:
         data = path.read_bytes()
@@ -100,12 +100,20 @@ def check_image(path: Path) -> tuple[str, int] | str:
     return hashlib.sha256(data).hexdigest(), dhash(img)
 
 
-def _files(folder: Path) -> list[Path]:
+def visible_files(folder: Path) -> list[Path]:
+    """Every file under `folder`, archive junk (hidden files and folders, __MACOSX) left out."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not _ignored(Path(d))]
         out += [Path(dirpath) / f for f in filenames if not _ignored(Path(f))]
     return out
+
+
+def check_images(paths: list[Path], progress: bool = True) -> list[tuple[str, int] | str]:
+    """(sha256, dhash) or the reason it is rejected, per path; decoded in a thread pool."""
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
+        return list(progress_bar(pool.map(_check, paths), total=len(paths), desc="scanning images", unit="img",
+                                 disable=not progress))
 
 
 def scan(root: str | Path, progress: bool = True) -> ScanResult:
@@ -115,11 +123,9 @@ def scan(root: str | Path, progress: bool = True) -> ScanResult:
         tier_dirs = [(TIER_DIRS[d.name.lower()], d) for d in _subdirs(root)]
     else:
         tier_dirs = [(None, root)]
-    todo = [(f, c.name, tier) for tier, d in tier_dirs for c in _subdirs(d) for f in _files(c)]
+    todo = [(f, c.name, tier) for tier, d in tier_dirs for c in _subdirs(d) for f in visible_files(c)]
     todo.sort(key=lambda t: str(t[0]))
-    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
-        results = list(progress_bar(pool.map(check_image, [f for f, _, _ in todo]), total=len(todo),
-                            desc="scanning images", unit="img", disable=not progress))
+    results = check_images([f for f, _, _ in todo], progress)
     items, rejected = [], []
     for (f, label, tier), res in zip(todo, results, strict=True):
         if isinstance(res, str):

@@ -4,8 +4,8 @@ pseudo-labels of unlabelled ones, e.g. the photos `serve --keep-photos` kept.
 No human in the loop: the fitted heads label the unlabelled photos they are surest of, per predicted class,
 at most PER_LABEL x as many as that class has real labels (so an easy class cannot swamp the rest), and the
 heads are fitted again on both. Every out-of-fold head does the same from its own fold, so calibration and
-the abstention threshold see what the final head does. On food101_ten it paid +2.2 points with 20 labels
-per class and ~+0.5 with 50–70 (bench/bench_active.py, docs/BENCHMARKS.md "Active learning").
+the abstention threshold see what the final head does. On food101_ten it paid +2.7 points with 20 labels
+per class, under 1 point from 45 per class on (bench/bench_active.py, docs/BENCHMARKS.md "Active learning").
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from food_classifier.training.data import Row, check_image
+from food_classifier.compare import IMAGE_SUFFIXES
+from food_classifier.training.data import Row, check_images, visible_files
 from food_classifier.training.sources import DataError
 
 MIN_CONFIDENCE = 0.5  # softmax of the uncalibrated heads (label smoothing keeps them below ~0.9)
 PER_LABEL = 3.0       # pseudo-labels per class, at most this multiple of the class's real labels
-SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 
 def pseudo_label(probs: np.ndarray, labelled_y: np.ndarray, num_classes: int,
@@ -57,15 +57,12 @@ def unlabeled_rows(folder: str | Path, labelled: set[str]) -> list[Row]:
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"--unlabeled {root}: no such folder (a folder of photos without labels, any layout)")
+    files = sorted(f for f in visible_files(root) if f.suffix.lower() in IMAGE_SUFFIXES)
     rows, seen, bad = [], set(labelled), 0
-    for f in sorted(root.rglob("*")):
-        if f.suffix.lower() not in SUFFIXES or any(p.startswith(".") for p in f.relative_to(root).parts):
-            continue
-        checked = check_image(f)
+    for f, checked in zip(files, check_images(files, progress=False), strict=True):
         if isinstance(checked, str):
             bad += 1
-            continue
-        if checked[0] not in seen:
+        elif checked[0] not in seen:
             seen.add(checked[0])
             rows.append(Row(f, "", "unlabeled", checked[0]))
     print(f"unlabeled: {len(rows):,} photos under {root}" + (f" ({bad} unreadable skipped)" if bad else ""))
